@@ -1,0 +1,436 @@
+//! The control service's configuration: the JSON file of the Go switcher's API server and
+//! initUserCoin, with their original keys (SPEC §8), plus Switchyard's own settings beside them.
+//! [`SETTINGS_HELP`] documents every key; `switchyard-control --help` prints it.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{
+    core::CoreSettings,
+    validate::{CoinSet, InvalidInput},
+};
+
+/// Every setting, as printed by `--help` and mirrored in docs/.
+pub const SETTINGS_HELP: &str = "\
+CONFIG FILE KEYS (JSON; the Go switcher's files are accepted as they are)
+
+Switchyard's own settings:
+  GrpcListenAddr      gRPC address (SwitcherAdmin, ProxyControl, health, reflection).
+                      Default \"0.0.0.0:50051\".
+  Store               \"embedded\" or \"zookeeper\". Default: \"zookeeper\" when ZKBroker
+                      is set, else \"embedded\".
+  DataDir             Directory of the embedded store. Default \"./switchyard-data\".
+  AdminToken          When set, SwitcherAdmin calls must carry
+                      \"authorization: Bearer <AdminToken>\". Default: none.
+  ProxyToken          The same for ProxyControl calls. Default: none.
+  LeaseTTLSeconds     A proxy server-ID lease not renewed for this long is released.
+                      Default 30.
+  MaxSwitchBatch      The most entries one SwitchCoins call may carry. Default 10000.
+  LogFormat           \"text\" or \"json\". Default \"text\".
+
+Original keys (switcherAPIServer / initUserCoin):
+  AvailableCoins      Coins a user may be switched to, e.g. [\"btc\",\"bch\"]. Required.
+  StratumServerCaseInsensitive
+                      Lowercase every user name. Default false.
+  ZKUserCaseInsensitiveIndex
+                      ZooKeeper path of the case index (lowercase name -> name).
+  ZKBroker            ZooKeeper ensemble, e.g. [\"10.0.0.1:2181\",\"10.0.0.2:2181\"].
+  ZKSwitcherWatchDir  ZooKeeper path of the user->coin nodes.
+                      Default \"/stratumSwitcher/btcbcc/\".
+  EnableUserAutoReg, ZKAutoRegWatchDir, UserAutoRegAPI {IntervalSeconds, URL, User,
+  Password, DefaultCoin, PostData}
+                      Auto-registration of unknown users (SPEC section 7).
+  UserListAPI         {coin: url} user lists to ingest; IntervalSeconds between pulls.
+  EnableAPIServer, ListenAddr, APIUser, APIPassword
+                      The HTTP switch API for pool backends (SPEC section 6).
+  EnableCronJob, CronIntervalSeconds, UserCoinMapURL
+                      The scheduled user->coin pull (SPEC section 6).
+  ZKSubPoolUpdateBaseDir, ZKSubPoolUpdateAckTimeout
+                      Sub-pool coinbase updates (SPEC section 6).
+
+Keys this version does not know are logged as warnings and ignored.
+
+ENVIRONMENT
+  RUST_LOG            Log filter, e.g. \"info\" or \"switchyard_control=debug\". Default \"info\".
+";
+
+/// Auto-registration settings (`UserAutoRegAPI`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct AutoRegApiConfig {
+    #[serde(rename = "IntervalSeconds")]
+    pub interval_seconds: u64,
+    #[serde(rename = "URL")]
+    pub url: String,
+    #[serde(rename = "User")]
+    pub user: String,
+    #[serde(rename = "Password")]
+    pub password: String,
+    #[serde(rename = "DefaultCoin")]
+    pub default_coin: String,
+    #[serde(rename = "PostData")]
+    pub post_data: BTreeMap<String, String>,
+}
+
+/// The configuration file, key for key; see [`SETTINGS_HELP`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct ControlConfig {
+    // Switchyard's own settings.
+    #[serde(rename = "GrpcListenAddr")]
+    pub grpc_listen_addr: String,
+    #[serde(rename = "Store")]
+    pub store: Option<String>,
+    #[serde(rename = "DataDir")]
+    pub data_dir: PathBuf,
+    #[serde(rename = "AdminToken")]
+    pub admin_token: Option<String>,
+    #[serde(rename = "ProxyToken")]
+    pub proxy_token: Option<String>,
+    #[serde(rename = "LeaseTTLSeconds")]
+    pub lease_ttl_seconds: u64,
+    #[serde(rename = "MaxSwitchBatch")]
+    pub max_switch_batch: usize,
+    #[serde(rename = "LogFormat")]
+    pub log_format: String,
+
+    // The Go programs' keys.
+    #[serde(rename = "AvailableCoins")]
+    pub available_coins: Vec<String>,
+    #[serde(rename = "StratumServerCaseInsensitive")]
+    pub case_insensitive: bool,
+    #[serde(rename = "ZKUserCaseInsensitiveIndex")]
+    pub zk_case_index_dir: String,
+    #[serde(rename = "ZKBroker")]
+    pub zk_broker: Vec<String>,
+    #[serde(rename = "ZKSwitcherWatchDir")]
+    pub zk_switcher_watch_dir: String,
+    #[serde(rename = "EnableUserAutoReg")]
+    pub enable_user_auto_reg: bool,
+    #[serde(rename = "ZKAutoRegWatchDir")]
+    pub zk_auto_reg_watch_dir: String,
+    #[serde(rename = "UserAutoRegAPI")]
+    pub user_auto_reg_api: AutoRegApiConfig,
+    #[serde(rename = "UserListAPI")]
+    pub user_list_api: BTreeMap<String, String>,
+    #[serde(rename = "IntervalSeconds")]
+    pub interval_seconds: u64,
+    #[serde(rename = "EnableAPIServer")]
+    pub enable_api_server: bool,
+    #[serde(rename = "ListenAddr")]
+    pub listen_addr: String,
+    #[serde(rename = "APIUser")]
+    pub api_user: String,
+    #[serde(rename = "APIPassword")]
+    pub api_password: String,
+    #[serde(rename = "EnableCronJob")]
+    pub enable_cron_job: bool,
+    #[serde(rename = "CronIntervalSeconds")]
+    pub cron_interval_seconds: u64,
+    #[serde(rename = "UserCoinMapURL")]
+    pub user_coin_map_url: String,
+    #[serde(rename = "ZKSubPoolUpdateBaseDir")]
+    pub zk_sub_pool_update_base_dir: String,
+    #[serde(rename = "ZKSubPoolUpdateAckTimeout")]
+    pub zk_sub_pool_update_ack_timeout: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen_addr: "0.0.0.0:50051".into(),
+            store: None,
+            data_dir: PathBuf::from("./switchyard-data"),
+            admin_token: None,
+            proxy_token: None,
+            lease_ttl_seconds: 30,
+            max_switch_batch: 10_000,
+            log_format: "text".into(),
+            available_coins: Vec::new(),
+            case_insensitive: false,
+            zk_case_index_dir: String::new(),
+            zk_broker: Vec::new(),
+            zk_switcher_watch_dir: "/stratumSwitcher/btcbcc/".into(),
+            enable_user_auto_reg: false,
+            zk_auto_reg_watch_dir: String::new(),
+            user_auto_reg_api: AutoRegApiConfig::default(),
+            user_list_api: BTreeMap::new(),
+            interval_seconds: 10,
+            enable_api_server: false,
+            listen_addr: String::new(),
+            api_user: String::new(),
+            api_password: String::new(),
+            enable_cron_job: false,
+            cron_interval_seconds: 60,
+            user_coin_map_url: String::new(),
+            zk_sub_pool_update_base_dir: String::new(),
+            zk_sub_pool_update_ack_timeout: 5,
+        }
+    }
+}
+
+/// Which store the control service runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded redb store in `DataDir`.
+    Embedded,
+    /// ZooKeeper at `ZKBroker`.
+    ZooKeeper,
+}
+
+/// The log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON of the expected shape.
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// A setting has a value that cannot work.
+    #[error("config setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "GrpcListenAddr",
+    "Store",
+    "DataDir",
+    "AdminToken",
+    "ProxyToken",
+    "LeaseTTLSeconds",
+    "MaxSwitchBatch",
+    "LogFormat",
+    "AvailableCoins",
+    "StratumServerCaseInsensitive",
+    "ZKUserCaseInsensitiveIndex",
+    "ZKBroker",
+    "ZKSwitcherWatchDir",
+    "EnableUserAutoReg",
+    "ZKAutoRegWatchDir",
+    "UserAutoRegAPI",
+    "UserListAPI",
+    "IntervalSeconds",
+    "EnableAPIServer",
+    "ListenAddr",
+    "APIUser",
+    "APIPassword",
+    "EnableCronJob",
+    "CronIntervalSeconds",
+    "UserCoinMapURL",
+    "ZKSubPoolUpdateBaseDir",
+    "ZKSubPoolUpdateAckTimeout",
+];
+
+impl ControlConfig {
+    /// Parses a config file's text. Returns the config and the top-level keys it does not know
+    /// (for the caller to warn about).
+    pub fn from_json(text: &str) -> Result<(Self, Vec<String>), serde_json::Error> {
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let unknown = value
+            .as_object()
+            .map(|map| {
+                map.keys()
+                    .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((serde_json::from_value(value)?, unknown))
+    }
+
+    /// Reads and parses a config file.
+    pub fn from_file(path: &std::path::Path) -> Result<(Self, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The gRPC address to listen on.
+    pub fn grpc_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.grpc_listen_addr.parse().map_err(|e| {
+            invalid(
+                "GrpcListenAddr",
+                format!("{:?} is not an IP:port address: {e}", self.grpc_listen_addr),
+            )
+        })
+    }
+
+    /// The store to run on.
+    pub fn store_choice(&self) -> Result<StoreChoice, ConfigError> {
+        match self.store.as_deref() {
+            None if self.zk_broker.is_empty() => Ok(StoreChoice::Embedded),
+            None => Ok(StoreChoice::ZooKeeper),
+            Some("embedded") => Ok(StoreChoice::Embedded),
+            Some("zookeeper") if self.zk_broker.is_empty() => Err(invalid(
+                "ZKBroker",
+                "Store is \"zookeeper\" but no ZooKeeper address is configured",
+            )),
+            Some("zookeeper") => Ok(StoreChoice::ZooKeeper),
+            Some(other) => Err(invalid(
+                "Store",
+                format!("{other:?} is neither \"embedded\" nor \"zookeeper\""),
+            )),
+        }
+    }
+
+    /// The log format.
+    pub fn log_format(&self) -> Result<LogFormat, ConfigError> {
+        match self.log_format.as_str() {
+            "text" | "" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(invalid(
+                "LogFormat",
+                format!("{other:?} is neither \"text\" nor \"json\""),
+            )),
+        }
+    }
+
+    /// The switching core's settings.
+    pub fn core_settings(&self) -> Result<CoreSettings, ConfigError> {
+        if self.available_coins.is_empty() {
+            return Err(invalid(
+                "AvailableCoins",
+                "no coin is configured; list the coins users may switch to, e.g. [\"btc\",\"bch\"]",
+            ));
+        }
+        let coins = CoinSet::new(self.available_coins.iter().cloned()).map_err(|e| {
+            invalid(
+                "AvailableCoins",
+                match e {
+                    InvalidInput::EmptyCoin => "an entry is empty".to_owned(),
+                    other => other.to_string(),
+                },
+            )
+        })?;
+        if self.max_switch_batch == 0 {
+            return Err(invalid("MaxSwitchBatch", "must be at least 1"));
+        }
+        Ok(CoreSettings {
+            coins,
+            case_insensitive: self.case_insensitive,
+            max_batch: self.max_switch_batch,
+        })
+    }
+
+    /// The time to live of proxy server-ID leases.
+    pub fn lease_ttl(&self) -> Result<Duration, ConfigError> {
+        if self.lease_ttl_seconds == 0 {
+            return Err(invalid("LeaseTTLSeconds", "must be at least 1"));
+        }
+        Ok(Duration::from_secs(self.lease_ttl_seconds))
+    }
+
+    /// A token setting, with an empty string meaning none.
+    fn token(value: &Option<String>) -> Option<String> {
+        value.as_ref().filter(|t| !t.is_empty()).cloned()
+    }
+
+    /// The admin token, if any.
+    pub fn admin_token(&self) -> Option<String> {
+        Self::token(&self.admin_token)
+    }
+
+    /// The proxy token, if any.
+    pub fn proxy_token(&self) -> Option<String> {
+        Self::token(&self.proxy_token)
+    }
+
+    /// Checks every setting this version acts on, so that a bad file fails at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.grpc_addr()?;
+        self.store_choice()?;
+        self.log_format()?;
+        self.core_settings()?;
+        self.lease_ttl()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_go_api_server_file_and_reports_unknown_keys() {
+        let text = r#"{
+            "ListenAddr": "0.0.0.0:8082",
+            "APIUser": "admin", "APIPassword": "secret",
+            "AvailableCoins": ["btc", "bcc"],
+            "ZKBroker": ["127.0.0.1:2181"],
+            "ZKSwitcherWatchDir": "/stratumSwitcher/btcbcc/",
+            "EnableCronJob": false,
+            "SomethingElse": 1
+        }"#;
+        let (config, unknown) = ControlConfig::from_json(text).expect("parses");
+        assert_eq!(unknown, vec!["SomethingElse".to_owned()]);
+        assert_eq!(config.available_coins, vec!["btc", "bcc"]);
+        assert_eq!(
+            config.store_choice().expect("store"),
+            StoreChoice::ZooKeeper
+        );
+        assert_eq!(config.grpc_listen_addr, "0.0.0.0:50051");
+    }
+
+    #[test]
+    fn refuses_settings_that_cannot_work() {
+        let (config, _) = ControlConfig::from_json("{}").expect("parses");
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                key: "AvailableCoins",
+                ..
+            })
+        ));
+        let (config, _) = ControlConfig::from_json(r#"{"AvailableCoins":["btc"],"Store":"mongo"}"#)
+            .expect("parses");
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid { key: "Store", .. })
+        ));
+        let (config, _) =
+            ControlConfig::from_json(r#"{"AvailableCoins":["btc",""]}"#).expect("parses");
+        assert!(config.validate().is_err());
+        assert!(ControlConfig::from_json(r#"{"AvailableCoins":"btc"}"#).is_err());
+    }
+}

@@ -1,0 +1,189 @@
+//! `switchyard.v1.SwitcherAdmin` over the switching core and the lease registry.
+
+use std::sync::Arc;
+
+use switchyard_proto::v1::{
+    GetUserCoinRequest, GetUserCoinResponse, ListProxiesRequest, ListProxiesResponse,
+    ListUserCoinsRequest, ListUserCoinsResponse, ProxyInfo, SwitchCoinRequest, SwitchCoinResponse,
+    SwitchCoinResult, SwitchCoinsRequest, SwitchCoinsResponse, SwitchError as PbSwitchError,
+    UserCoin, switcher_admin_server::SwitcherAdmin,
+};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::{
+    core::{SwitchCore, UserCoinRecord},
+    leases::LocalLeases,
+    validate::validate_user,
+};
+
+/// The default and largest page of ListUserCoins.
+const DEFAULT_PAGE_SIZE: usize = 1_000;
+const MAX_PAGE_SIZE: usize = 10_000;
+
+/// The `SwitcherAdmin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    core: Arc<SwitchCore>,
+    leases: Arc<LocalLeases>,
+}
+
+impl AdminService {
+    /// The service over `core` and `leases`.
+    pub fn new(core: Arc<SwitchCore>, leases: Arc<LocalLeases>) -> Self {
+        Self { core, leases }
+    }
+}
+
+fn to_pb(record: UserCoinRecord) -> UserCoin {
+    UserCoin {
+        user: record.user,
+        coin: record.coin,
+        revision: record.revision,
+    }
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl SwitcherAdmin for AdminService {
+    async fn switch_coin(
+        &self,
+        request: Request<SwitchCoinRequest>,
+    ) -> Result<Response<SwitchCoinResponse>, Status> {
+        let SwitchCoinRequest { user, coin } = request.into_inner();
+        let outcome = self.core.switch_coin(&user, &coin).await?;
+        info!(
+            user = %outcome.record.user,
+            coin = %outcome.record.coin,
+            previous = outcome.previous_coin.as_deref().unwrap_or(""),
+            revision = outcome.record.revision,
+            "switched user"
+        );
+        Ok(Response::new(SwitchCoinResponse {
+            previous_coin: outcome.previous_coin.unwrap_or_default(),
+            user_coin: Some(to_pb(outcome.record)),
+        }))
+    }
+
+    async fn switch_coins(
+        &self,
+        request: Request<SwitchCoinsRequest>,
+    ) -> Result<Response<SwitchCoinsResponse>, Status> {
+        let switches = request.into_inner().switches;
+        let asked: Vec<(String, String)> = switches.into_iter().map(|s| (s.user, s.coin)).collect();
+        let outcomes = self.core.switch_coins(asked.clone()).await?;
+        let applied = outcomes.iter().filter(|o| o.is_ok()).count();
+        info!(
+            requested = asked.len(),
+            applied,
+            revision = self.core.index().revision(),
+            "switched a batch of users"
+        );
+        let results = asked
+            .into_iter()
+            .zip(outcomes)
+            .map(|((user, coin), outcome)| match outcome {
+                Ok(o) => SwitchCoinResult {
+                    user,
+                    coin,
+                    applied: Some(to_pb(o.record)),
+                    error: None,
+                },
+                Err(e) => {
+                    let status = Status::from(e);
+                    SwitchCoinResult {
+                        user,
+                        coin,
+                        applied: None,
+                        error: Some(PbSwitchError {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        }),
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(SwitchCoinsResponse { results }))
+    }
+
+    async fn get_user_coin(
+        &self,
+        request: Request<GetUserCoinRequest>,
+    ) -> Result<Response<GetUserCoinResponse>, Status> {
+        let user = request.into_inner().user;
+        match self.core.user_coin(&user)? {
+            Some(record) => Ok(Response::new(GetUserCoinResponse {
+                user_coin: Some(to_pb(record)),
+                // Safety-period switches (SPEC §6) are not deferred by this version: every
+                // accepted switch is written at once, so none is ever pending.
+                pending_coin: String::new(),
+                pending_applies_at_unix: 0,
+            })),
+            None => Err(Status::not_found(format!(
+                "user {user:?} has no coin record"
+            ))),
+        }
+    }
+
+    async fn list_user_coins(
+        &self,
+        request: Request<ListUserCoinsRequest>,
+    ) -> Result<Response<ListUserCoinsResponse>, Status> {
+        let ListUserCoinsRequest {
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let limit = match page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            validate_user(&page_token)
+                .map_err(|e| Status::invalid_argument(format!("page_token is not valid: {e}")))?;
+            Some(page_token.as_str())
+        };
+        let (users, revision) = self.core.list_user_coins(after, limit);
+        let next_page_token = if users.len() == limit {
+            users.last().map(|u| u.user.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListUserCoinsResponse {
+            users: users.into_iter().map(to_pb).collect(),
+            next_page_token,
+            revision,
+        }))
+    }
+
+    async fn list_proxies(
+        &self,
+        _request: Request<ListProxiesRequest>,
+    ) -> Result<Response<ListProxiesResponse>, Status> {
+        let proxies = self
+            .leases
+            .live()
+            .into_iter()
+            .map(|lease| ProxyInfo {
+                server_id: u32::from(lease.server_id),
+                chain_type: lease.proxy.chain_type,
+                coins: lease.proxy.coins,
+                ips: lease.proxy.ips,
+                host_name: lease.proxy.host_name,
+                listen_addr: lease.proxy.listen_addr,
+                instance_id: lease.proxy.instance_id,
+                sessions: lease.sessions_by_coin.values().sum(),
+                sessions_by_coin: lease.sessions_by_coin.into_iter().collect(),
+                last_heartbeat_unix: unix_seconds(lease.last_heartbeat),
+                lease_expires_unix: unix_seconds(lease.expires),
+            })
+            .collect();
+        Ok(Response::new(ListProxiesResponse { proxies }))
+    }
+}

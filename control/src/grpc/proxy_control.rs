@@ -1,0 +1,325 @@
+//! `switchyard.v1.ProxyControl`: the WatchSwitches stream that feeds the proxies' caches, and
+//! server-ID leases.
+//!
+//! Each WatchSwitches call gets one task that sends the starting point (a snapshot, or the
+//! changes since the client's revision) and then every change batch, in revision order. The
+//! task ends, and with it the stream, when the client goes away or the service shuts down.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use switchyard_proto::v1::{
+    AcquireServerIdRequest, AcquireServerIdResponse, CaseIndexEntry, ReleaseServerIdRequest,
+    ReleaseServerIdResponse, RenewServerIdRequest, RenewServerIdResponse,
+    RequestUserRegistrationRequest, RequestUserRegistrationResponse, UserCoinEntry,
+    WatchSwitchesRequest, WatchSwitchesResponse, proxy_control_server::ProxyControl,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::{
+    index::{ChangeBatch, UserCoinIndex, WatchStart},
+    leases::{LocalLeases, ProxyDescription},
+    store::{Record, RecordKey, Revision},
+};
+
+/// Records per stream message: small enough to stay far below gRPC's 4 MiB message limit with
+/// 128-byte names, large enough that a million-user snapshot is a thousand messages.
+const RECORDS_PER_MESSAGE: usize = 1_000;
+
+/// Messages buffered per watcher before the sender waits for the client to read.
+const WATCH_BUFFER: usize = 16;
+
+/// The `ProxyControl` service.
+#[derive(Debug, Clone)]
+pub struct ProxyControlService {
+    index: Arc<UserCoinIndex>,
+    leases: Arc<LocalLeases>,
+    shutdown: CancellationToken,
+}
+
+impl ProxyControlService {
+    /// The service over `index` and `leases`; its streams end when `shutdown` is cancelled.
+    pub fn new(
+        index: Arc<UserCoinIndex>,
+        leases: Arc<LocalLeases>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            index,
+            leases,
+            shutdown,
+        }
+    }
+}
+
+/// Builds one stream message from records.
+fn message(
+    records: &[Record],
+    reset: bool,
+    revision: Revision,
+    snapshot_complete: bool,
+    store_id: &str,
+) -> WatchSwitchesResponse {
+    let mut msg = WatchSwitchesResponse {
+        reset,
+        revision,
+        snapshot_complete,
+        store_id: store_id.to_owned(),
+        ..Default::default()
+    };
+    for record in records {
+        match &record.key {
+            RecordKey::User(user) => msg.users.push(UserCoinEntry {
+                user: user.clone(),
+                coin: record.value.clone().unwrap_or_default(),
+                revision: record.revision,
+                removed: record.value.is_none(),
+            }),
+            RecordKey::CaseIndex(lowercase_name) => msg.case_index.push(CaseIndexEntry {
+                lowercase_name: lowercase_name.clone(),
+                name: record.value.clone().unwrap_or_default(),
+                revision: record.revision,
+                removed: record.value.is_none(),
+            }),
+        }
+    }
+    msg
+}
+
+/// Why a watch task stopped sending.
+enum Stop {
+    ClientGone,
+}
+
+/// One watcher: sends the start, then every batch; see the module doc.
+struct Watcher {
+    index: Arc<UserCoinIndex>,
+    tx: mpsc::Sender<Result<WatchSwitchesResponse, Status>>,
+    /// The revision the client reaches once it has applied everything sent so far.
+    sent: Revision,
+}
+
+impl Watcher {
+    async fn send(&self, msg: WatchSwitchesResponse) -> Result<(), Stop> {
+        self.tx.send(Ok(msg)).await.map_err(|_| Stop::ClientGone)
+    }
+
+    /// Sends a snapshot in chunks: `reset` on the first, the revision and `snapshot_complete`
+    /// on the last (an empty store is one message carrying both).
+    async fn send_snapshot(
+        &mut self,
+        records: Vec<Record>,
+        revision: Revision,
+    ) -> Result<(), Stop> {
+        let store_id = self.index.store_id().to_owned();
+        let chunks: Vec<&[Record]> = if records.is_empty() {
+            vec![&[]]
+        } else {
+            records.chunks(RECORDS_PER_MESSAGE).collect()
+        };
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let done = i == last;
+            let rev = if done { revision } else { 0 };
+            self.send(message(chunk, i == 0, rev, done, &store_id))
+                .await?;
+        }
+        self.sent = revision;
+        Ok(())
+    }
+
+    /// Sends changes in revision order, in chunks; each chunk's revision is its last record's
+    /// (a prefix of revision-ordered changes is a valid resume point), the last one's is
+    /// `revision`.
+    async fn send_changes(
+        &mut self,
+        records: &[Record],
+        revision: Revision,
+        snapshot_complete: bool,
+    ) -> Result<(), Stop> {
+        let store_id = self.index.store_id().to_owned();
+        let fresh: Vec<Record> = records
+            .iter()
+            .filter(|r| r.revision > self.sent)
+            .cloned()
+            .collect();
+        if fresh.is_empty() && !snapshot_complete {
+            self.sent = self.sent.max(revision);
+            return Ok(());
+        }
+        let chunks: Vec<&[Record]> = if fresh.is_empty() {
+            vec![&[]]
+        } else {
+            fresh.chunks(RECORDS_PER_MESSAGE).collect()
+        };
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let done = i == last;
+            let rev = if done {
+                revision
+            } else {
+                chunk.last().map_or(self.sent, |r| r.revision)
+            };
+            self.send(message(
+                chunk,
+                false,
+                rev,
+                done && snapshot_complete,
+                &store_id,
+            ))
+            .await?;
+        }
+        self.sent = self.sent.max(revision);
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        start: WatchStart,
+        mut changes: broadcast::Receiver<ChangeBatch>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Stop> {
+        match start {
+            WatchStart::Snapshot { records, revision } => {
+                self.send_snapshot(records, revision).await?
+            }
+            WatchStart::Resume { records, revision } => {
+                self.send_changes(&records, revision, true).await?
+            }
+        }
+        loop {
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = self.tx.closed() => return Err(Stop::ClientGone),
+                batch = changes.recv() => batch,
+            };
+            match batch {
+                Ok(batch) => {
+                    if batch.revision > self.sent {
+                        self.send_changes(&batch.records, batch.revision, false)
+                            .await?;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    // Fell behind the channel: re-read what was missed from the index.
+                    debug!(
+                        skipped,
+                        from = self.sent,
+                        "watcher lagged; re-reading from the index"
+                    );
+                    let (records, revision) = self.index.changes_since(self.sent);
+                    self.send_changes(&records, revision, false).await?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ProxyControl for ProxyControlService {
+    type WatchSwitchesStream = ReceiverStream<Result<WatchSwitchesResponse, Status>>;
+
+    async fn watch_switches(
+        &self,
+        request: Request<WatchSwitchesRequest>,
+    ) -> Result<Response<Self::WatchSwitchesStream>, Status> {
+        let peer = request.remote_addr();
+        let WatchSwitchesRequest {
+            resume_revision,
+            store_id,
+        } = request.into_inner();
+        let resume = (resume_revision > 0 && !store_id.is_empty())
+            .then_some((store_id.as_str(), resume_revision));
+        let (start, changes) = self.index.watch(resume);
+        let kind = match &start {
+            WatchStart::Snapshot { .. } => "snapshot",
+            WatchStart::Resume { .. } => "resume",
+        };
+        info!(?peer, resume_revision, start = kind, "watcher connected");
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let watcher = Watcher {
+            index: Arc::clone(&self.index),
+            tx,
+            sent: 0,
+        };
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            match watcher.run(start, changes, shutdown).await {
+                Ok(()) => info!(?peer, "watch stream ended by shutdown"),
+                Err(Stop::ClientGone) => info!(?peer, "watcher disconnected"),
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn acquire_server_id(
+        &self,
+        request: Request<AcquireServerIdRequest>,
+    ) -> Result<Response<AcquireServerIdResponse>, Status> {
+        let r = request.into_inner();
+        let lease = self.leases.acquire(
+            ProxyDescription {
+                chain_type: r.chain_type,
+                instance_id: r.instance_id,
+                coins: r.coins,
+                ips: r.ips,
+                host_name: r.host_name,
+                listen_addr: r.listen_addr,
+            },
+            r.preferred_server_id,
+        )?;
+        info!(
+            server_id = lease.server_id,
+            chain_type = %lease.proxy.chain_type,
+            instance_id = %lease.proxy.instance_id,
+            listen_addr = %lease.proxy.listen_addr,
+            "server ID leased"
+        );
+        Ok(Response::new(AcquireServerIdResponse {
+            server_id: u32::from(lease.server_id),
+            ttl_seconds: ttl_seconds(self.leases.ttl()),
+        }))
+    }
+
+    async fn renew_server_id(
+        &self,
+        request: Request<RenewServerIdRequest>,
+    ) -> Result<Response<RenewServerIdResponse>, Status> {
+        let r = request.into_inner();
+        let sessions: BTreeMap<String, u64> = r.sessions_by_coin.into_iter().collect();
+        self.leases
+            .renew(&r.chain_type, r.server_id, &r.instance_id, sessions)
+            .inspect_err(|e| warn!(error = %e, "lease renewal refused"))?;
+        Ok(Response::new(RenewServerIdResponse {
+            ttl_seconds: ttl_seconds(self.leases.ttl()),
+        }))
+    }
+
+    async fn release_server_id(
+        &self,
+        request: Request<ReleaseServerIdRequest>,
+    ) -> Result<Response<ReleaseServerIdResponse>, Status> {
+        let r = request.into_inner();
+        self.leases
+            .release(&r.chain_type, r.server_id, &r.instance_id);
+        info!(server_id = r.server_id, chain_type = %r.chain_type, "server ID released");
+        Ok(Response::new(ReleaseServerIdResponse {}))
+    }
+
+    async fn request_user_registration(
+        &self,
+        _request: Request<RequestUserRegistrationRequest>,
+    ) -> Result<Response<RequestUserRegistrationResponse>, Status> {
+        Err(Status::unimplemented(
+            "auto-registration is not available in this version of the control service",
+        ))
+    }
+}
+
+fn ttl_seconds(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
+}

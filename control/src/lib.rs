@@ -1,0 +1,23 @@
+//! The Switchyard control plane: it owns the user→coin state and streams every change to the
+//! Stratum proxies.
+//!
+//! - [`store`]: the durable state behind the [`store::UserCoinStore`] trait (embedded redb; the
+//!   ZooKeeper layout of SPEC §5 for fleets).
+//! - [`index`]: the in-memory index with revisions, fanned out to watchers.
+//! - [`core`]: the switching core every API adapter calls; [`validate`] checks outside input.
+//! - [`leases`]: proxy server-ID leases.
+//! - [`grpc`]: the `switchyard.v1` services as thin adapters over the core.
+//! - [`config`] and [`server`]: the configuration file and the assembly of the service.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod config;
+pub mod core;
+pub mod grpc;
+pub mod index;
+pub mod leases;
+pub mod server;
+pub mod store;
+pub mod validate;
+
+pub use server::{ControlError, ControlPlane};

@@ -1,0 +1,138 @@
+//! `switchyard-control`: the control-plane binary. Reads the config file (the Go switcher's
+//! keys plus Switchyard's own), sets up logging, serves gRPC, and shuts down cleanly on SIGINT
+//! or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use switchyard_control::{
+    ControlPlane,
+    config::{ControlConfig, LogFormat, SETTINGS_HELP},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// The Switchyard control plane: owns the user→coin state, serves the switch APIs over gRPC,
+/// and streams every change to the Stratum proxies.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-control", version, after_long_help = SETTINGS_HELP)]
+struct Args {
+    /// The JSON config file (the Go switcher API server's and initUserCoin's keys are accepted
+    /// as they are). Without it, every setting takes its default and the flags below.
+    #[arg(short, long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Overrides GrpcListenAddr: the gRPC address, e.g. 0.0.0.0:50051.
+    #[arg(long, value_name = "ADDR")]
+    grpc_listen: Option<String>,
+
+    /// Overrides DataDir: the embedded store's directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Overrides AvailableCoins, comma-separated, e.g. btc,bch.
+    #[arg(long, value_name = "COINS", value_delimiter = ',')]
+    available_coins: Option<Vec<String>>,
+
+    /// Overrides AdminToken (prefer the environment variable to keep it out of `ps`).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+
+    /// Overrides ProxyToken (prefer the environment variable to keep it out of `ps`).
+    #[arg(long, env = "SWITCHYARD_PROXY_TOKEN", hide_env_values = true)]
+    proxy_token: Option<String>,
+
+    /// Overrides LogFormat: text or json.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn load_config(args: &Args) -> anyhow::Result<(ControlConfig, Vec<String>)> {
+    let (mut config, unknown) = match &args.config {
+        Some(path) => ControlConfig::from_file(path)?,
+        None => (ControlConfig::default(), Vec::new()),
+    };
+    if let Some(addr) = &args.grpc_listen {
+        config.grpc_listen_addr = addr.clone();
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(coins) = &args.available_coins {
+        config.available_coins = coins.clone();
+    }
+    if let Some(token) = &args.admin_token {
+        config.admin_token = Some(token.clone());
+    }
+    if let Some(token) = &args.proxy_token {
+        config.proxy_token = Some(token.clone());
+    }
+    if let Some(format) = &args.log_format {
+        config.log_format = format.clone();
+    }
+    config.validate()?;
+    Ok((config, unknown))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (config, unknown) = load_config(&args)?;
+    if args.check_config {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    init_logging(config.log_format()?);
+    for key in unknown {
+        warn!(key, "unknown config key ignored");
+    }
+    let addr = config.grpc_addr()?;
+    let plane = ControlPlane::open(&config).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the gRPC address {addr}"))?;
+
+    let shutdown = CancellationToken::new();
+    let mut server = tokio::spawn(plane.serve(listener, shutdown.clone()));
+    let signalled = tokio::select! {
+        signal = shutdown_signal() => { signal?; true }
+        result = &mut server => { result.context("the gRPC server task failed")??; false }
+    };
+    if !signalled {
+        anyhow::bail!("the gRPC server stopped on its own");
+    }
+    info!("signal received");
+    shutdown.cancel();
+    server.await.context("the gRPC server task failed")??;
+    info!("stopped");
+    Ok(())
+}

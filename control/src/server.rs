@@ -1,0 +1,179 @@
+//! Assembly of the control service: opens the store, builds the core, and serves the gRPC
+//! services (SwitcherAdmin, ProxyControl, `grpc.health.v1.Health`, reflection v1 and v1alpha)
+//! until shutdown, when the health status turns NOT_SERVING and every stream ends.
+
+use std::{sync::Arc, time::Duration};
+
+use switchyard_proto::v1::{
+    proxy_control_server::ProxyControlServer, switcher_admin_server::SwitcherAdminServer,
+};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::{
+    config::{ConfigError, ControlConfig, StoreChoice},
+    core::SwitchCore,
+    grpc::{BearerAuth, admin::AdminService, proxy_control::ProxyControlService},
+    leases::LocalLeases,
+    store::{StoreError, UserCoinStore, embedded::EmbeddedStore},
+};
+
+/// The names the health service reports, besides the whole server ("").
+const SERVICE_NAMES: [&str; 2] = ["switchyard.v1.SwitcherAdmin", "switchyard.v1.ProxyControl"];
+
+/// Why the control service could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The configuration cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// This version cannot run what the configuration asks for.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Reflection could not be set up (a bad descriptor set: a build defect).
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A control service ready to serve: the core over its store and the lease registry.
+#[derive(Debug)]
+pub struct ControlPlane {
+    core: Arc<SwitchCore>,
+    leases: Arc<LocalLeases>,
+    admin_token: Option<String>,
+    proxy_token: Option<String>,
+}
+
+impl ControlPlane {
+    /// Validates the configuration, opens the store it names and loads it.
+    pub async fn open(config: &ControlConfig) -> Result<Self, ControlError> {
+        config.validate()?;
+        let store: Arc<dyn UserCoinStore> = match config.store_choice()? {
+            StoreChoice::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            StoreChoice::ZooKeeper => {
+                return Err(ControlError::Unsupported(
+                    "the ZooKeeper store is not available in this version; remove ZKBroker \
+                     (or set \"Store\": \"embedded\") to run on the embedded store"
+                        .into(),
+                ));
+            }
+        };
+        for (enabled, what) in [
+            (
+                config.enable_api_server,
+                "EnableAPIServer (the HTTP switch API)",
+            ),
+            (
+                config.enable_cron_job,
+                "EnableCronJob (the scheduled user->coin pull)",
+            ),
+            (
+                config.enable_user_auto_reg,
+                "EnableUserAutoReg (auto-registration)",
+            ),
+            (
+                !config.user_list_api.is_empty(),
+                "UserListAPI (user-list ingestion)",
+            ),
+        ] {
+            if enabled {
+                warn!("{what} is configured but not available in this version; ignored");
+            }
+        }
+        let core = SwitchCore::open(Arc::clone(&store), config.core_settings()?).await?;
+        info!(
+            store = store.kind(),
+            users = core.index().user_count(),
+            revision = core.index().revision(),
+            store_id = core.index().store_id(),
+            "state loaded"
+        );
+        Ok(Self {
+            core: Arc::new(core),
+            leases: Arc::new(LocalLeases::new(config.lease_ttl()?)),
+            admin_token: config.admin_token(),
+            proxy_token: config.proxy_token(),
+        })
+    }
+
+    /// The switching core, for in-process adapters and tests.
+    pub fn core(&self) -> &Arc<SwitchCore> {
+        &self.core
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` is cancelled. On shutdown the health status
+    /// turns NOT_SERVING, WatchSwitches streams end, and in-flight calls finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ControlError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        // v1 for current clients, v1alpha for older grpcurl builds.
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        let admin = SwitcherAdminServer::with_interceptor(
+            AdminService::new(Arc::clone(&self.core), Arc::clone(&self.leases)),
+            BearerAuth::new(self.admin_token.clone()),
+        );
+        let proxy_control = ProxyControlServer::with_interceptor(
+            ProxyControlService::new(
+                Arc::clone(self.core.index()),
+                Arc::clone(&self.leases),
+                shutdown.clone(),
+            ),
+            BearerAuth::new(self.proxy_token.clone()),
+        );
+
+        for name in std::iter::once("").chain(SERVICE_NAMES) {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let local = listener.local_addr().ok();
+        info!(addr = ?local, "gRPC listening");
+
+        let on_shutdown = {
+            let shutdown = shutdown.clone();
+            let health = health.clone();
+            async move {
+                shutdown.cancelled().await;
+                info!("shutting down: health NOT_SERVING, ending streams");
+                for name in std::iter::once("").chain(SERVICE_NAMES) {
+                    health
+                        .set_service_status(name, ServingStatus::NotServing)
+                        .await;
+                }
+            }
+        };
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(admin)
+            .add_service(proxy_control)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+            .await?;
+        info!("gRPC server stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+//! The embedded store: the user→coin state in a redb database in a data directory, for a single
+//! node with no ZooKeeper. Durable: every write is committed to disk before it is acknowledged,
+//! and the revision counter is stored with the data, so that revisions keep increasing across
+//! restarts.
+
+use std::{path::Path, sync::Arc};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tracing::info;
+
+use super::{Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite, UserCoinStore};
+
+/// user name → (revision, coin)
+const USERS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("users");
+/// lowercase name → (revision, canonical name)
+const CASE_INDEX: TableDefinition<&str, (u64, &str)> = TableDefinition::new("case_index");
+/// "revision" → the highest revision handed out.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// "store_id" → the random identity made when the database was created.
+const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
+
+const REVISION_KEY: &str = "revision";
+const STORE_ID_KEY: &str = "store_id";
+
+/// The file name of the database inside the data directory.
+pub const DATABASE_FILE: &str = "switchyard.redb";
+
+/// The user→coin state in a redb file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database in `data_dir`, creating the directory when missing.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join(DATABASE_FILE);
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        {
+            txn.open_table(USERS).map_err(unavailable)?;
+            txn.open_table(CASE_INDEX).map_err(unavailable)?;
+            txn.open_table(COUNTERS).map_err(unavailable)?;
+            let mut identity = txn.open_table(IDENTITY).map_err(unavailable)?;
+            if identity.get(STORE_ID_KEY).map_err(unavailable)?.is_none() {
+                let id = format!("embedded-{:032x}", rand::random::<u128>());
+                identity
+                    .insert(STORE_ID_KEY, id.as_str())
+                    .map_err(unavailable)?;
+                info!(path = %path.display(), store_id = %id, "created a new embedded store");
+            }
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    fn load_blocking(&self) -> Result<StoreContents, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let store_id = txn
+            .open_table(IDENTITY)
+            .map_err(unavailable)?
+            .get(STORE_ID_KEY)
+            .map_err(unavailable)?
+            .map(|v| v.value().to_owned())
+            .ok_or_else(|| StoreError::Corrupt("the store has no identity".into()))?;
+        let revision = txn
+            .open_table(COUNTERS)
+            .map_err(unavailable)?
+            .get(REVISION_KEY)
+            .map_err(unavailable)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let mut records = Vec::new();
+        for (table, make_key) in [
+            (USERS, RecordKey::User as fn(String) -> RecordKey),
+            (CASE_INDEX, RecordKey::CaseIndex),
+        ] {
+            let table = txn.open_table(table).map_err(unavailable)?;
+            for row in table.iter().map_err(unavailable)? {
+                let (key, value) = row.map_err(unavailable)?;
+                let (rev, value) = value.value();
+                if rev > revision {
+                    return Err(StoreError::Corrupt(format!(
+                        "record {:?} has revision {rev} above the store's {revision}",
+                        key.value()
+                    )));
+                }
+                records.push(Record {
+                    key: make_key(key.value().to_owned()),
+                    value: Some(value.to_owned()),
+                    revision: rev,
+                });
+            }
+        }
+        Ok(StoreContents {
+            records,
+            revision,
+            store_id,
+        })
+    }
+
+    fn write_blocking(&self, writes: Vec<StoreWrite>) -> Result<Vec<Record>, StoreError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        let mut out = Vec::with_capacity(writes.len());
+        {
+            let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
+            let mut revision: Revision = counters
+                .get(REVISION_KEY)
+                .map_err(unavailable)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let mut users = txn.open_table(USERS).map_err(unavailable)?;
+            let mut case_index = txn.open_table(CASE_INDEX).map_err(unavailable)?;
+            for write in writes {
+                revision += 1;
+                let (key, value) = match write {
+                    StoreWrite::SetUserCoin { user, coin } => {
+                        users
+                            .insert(user.as_str(), (revision, coin.as_str()))
+                            .map_err(unavailable)?;
+                        (RecordKey::User(user), coin)
+                    }
+                    StoreWrite::SetCaseIndex {
+                        lowercase_name,
+                        name,
+                    } => {
+                        case_index
+                            .insert(lowercase_name.as_str(), (revision, name.as_str()))
+                            .map_err(unavailable)?;
+                        (RecordKey::CaseIndex(lowercase_name), name)
+                    }
+                };
+                out.push(Record {
+                    key,
+                    value: Some(value),
+                    revision,
+                });
+            }
+            counters
+                .insert(REVISION_KEY, revision)
+                .map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl UserCoinStore for EmbeddedStore {
+    async fn load(&self) -> Result<StoreContents, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.load_blocking())
+            .await
+            .map_err(unavailable)?
+    }
+
+    async fn write(&self, writes: Vec<StoreWrite>) -> Result<Vec<Record>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.write_blocking(writes))
+            .await
+            .map_err(unavailable)?
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(user: &str, coin: &str) -> StoreWrite {
+        StoreWrite::SetUserCoin {
+            user: user.into(),
+            coin: coin.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_survive_reopening_and_revisions_keep_growing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first_id;
+        {
+            let store = EmbeddedStore::open(dir.path()).expect("open");
+            let written = store
+                .write(vec![set("alice", "btc"), set("bob", "bch")])
+                .await
+                .expect("write");
+            assert_eq!(
+                written.iter().map(|r| r.revision).collect::<Vec<_>>(),
+                vec![1, 2]
+            );
+            let contents = store.load().await.expect("load");
+            first_id = contents.store_id;
+        }
+        let store = EmbeddedStore::open(dir.path()).expect("reopen");
+        let contents = store.load().await.expect("load");
+        assert_eq!(contents.store_id, first_id);
+        assert_eq!(contents.revision, 2);
+        assert_eq!(contents.records.len(), 2);
+        let written = store.write(vec![set("alice", "bch")]).await.expect("write");
+        assert_eq!(written[0].revision, 3);
+        let contents = store.load().await.expect("load");
+        let alice = contents
+            .records
+            .iter()
+            .find(|r| r.key == RecordKey::User("alice".into()))
+            .expect("alice");
+        assert_eq!(alice.value.as_deref(), Some("bch"));
+        assert_eq!(alice.revision, 3);
+    }
+}

@@ -1,0 +1,96 @@
+//! The durable user→coin state behind one trait, [`UserCoinStore`], with one implementation
+//! per deployment: [`embedded::EmbeddedStore`] (redb, a single node) and, for fleets, the
+//! ZooKeeper store of SPEC §5.
+//!
+//! A store holds two kinds of record, user coins and case-index entries, and gives every write
+//! a [`Revision`] that only grows, so that the proxies can resume a stream from the last one they
+//! applied.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+/// A position in the store's history: every change gets a higher one than all before it.
+pub type Revision = u64;
+
+/// What a record is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordKey {
+    /// The coin of one user; the name as stored.
+    User(String),
+    /// A case-index entry; the lowercase form of a user name.
+    CaseIndex(String),
+}
+
+/// One record as the store holds it (or held it, for a removal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// What the record is about.
+    pub key: RecordKey,
+    /// The coin (for a user) or the canonical name (for a case-index entry); `None` when the
+    /// record was removed.
+    pub value: Option<String>,
+    /// The revision of the change that wrote or removed it.
+    pub revision: Revision,
+}
+
+/// A write to make. Inputs are validated by the caller before they reach a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreWrite {
+    /// Set a user's coin, creating the user when absent. Writing the coin a user already has
+    /// still makes a change (with a new revision): it re-announces the user.
+    SetUserCoin {
+        /// The user name.
+        user: String,
+        /// The coin.
+        coin: String,
+    },
+    /// Set a case-index entry.
+    SetCaseIndex {
+        /// The lowercase form of the name.
+        lowercase_name: String,
+        /// The canonical name.
+        name: String,
+    },
+}
+
+/// Everything a store holds, as read at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct StoreContents {
+    /// Every live record, in no particular order.
+    pub records: Vec<Record>,
+    /// The store's revision: every record's revision is at most this.
+    pub revision: Revision,
+    /// The identity of the store, so that revisions from another store are never mistaken for
+    /// this one's.
+    pub store_id: String,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The store cannot be reached or written right now; the operation may succeed later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store holds data this version cannot read.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The durable user→coin state.
+///
+/// Writes are serialized by the caller (see [`crate::core::SwitchCore`]), which applies the
+/// returned records to the in-memory index in the order of their revisions.
+#[async_trait]
+pub trait UserCoinStore: Send + Sync + 'static {
+    /// Reads the whole state.
+    async fn load(&self) -> Result<StoreContents, StoreError>;
+
+    /// Makes `writes` durable, in order, and returns the record each one produced. The records
+    /// have increasing revisions. Either all writes are made or none.
+    async fn write(&self, writes: Vec<StoreWrite>) -> Result<Vec<Record>, StoreError>;
+
+    /// A short name of the implementation for logs and metrics, e.g. `"embedded"`.
+    fn kind(&self) -> &'static str;
+}
