@@ -1,0 +1,10 @@
+//! Support code for Switchyard's integration and end-to-end tests: real servers on loopback,
+//! started on free ports and private data directories, and killed on drop.
+//!
+//! - [`zookeeper`]: a real ZooKeeper server from Debian's `zookeeper` package.
+//! - [`control`]: the control service, in-process or as its real binary.
+//! - [`wait`]: waiting for conditions with a deadline.
+
+pub mod control;
+pub mod wait;
+pub mod zookeeper;
