@@ -174,7 +174,7 @@ pub enum ZkFixtureError {
     },
     /// The server did not answer `ruok` with `imok` (and `conf` with its own settings) in time.
     #[error(
-        "ZooKeeper on 127.0.0.1:{port} was not ready within {timeout:?} \
+        "ZooKeeper on 127.0.0.1:{port} was not ready {timeout:?} after starting \
          (expected `ruok` -> `imok` and `conf` showing this server; last probe: {last_probe})\n\
          --- tail of {log} ---\n{log_tail}"
     )]
@@ -616,7 +616,7 @@ impl ZooKeeperServer {
             if Instant::now() >= deadline {
                 return Err(ZkFixtureError::StartTimeout {
                     port: self.port,
-                    timeout: deadline.saturating_duration_since(started),
+                    timeout: STARTUP_TIMEOUT,
                     last_probe,
                     log: self.log_path.clone(),
                     log_tail: self.log_tail(),
