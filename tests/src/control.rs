@@ -292,7 +292,9 @@ impl ControlProcess {
             .status()
             .map_err(|e| ControlFixtureError::Io("running kill", e))?;
         if !status.success() {
-            return Err(ControlFixtureError::Timeout(format!("kill -TERM failed: {status}")));
+            return Err(ControlFixtureError::Timeout(format!(
+                "kill -TERM failed: {status}"
+            )));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

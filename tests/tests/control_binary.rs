@@ -62,7 +62,11 @@ async fn a_restarted_binary_keeps_every_user_and_revisions_keep_increasing() {
     assert_eq!(resume_revision, before.revision);
 
     let status = control.terminate().await.expect("the process exits");
-    assert!(status.success(), "exit status after SIGTERM: {status}\n{}", control.log());
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status}\n{}",
+        control.log()
+    );
     let end = tokio::time::timeout(Duration::from_secs(10), watch.next())
         .await
         .expect("the stream ends");
@@ -71,7 +75,10 @@ async fn a_restarted_binary_keeps_every_user_and_revisions_keep_increasing() {
         "no message after shutdown: {end:?}"
     );
     let log = control.log();
-    assert!(log.contains("shutting down"), "the log tells the shutdown:\n{log}");
+    assert!(
+        log.contains("shutting down"),
+        "the log tells the shutdown:\n{log}"
+    );
 
     control.restart().await.expect("control restarts");
     let mut admin = control.admin();
@@ -87,7 +94,11 @@ async fn a_restarted_binary_keeps_every_user_and_revisions_keep_increasing() {
     assert_eq!(page.revision, before.revision);
     for u in &page.users {
         let i: usize = u.user["miner".len()..].parse().expect("numbered user");
-        let expected = if i == 7 { "btc" } else { ["btc", "bch", "ltc"][i % 3] };
+        let expected = if i == 7 {
+            "btc"
+        } else {
+            ["btc", "bch", "ltc"][i % 3]
+        };
         assert_eq!(u.coin, expected, "{}", u.user);
     }
     let read = admin
@@ -186,8 +197,14 @@ fn help_documents_the_settings_and_bad_configs_fail_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (config, says) in [
         (r#"{"AvailableCoins": []}"#, "AvailableCoins"),
-        (r#"{"AvailableCoins": ["btc"], "GrpcListenAddr": "nowhere"}"#, "GrpcListenAddr"),
-        (r#"{"AvailableCoins": ["btc"], "LogFormat": "xml"}"#, "LogFormat"),
+        (
+            r#"{"AvailableCoins": ["btc"], "GrpcListenAddr": "nowhere"}"#,
+            "GrpcListenAddr",
+        ),
+        (
+            r#"{"AvailableCoins": ["btc"], "LogFormat": "xml"}"#,
+            "LogFormat",
+        ),
         (r#"{"AvailableCoins": "btc"}"#, "not valid"),
         ("not json", "not valid"),
     ] {
@@ -201,14 +218,25 @@ fn help_documents_the_settings_and_bad_configs_fail_clearly() {
             .expect("runs");
         assert!(!out.status.success(), "{config} must be refused");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(says), "{config}: stderr {stderr:?} should mention {says}");
+        assert!(
+            stderr.contains(says),
+            "{config}: stderr {stderr:?} should mention {says}"
+        );
     }
     let path = dir.path().join("good.json");
-    std::fs::write(&path, r#"{"AvailableCoins": ["btc","bch"], "APIUser": "x"}"#).expect("write");
+    std::fs::write(
+        &path,
+        r#"{"AvailableCoins": ["btc","bch"], "APIUser": "x"}"#,
+    )
+    .expect("write");
     let out = Command::new(&binary)
         .args(["--check-config", "--config"])
         .arg(&path)
         .output()
         .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

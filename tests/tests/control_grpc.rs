@@ -77,7 +77,10 @@ async fn switch_a_user_and_read_it_back() {
         .into_inner();
     assert_eq!(first.previous_coin, "", "alice was created by the switch");
     let created = first.user_coin.expect("record");
-    assert_eq!((created.user.as_str(), created.coin.as_str()), ("alice", "btc"));
+    assert_eq!(
+        (created.user.as_str(), created.coin.as_str()),
+        ("alice", "btc")
+    );
 
     let second = admin
         .switch_coin(switch("alice", "bch"))
@@ -119,7 +122,10 @@ async fn ten_thousand_users_listed_in_pages_of_a_thousand_each_exactly_once() {
         .expect("batch")
         .into_inner()
         .results;
-    assert!(results.iter().all(|r| r.applied.is_some()), "every switch applied");
+    assert!(
+        results.iter().all(|r| r.applied.is_some()),
+        "every switch applied"
+    );
 
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -147,7 +153,10 @@ async fn ten_thousand_users_listed_in_pages_of_a_thousand_each_exactly_once() {
     let expected: Vec<_> = (0..10_000)
         .map(|i| (format!("user{i:05}"), ["btc", "bch"][i % 2].to_owned()))
         .collect();
-    assert_eq!(seen, expected, "every user exactly once, in name order, with its coin");
+    assert_eq!(
+        seen, expected,
+        "every user exactly once, in name order, with its coin"
+    );
 }
 
 #[tokio::test]
@@ -167,13 +176,30 @@ async fn a_batch_with_one_invalid_user_answers_each_and_applies_the_valid_ones()
         .into_inner()
         .results;
     assert_eq!(results.len(), 3, "one result per entry");
-    assert_eq!(results[0].applied.as_ref().map(|u| u.coin.as_str()), Some("btc"));
-    let error = results[1].error.as_ref().expect("the invalid entry has an error");
+    assert_eq!(
+        results[0].applied.as_ref().map(|u| u.coin.as_str()),
+        Some("btc")
+    );
+    let error = results[1]
+        .error
+        .as_ref()
+        .expect("the invalid entry has an error");
     assert_eq!(error.code, Code::InvalidArgument as i32);
-    assert!(error.message.contains('/'), "message says why: {}", error.message);
+    assert!(
+        error.message.contains('/'),
+        "message says why: {}",
+        error.message
+    );
     assert!(results[1].applied.is_none());
-    assert_eq!(results[2].applied.as_ref().map(|u| u.coin.as_str()), Some("ltc"));
-    assert_eq!(user_count(&mut admin).await, 2, "only the valid users exist");
+    assert_eq!(
+        results[2].applied.as_ref().map(|u| u.coin.as_str()),
+        Some("ltc")
+    );
+    assert_eq!(
+        user_count(&mut admin).await,
+        2,
+        "only the valid users exist"
+    );
 }
 
 #[tokio::test]
@@ -207,7 +233,10 @@ async fn bad_input_is_invalid_argument_and_writes_nothing() {
                 .get_user_coin(GetUserCoinRequest { user: user.into() })
                 .await
                 .expect_err("nothing to read");
-            assert!(matches!(status.code(), Code::InvalidArgument | Code::NotFound));
+            assert!(matches!(
+                status.code(),
+                Code::InvalidArgument | Code::NotFound
+            ));
         }
     }
     let empty = admin
@@ -235,7 +264,9 @@ async fn a_watcher_gets_the_snapshot_then_every_change_in_revision_order() {
     let control = InProcessControl::start().await.expect("control starts");
     let mut admin = control.admin();
     // More than one snapshot message's worth of users.
-    let switches: Vec<_> = (0..2_500).map(|i| switch(&format!("s{i}"), "btc")).collect();
+    let switches: Vec<_> = (0..2_500)
+        .map(|i| switch(&format!("s{i}"), "btc"))
+        .collect();
     admin
         .switch_coins(SwitchCoinsRequest { switches })
         .await
@@ -249,8 +280,11 @@ async fn a_watcher_gets_the_snapshot_then_every_change_in_revision_order() {
         .into_inner();
     let first = next(&mut watch).await;
     assert!(first.reset, "a snapshot starts with reset");
-    let mut snapshot: BTreeMap<String, String> =
-        first.users.iter().map(|u| (u.user.clone(), u.coin.clone())).collect();
+    let mut snapshot: BTreeMap<String, String> = first
+        .users
+        .iter()
+        .map(|u| (u.user.clone(), u.coin.clone()))
+        .collect();
     let mut last = first;
     while !last.snapshot_complete {
         last = next(&mut watch).await;
@@ -326,7 +360,10 @@ async fn a_watcher_that_reconnects_gets_exactly_what_it_missed() {
     assert_eq!(msg.revision, 13);
 
     // Live changes follow the resume.
-    admin.switch_coin(switch("r0", "bch")).await.expect("switch");
+    admin
+        .switch_coin(switch("r0", "bch"))
+        .await
+        .expect("switch");
     let live = next(&mut watch).await;
     assert_eq!(live.users.len(), 1);
     assert_eq!(live.users[0].revision, 14);
@@ -400,7 +437,11 @@ async fn admin_calls_need_the_token_when_one_is_configured() {
         .metadata_mut()
         .insert("authorization", "Bearer nope".parse().expect("ascii"));
     assert_eq!(
-        admin.switch_coin(wrong).await.expect_err("wrong token").code(),
+        admin
+            .switch_coin(wrong)
+            .await
+            .expect_err("wrong token")
+            .code(),
         Code::Unauthenticated
     );
     let status = admin
@@ -413,7 +454,10 @@ async fn admin_calls_need_the_token_when_one_is_configured() {
     right
         .metadata_mut()
         .insert("authorization", "Bearer t0ken".parse().expect("ascii"));
-    admin.switch_coin(right).await.expect("the right token passes");
+    admin
+        .switch_coin(right)
+        .await
+        .expect("the right token passes");
 
     // ProxyControl has its own token, unset here.
     control
@@ -518,7 +562,9 @@ async fn reflection_lists_and_resolves_every_service() {
         ask(MessageRequest::FileContainingSymbol(
             "switchyard.v1.ProxyControl".into(),
         )),
-        ask(MessageRequest::FileContainingSymbol("grpc.health.v1.Health".into())),
+        ask(MessageRequest::FileContainingSymbol(
+            "grpc.health.v1.Health".into(),
+        )),
     ];
     let mut responses = client
         .server_reflection_info(futures::stream::iter(requests))
@@ -537,7 +583,10 @@ async fn reflection_lists_and_resolves_every_service() {
         "switchyard.v1.ProxyControl",
         "grpc.health.v1.Health",
     ] {
-        assert!(listed.iter().any(|s| s == name), "{name} listed in {listed:?}");
+        assert!(
+            listed.iter().any(|s| s == name),
+            "{name} listed in {listed:?}"
+        );
     }
     for (service, method) in [
         ("SwitcherAdmin", "SwitchCoins"),
@@ -552,9 +601,9 @@ async fn reflection_lists_and_resolves_every_service() {
             use prost::Message;
             prost_types::FileDescriptorProto::decode(bytes.as_slice())
                 .map(|file| {
-                    file.service.iter().any(|s| {
-                        s.name() == service && s.method.iter().any(|m| m.name() == method)
-                    })
+                    file.service
+                        .iter()
+                        .any(|s| s.name() == service && s.method.iter().any(|m| m.name() == method))
                 })
                 .unwrap_or(false)
         });

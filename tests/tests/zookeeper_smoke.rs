@@ -191,12 +191,3 @@ fn dropping_the_server_kills_it() {
         dir.display()
     );
 }
-
-#[tokio::test]
-async fn scratch_connect_unreachable() {
-    let err = switchyard_tests::zookeeper::connect_client("127.0.0.1:1", Duration::from_secs(1)).await.err();
-    eprintln!("SHORT: {err:?}");
-    let started = Instant::now();
-    let err = switchyard_tests::zookeeper::connect_client("127.0.0.1:1", SESSION_TIMEOUT).await.err();
-    eprintln!("UNREACHABLE after {:?}: {}", started.elapsed(), err.map(|e| e.to_string()).unwrap_or_default());
-}

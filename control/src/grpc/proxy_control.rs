@@ -323,3 +323,57 @@ impl ProxyControl for ProxyControlService {
 fn ttl_seconds(ttl: Duration) -> u32 {
     u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreContents;
+
+    fn user(name: &str, coin: &str, revision: Revision) -> Record {
+        Record {
+            key: RecordKey::User(name.into()),
+            value: Some(coin.into()),
+            revision,
+        }
+    }
+
+    /// A watcher whose client stops reading falls behind the broadcast channel; once the client
+    /// reads again it still receives every change, in revision order, none twice.
+    #[tokio::test]
+    async fn a_watcher_that_fell_behind_misses_nothing() {
+        let index = Arc::new(UserCoinIndex::new(StoreContents {
+            store_id: "s".into(),
+            ..Default::default()
+        }));
+        let (start, changes) = index.watch(None);
+        let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
+        let watcher = Watcher {
+            index: Arc::clone(&index),
+            tx,
+            sent: 0,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(watcher.run(start, changes, shutdown.clone()));
+
+        // Far more batches than the channel holds, while nobody reads.
+        let total: u64 = 3 * BROADCAST_TEST_BATCHES;
+        for rev in 1..=total {
+            index.apply(vec![user(&format!("u{rev}"), "btc", rev)]);
+        }
+        let mut seen = Vec::new();
+        while seen.last().copied() != Some(total) {
+            let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("messages keep coming")
+                .expect("stream open")
+                .expect("no error");
+            seen.extend(msg.users.iter().map(|u| u.revision));
+        }
+        assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+        shutdown.cancel();
+        assert!(task.await.expect("task").is_ok(), "ends on shutdown");
+    }
+
+    /// The broadcast capacity of the index, which the test must overflow.
+    const BROADCAST_TEST_BATCHES: u64 = 1024;
+}
