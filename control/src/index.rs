@@ -26,8 +26,10 @@ const BROADCAST_CAPACITY: usize = 1024;
 pub struct ChangeBatch {
     /// The records, in increasing revision order.
     pub records: Arc<[Record]>,
-    /// The highest revision in the batch.
+    /// The index revision once the batch is applied.
     pub revision: Revision,
+    /// The batch's place in the order batches were applied: one more than the batch before.
+    pub seq: u64,
 }
 
 /// A record's current value and revision.
@@ -43,6 +45,8 @@ struct IndexState {
     /// Each key once, at its latest revision: the order changes are replayed in.
     by_revision: BTreeMap<Revision, RecordKey>,
     revision: Revision,
+    /// The `seq` of the last batch applied.
+    seq: u64,
     live_users: usize,
 }
 
@@ -125,11 +129,12 @@ impl UserCoinIndex {
         for record in &applied {
             state.insert(record.clone());
         }
-        let revision = state.revision;
+        state.seq += 1;
         // No receiver is not an error: nobody is watching.
         let _ = self.changes.send(ChangeBatch {
             records: applied.into(),
-            revision,
+            revision: state.revision,
+            seq: state.seq,
         });
     }
 
@@ -214,11 +219,12 @@ impl UserCoinIndex {
         (start, receiver)
     }
 
-    /// The records changed after `revision`, in revision order, and the index revision: what a
-    /// watcher that fell behind the broadcast channel re-reads.
-    pub fn changes_since(&self, revision: Revision) -> (Vec<Record>, Revision) {
+    /// What a watcher that fell behind the broadcast channel re-reads: the records changed
+    /// after `revision`, in revision order, the index revision, and the `seq` of the last batch
+    /// they include (later batches on the channel are new to the watcher).
+    pub fn changes_since(&self, revision: Revision) -> (Vec<Record>, Revision, u64) {
         let state = self.read();
-        (state.changes_since(revision), state.revision)
+        (state.changes_since(revision), state.revision, state.seq)
     }
 }
 

@@ -131,29 +131,22 @@ impl Watcher {
         Ok(())
     }
 
-    /// Sends changes in revision order, in chunks; each chunk's revision is its last record's
-    /// (a prefix of revision-ordered changes is a valid resume point), the last one's is
-    /// `revision`.
+    /// Sends changes in chunks; each chunk's revision is its last record's (a prefix of
+    /// revision-ordered changes is a valid resume point), the last one's is `revision`.
     async fn send_changes(
         &mut self,
         records: &[Record],
         revision: Revision,
-        snapshot_complete: bool,
+        initial_sync: bool,
     ) -> Result<(), Stop> {
         let store_id = self.index.store_id().to_owned();
-        let fresh: Vec<Record> = records
-            .iter()
-            .filter(|r| r.revision > self.sent)
-            .cloned()
-            .collect();
-        if fresh.is_empty() && !snapshot_complete {
-            self.sent = self.sent.max(revision);
+        if records.is_empty() && !initial_sync {
             return Ok(());
         }
-        let chunks: Vec<&[Record]> = if fresh.is_empty() {
+        let chunks: Vec<&[Record]> = if records.is_empty() {
             vec![&[]]
         } else {
-            fresh.chunks(RECORDS_PER_MESSAGE).collect()
+            records.chunks(RECORDS_PER_MESSAGE).collect()
         };
         let last = chunks.len() - 1;
         for (i, chunk) in chunks.into_iter().enumerate() {
@@ -163,14 +156,8 @@ impl Watcher {
             } else {
                 chunk.last().map_or(self.sent, |r| r.revision)
             };
-            self.send(message(
-                chunk,
-                false,
-                rev,
-                done && snapshot_complete,
-                &store_id,
-            ))
-            .await?;
+            self.send(message(chunk, false, rev, done && initial_sync, &store_id))
+                .await?;
         }
         self.sent = self.sent.max(revision);
         Ok(())
@@ -190,6 +177,8 @@ impl Watcher {
                 self.send_changes(&records, revision, true).await?
             }
         }
+        // After re-reading from the index, the batches up to this one are already sent.
+        let mut skip_through_seq = 0;
         loop {
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -198,7 +187,7 @@ impl Watcher {
             };
             match batch {
                 Ok(batch) => {
-                    if batch.revision > self.sent {
+                    if batch.seq > skip_through_seq {
                         self.send_changes(&batch.records, batch.revision, false)
                             .await?;
                     }
@@ -210,8 +199,9 @@ impl Watcher {
                         from = self.sent,
                         "watcher lagged; re-reading from the index"
                     );
-                    let (records, revision) = self.index.changes_since(self.sent);
+                    let (records, revision, seq) = self.index.changes_since(self.sent);
                     self.send_changes(&records, revision, false).await?;
+                    skip_through_seq = seq;
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
