@@ -2,10 +2,12 @@
 //! change the user→coin state. It validates input, writes through the [`UserCoinStore`] and
 //! applies the result to the [`UserCoinIndex`] that feeds the proxies. Adapters only translate.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::{
     index::UserCoinIndex,
@@ -60,6 +62,12 @@ pub enum BatchError {
     },
 }
 
+/// How long a store that feeds the index itself may take to deliver its state at start-up.
+const STATE_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a write may take to come back through such a store's feed before the call returns
+/// anyway (the write is durable; the index catches up).
+const WRITE_VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the core treats names and batches.
 #[derive(Debug, Clone)]
 pub struct CoreSettings {
@@ -76,10 +84,13 @@ pub struct SwitchCore {
     store: Arc<dyn UserCoinStore>,
     index: Arc<UserCoinIndex>,
     settings: CoreSettings,
-    /// Serializes store writes with their application to the index, so that the index (and
+    /// For a store the core applies its own writes to (see [`UserCoinStore::follow`]):
+    /// serializes store writes with their application to the index, so that the index (and
     /// every watcher) sees changes in revision order. A batch is one store write, so holding
-    /// this costs one round trip per batch, not per user.
+    /// this costs one store write per batch, not per user.
     write_order: Mutex<()>,
+    /// The store feeds the index itself; writes wait until their records are in.
+    followed: bool,
 }
 
 impl std::fmt::Debug for SwitchCore {
@@ -92,18 +103,28 @@ impl std::fmt::Debug for SwitchCore {
 }
 
 impl SwitchCore {
-    /// Loads the store into a fresh index and builds the core over both.
+    /// Loads the store into a fresh index and builds the core over both. A store that feeds
+    /// the index itself keeps doing so until `shutdown`.
     pub async fn open(
         store: Arc<dyn UserCoinStore>,
         settings: CoreSettings,
+        shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let contents = store.load().await?;
         let index = Arc::new(UserCoinIndex::new(contents));
+        let followed = store.follow(Arc::clone(&index), shutdown);
+        if followed && !index.wait_for(1, STATE_LOAD_TIMEOUT).await {
+            return Err(StoreError::Unavailable(format!(
+                "the {} store did not deliver its state within {STATE_LOAD_TIMEOUT:?}",
+                store.kind()
+            )));
+        }
         Ok(Self {
             store,
             index,
             settings,
             write_order: Mutex::new(()),
+            followed,
         })
     }
 
@@ -131,10 +152,15 @@ impl SwitchCore {
     pub async fn switch_coin(&self, user: &str, coin: &str) -> Result<SwitchOutcome, SwitchError> {
         let user = self.normalize_user(user)?;
         self.settings.coins.check(coin)?;
-        let mut outcomes = self.write_switches(vec![(user, coin.to_owned())]).await?;
+        let mut outcomes = self.write_switches(vec![(user, coin.to_owned())]).await;
         outcomes
             .pop()
-            .ok_or_else(|| StoreError::Unavailable("the store acknowledged no write".into()).into())
+            .unwrap_or_else(|| {
+                Err(StoreError::Unavailable(
+                    "the store acknowledged no write".into(),
+                ))
+            })
+            .map_err(Into::into)
     }
 
     /// Switches many users. Every entry is validated on its own; the valid ones are written in
@@ -164,33 +190,38 @@ impl SwitchCore {
             .iter()
             .filter_map(|c| c.as_ref().ok().cloned())
             .collect();
-        let mut written = match self.write_switches(valid).await {
-            Ok(outcomes) => Ok(outcomes.into_iter()),
-            Err(e) => Err(e),
-        };
+        let mut written = self.write_switches(valid).await.into_iter();
         Ok(checked
             .into_iter()
-            .map(|c| match (c, &mut written) {
-                (Err(invalid), _) => Err(SwitchError::Invalid(invalid)),
-                (Ok(_), Ok(outcomes)) => outcomes.next().ok_or_else(|| {
-                    StoreError::Unavailable("the store acknowledged fewer writes".into()).into()
-                }),
-                (Ok(_), Err(e)) => Err(SwitchError::Store(StoreError::Unavailable(e.to_string()))),
+            .map(|c| match c {
+                Err(invalid) => Err(SwitchError::Invalid(invalid)),
+                Ok(_) => written
+                    .next()
+                    .unwrap_or_else(|| {
+                        Err(StoreError::Unavailable(
+                            "the store acknowledged fewer writes".into(),
+                        ))
+                    })
+                    .map_err(SwitchError::Store),
             })
             .collect())
     }
 
-    /// Writes validated switches and applies them to the index.
+    /// Writes validated switches and gets them into the index; one result per switch.
     async fn write_switches(
         &self,
         switches: Vec<(String, String)>,
-    ) -> Result<Vec<SwitchOutcome>, StoreError> {
+    ) -> Vec<Result<SwitchOutcome, StoreError>> {
         if switches.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
-        let _order = self.write_order.lock().await;
-        // Previous coins, read under the write lock so that they are the ones each write
-        // replaced (a user twice in one batch sees its first entry as previous).
+        let _order = if self.followed {
+            None
+        } else {
+            Some(self.write_order.lock().await)
+        };
+        // Previous coins, as the index knows them before the write (a user twice in one batch
+        // sees its first entry as previous).
         let mut previous: Vec<Option<String>> = Vec::with_capacity(switches.len());
         let mut in_batch: std::collections::HashMap<&str, &str> = Default::default();
         for (user, coin) in &switches {
@@ -208,24 +239,39 @@ impl SwitchCore {
                 coin: coin.clone(),
             })
             .collect();
-        let records = self.store.write(writes).await?;
-        if records.len() != switches.len() {
-            return Err(StoreError::Unavailable(format!(
+        let mut results = self.store.write(writes).await;
+        if results.len() != switches.len() {
+            let e = StoreError::Unavailable(format!(
                 "the store acknowledged {} of {} writes",
-                records.len(),
+                results.len(),
                 switches.len()
-            )));
+            ));
+            results = vec![Err(e); switches.len()];
         }
-        self.index.apply(records.clone());
-        Ok(records
+        let written: Vec<Record> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let highest = written.iter().map(|r| r.revision).max().unwrap_or(0);
+        if self.followed {
+            if !self.index.wait_for(highest, WRITE_VISIBLE_TIMEOUT).await {
+                warn!(
+                    revision = highest,
+                    "a write did not come back through the store's feed in time"
+                );
+            }
+        } else if !written.is_empty() {
+            self.index.apply(written, highest);
+        }
+        results
             .into_iter()
             .zip(previous)
-            .filter_map(|(record, previous_coin)| match record {
+            .map(|(result, previous_coin)| match result? {
                 Record {
                     key: RecordKey::User(user),
                     value: Some(coin),
                     revision,
-                } => Some(SwitchOutcome {
+                } => Ok(SwitchOutcome {
                     record: UserCoinRecord {
                         user,
                         coin,
@@ -233,9 +279,11 @@ impl SwitchCore {
                     },
                     previous_coin,
                 }),
-                _ => None,
+                other => Err(StoreError::Corrupt(format!(
+                    "a user write produced {other:?}"
+                ))),
             })
-            .collect())
+            .collect()
     }
 
     /// Reads one user's coin; `Ok(None)` when the user has no record.

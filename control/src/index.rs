@@ -1,19 +1,20 @@
 //! The in-memory index of the user→coin state: every record with its revision, answered from
 //! memory, and fanned out to watchers (the proxies' WatchSwitches streams).
 //!
-//! Changes are applied in revision order ([`UserCoinIndex::apply`]) and announced on a broadcast
-//! channel while the index is locked for writing, so that a watcher that subscribes under the
+//! Changes are applied in batches ([`UserCoinIndex::apply`]), each with the revision through
+//! which the index is then complete (every change at or below it is in), and announced on a
+//! broadcast channel while the index is locked for writing, so that a watcher that subscribes under the
 //! read lock gets a consistent starting point and then every later change, with no gap and no
 //! overlap. A watcher that falls behind the channel re-reads what it missed from the index
 //! ([`UserCoinIndex::changes_since`]); nothing is ever lost.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ops::Bound,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::store::{Record, RecordKey, Revision, StoreContents};
 
@@ -26,7 +27,8 @@ const BROADCAST_CAPACITY: usize = 1024;
 pub struct ChangeBatch {
     /// The records, in increasing revision order.
     pub records: Arc<[Record]>,
-    /// The index revision once the batch is applied.
+    /// The index revision once the batch is applied: every change at or below it is in the
+    /// index, so a watcher that applied this batch may resume from it.
     pub revision: Revision,
     /// The batch's place in the order batches were applied: one more than the batch before.
     pub seq: u64,
@@ -42,8 +44,10 @@ struct Entry {
 #[derive(Debug, Default)]
 struct IndexState {
     records: BTreeMap<RecordKey, Entry>,
-    /// Each key once, at its latest revision: the order changes are replayed in.
-    by_revision: BTreeMap<Revision, RecordKey>,
+    /// Each key once, at its latest revision: the order changes are replayed in. Keyed by the
+    /// pair because two records may share a revision (a removal is dated by its directory's
+    /// last child change, which may also be another node's creation).
+    by_revision: BTreeSet<(Revision, RecordKey)>,
     revision: Revision,
     /// The `seq` of the last batch applied.
     seq: u64,
@@ -74,6 +78,8 @@ pub enum WatchStart {
 pub struct UserCoinIndex {
     state: RwLock<IndexState>,
     changes: broadcast::Sender<ChangeBatch>,
+    /// The index revision, for callers waiting until their writes are in.
+    published: watch::Sender<Revision>,
     store_id: String,
 }
 
@@ -89,6 +95,7 @@ impl UserCoinIndex {
         }
         let (changes, _) = broadcast::channel(BROADCAST_CAPACITY);
         Self {
+            published: watch::Sender::new(state.revision),
             state: RwLock::new(state),
             changes,
             store_id: contents.store_id,
@@ -110,9 +117,11 @@ impl UserCoinIndex {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies records in increasing revision order and announces them to watchers. Records
-    /// at or below the revision the index already holds for their key are skipped.
-    pub fn apply(&self, records: Vec<Record>) {
+    /// Applies records and announces them to watchers. `through` is the revision through which
+    /// the index is complete once they are in (at least the highest of their revisions).
+    /// Records at or below the revision the index already holds for their key are skipped.
+    pub fn apply(&self, mut records: Vec<Record>, through: Revision) {
+        records.sort_by_key(|r| r.revision);
         let mut state = self.write();
         let applied: Vec<Record> = records
             .into_iter()
@@ -123,19 +132,31 @@ impl UserCoinIndex {
                     .is_none_or(|e| e.revision < r.revision)
             })
             .collect();
-        if applied.is_empty() {
-            return;
-        }
         for record in &applied {
             state.insert(record.clone());
         }
-        state.seq += 1;
-        // No receiver is not an error: nobody is watching.
-        let _ = self.changes.send(ChangeBatch {
-            records: applied.into(),
-            revision: state.revision,
-            seq: state.seq,
-        });
+        let before = state.revision;
+        state.revision = state.revision.max(through);
+        if !applied.is_empty() {
+            state.seq += 1;
+            // No receiver is not an error: nobody is watching.
+            let _ = self.changes.send(ChangeBatch {
+                records: applied.into(),
+                revision: state.revision,
+                seq: state.seq,
+            });
+        }
+        if state.revision != before {
+            self.published.send_replace(state.revision);
+        }
+    }
+
+    /// Waits until the index revision reaches `revision`; `false` when `timeout` passes first.
+    pub async fn wait_for(&self, revision: Revision, timeout: std::time::Duration) -> bool {
+        let mut published = self.published.subscribe();
+        tokio::time::timeout(timeout, published.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The revision of the latest change applied.
@@ -236,7 +257,7 @@ impl IndexState {
         };
         let is_user = matches!(record.key, RecordKey::User(_));
         if let Some(old) = self.records.insert(record.key.clone(), entry.clone()) {
-            self.by_revision.remove(&old.revision);
+            self.by_revision.remove(&(old.revision, record.key.clone()));
             if is_user && old.value.is_some() {
                 self.live_users -= 1;
             }
@@ -244,13 +265,14 @@ impl IndexState {
         if is_user && entry.value.is_some() {
             self.live_users += 1;
         }
-        self.by_revision.insert(entry.revision, record.key);
+        self.by_revision.insert((entry.revision, record.key));
         self.revision = self.revision.max(entry.revision);
     }
 
     fn changes_since(&self, revision: Revision) -> Vec<Record> {
         self.by_revision
-            .range((Bound::Excluded(revision), Bound::Unbounded))
+            // (revision + 1, the smallest key) is the first entry after `revision`.
+            .range((revision.saturating_add(1), RecordKey::User(String::new()))..)
             .filter_map(|(rev, key)| {
                 self.records.get(key).map(|entry| Record {
                     key: key.clone(),
@@ -298,8 +320,8 @@ mod tests {
     #[test]
     fn resume_returns_only_what_changed_since_in_revision_order() {
         let index = index_with(vec![user("a", "btc", 1), user("b", "btc", 2)]);
-        index.apply(vec![user("b", "bch", 3), user("c", "btc", 4)]);
-        index.apply(vec![user("a", "bch", 5)]);
+        index.apply(vec![user("c", "btc", 4), user("b", "bch", 3)], 4);
+        index.apply(vec![user("a", "bch", 5)], 5);
         let (start, _rx) = index.watch(Some(("s1", 2)));
         match start {
             WatchStart::Resume { records, revision } => {
@@ -333,9 +355,9 @@ mod tests {
     fn watchers_get_every_later_batch_and_stale_records_are_skipped() {
         let index = index_with(vec![user("a", "btc", 1)]);
         let (_, mut rx) = index.watch(None);
-        index.apply(vec![user("a", "bch", 2)]);
-        index.apply(vec![user("a", "btc", 1)]); // stale: skipped, not announced
-        index.apply(vec![user("b", "btc", 3)]);
+        index.apply(vec![user("a", "bch", 2)], 2);
+        index.apply(vec![user("a", "btc", 1)], 2); // stale: skipped, not announced
+        index.apply(vec![user("b", "btc", 3)], 3);
         let first = rx.try_recv().expect("first batch");
         assert_eq!(&*first.records, &[user("a", "bch", 2)]);
         let second = rx.try_recv().expect("second batch");

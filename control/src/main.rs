@@ -116,12 +116,12 @@ async fn main() -> anyhow::Result<()> {
         warn!(key, "unknown config key ignored");
     }
     let addr = config.grpc_addr()?;
-    let plane = ControlPlane::open(&config).await?;
+    let shutdown = CancellationToken::new();
+    let plane = ControlPlane::open(&config, shutdown.clone()).await?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the gRPC address {addr}"))?;
 
-    let shutdown = CancellationToken::new();
     let mut server = tokio::spawn(plane.serve(listener, shutdown.clone()));
     let signalled = tokio::select! {
         signal = shutdown_signal() => { signal?; true }

@@ -55,8 +55,12 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Validates the configuration, opens the store it names and loads it.
-    pub async fn open(config: &ControlConfig) -> Result<Self, ControlError> {
+    /// Validates the configuration, opens the store it names and loads it. Background work
+    /// (following the store) runs until `shutdown`.
+    pub async fn open(
+        config: &ControlConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ControlError> {
         config.validate()?;
         let store: Arc<dyn UserCoinStore> = match config.store_choice()? {
             StoreChoice::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
@@ -90,7 +94,7 @@ impl ControlPlane {
                 warn!("{what} is configured but not available in this version; ignored");
             }
         }
-        let core = SwitchCore::open(Arc::clone(&store), config.core_settings()?).await?;
+        let core = SwitchCore::open(Arc::clone(&store), config.core_settings()?, shutdown).await?;
         info!(
             store = store.kind(),
             users = core.index().user_count(),

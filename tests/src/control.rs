@@ -115,14 +115,14 @@ impl InProcessControl {
 
     /// Starts one with exactly `config` (its data directory is the caller's).
     pub async fn start_config(config: &ControlConfig) -> Result<Self, ControlFixtureError> {
-        let plane = ControlPlane::open(config).await?;
+        let shutdown = CancellationToken::new();
+        let plane = ControlPlane::open(config, shutdown.clone()).await?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| ControlFixtureError::Io("bind", e))?;
         let addr = listener
             .local_addr()
             .map_err(|e| ControlFixtureError::Io("local_addr", e))?;
-        let shutdown = CancellationToken::new();
         let task = tokio::spawn(plane.serve(listener, shutdown.clone()));
         wait_serving(addr).await?;
         Ok(Self {

@@ -348,7 +348,7 @@ mod tests {
         // Far more batches than the channel holds, while nobody reads.
         let total: u64 = 3 * BROADCAST_TEST_BATCHES;
         for rev in 1..=total {
-            index.apply(vec![user(&format!("u{rev}"), "btc", rev)]);
+            index.apply(vec![user(&format!("u{rev}"), "btc", rev)], rev);
         }
         let mut seen = Vec::new();
         while seen.last().copied() != Some(total) {

@@ -7,9 +7,12 @@ use std::{path::Path, sync::Arc};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite, UserCoinStore};
+use crate::index::UserCoinIndex;
 
 /// user name → (revision, coin)
 const USERS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("users");
@@ -30,6 +33,8 @@ pub const DATABASE_FILE: &str = "switchyard.redb";
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Always `true`: a local file is always there.
+    available: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -69,7 +74,10 @@ impl EmbeddedStore {
             }
         }
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            available: watch::Sender::new(true),
+        })
     }
 
     fn load_blocking(&self) -> Result<StoreContents, StoreError> {
@@ -172,14 +180,29 @@ impl UserCoinStore for EmbeddedStore {
             .map_err(unavailable)?
     }
 
-    async fn write(&self, writes: Vec<StoreWrite>) -> Result<Vec<Record>, StoreError> {
+    async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>> {
         if writes.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
+        let count = writes.len();
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.write_blocking(writes))
+        // One transaction: every write is made, or none.
+        let result = tokio::task::spawn_blocking(move || this.write_blocking(writes))
             .await
-            .map_err(unavailable)?
+            .map_err(unavailable)
+            .and_then(|r| r);
+        match result {
+            Ok(records) => records.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); count],
+        }
+    }
+
+    fn follow(&self, _index: Arc<UserCoinIndex>, _shutdown: CancellationToken) -> bool {
+        false
+    }
+
+    fn available(&self) -> watch::Receiver<bool> {
+        self.available.subscribe()
     }
 
     fn kind(&self) -> &'static str {
@@ -204,9 +227,11 @@ mod tests {
         let first_id;
         {
             let store = EmbeddedStore::open(dir.path()).expect("open");
-            let written = store
+            let written: Vec<Record> = store
                 .write(vec![set("alice", "btc"), set("bob", "bch")])
                 .await
+                .into_iter()
+                .collect::<Result<_, _>>()
                 .expect("write");
             assert_eq!(
                 written.iter().map(|r| r.revision).collect::<Vec<_>>(),
@@ -220,8 +245,8 @@ mod tests {
         assert_eq!(contents.store_id, first_id);
         assert_eq!(contents.revision, 2);
         assert_eq!(contents.records.len(), 2);
-        let written = store.write(vec![set("alice", "bch")]).await.expect("write");
-        assert_eq!(written[0].revision, 3);
+        let written = store.write(vec![set("alice", "bch")]).await;
+        assert_eq!(written[0].as_ref().expect("written").revision, 3);
         let contents = store.load().await.expect("load");
         let alice = contents
             .records

@@ -8,8 +8,14 @@
 
 pub mod embedded;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use thiserror::Error;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::index::UserCoinIndex;
 
 /// A position in the store's history: every change gets a higher one than all before it.
 pub type Revision = u64;
@@ -68,7 +74,7 @@ pub struct StoreContents {
 }
 
 /// Why a store operation failed.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The store cannot be reached or written right now; the operation may succeed later.
     #[error("store unavailable: {0}")]
@@ -80,16 +86,30 @@ pub enum StoreError {
 
 /// The durable user→coin state.
 ///
-/// Writes are serialized by the caller (see [`crate::core::SwitchCore`]), which applies the
-/// returned records to the in-memory index in the order of their revisions.
+/// Two ways changes reach the in-memory index. A store that only this process writes (the
+/// embedded one) leaves it to the caller ([`crate::core::SwitchCore`]), which serializes its
+/// writes and applies their records in revision order. A store that others write too
+/// (ZooKeeper: other replicas, zkCli, the Go API server) follows its own changes and feeds the
+/// index itself, in revision order, from [`UserCoinStore::follow`]; the caller then only waits
+/// until the index has caught up with its writes.
 #[async_trait]
 pub trait UserCoinStore: Send + Sync + 'static {
-    /// Reads the whole state.
+    /// Reads the whole state. A store that feeds the index itself may return no records: its
+    /// feed delivers them.
     async fn load(&self) -> Result<StoreContents, StoreError>;
 
-    /// Makes `writes` durable, in order, and returns the record each one produced. The records
-    /// have increasing revisions. Either all writes are made or none.
-    async fn write(&self, writes: Vec<StoreWrite>) -> Result<Vec<Record>, StoreError>;
+    /// Makes `writes` durable and returns the record each one produced, in order. Writes may
+    /// be in flight together; each has its own result.
+    async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>>;
+
+    /// Starts feeding every change of the store, whoever made it, into `index` until
+    /// `shutdown`; returns `false` when the store has no outside writers and the caller applies
+    /// its own writes.
+    fn follow(&self, index: Arc<UserCoinIndex>, shutdown: CancellationToken) -> bool;
+
+    /// Whether the store can be reached now (`true` for a local store); the health service
+    /// reports NOT_SERVING while it is `false`.
+    fn available(&self) -> watch::Receiver<bool>;
 
     /// A short name of the implementation for logs and metrics, e.g. `"embedded"`.
     fn kind(&self) -> &'static str;
