@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::{
     core::CoreSettings,
+    store::zookeeper::{ZkSettings, normalize_dir},
     validate::{CoinSet, InvalidInput},
 };
 
@@ -29,6 +30,14 @@ Switchyard's own settings:
                       Default 30.
   MaxSwitchBatch      The most entries one SwitchCoins call may carry. Default 10000.
   LogFormat           \"text\" or \"json\". Default \"text\".
+  ZKSwitchyardDir     ZooKeeper directory of Switchyard's own nodes (replica barriers).
+                      Default \"/switchyard/\".
+  ZKSessionTimeoutSeconds
+                      ZooKeeper session timeout. Default 15.
+  ZKRequestTimeoutSeconds
+                      How long one ZooKeeper request may take. Default 10.
+  ZKReconcileSeconds  How often the whole ZooKeeper state is re-read as a backstop to
+                      watches (it is also re-read after every reconnect). Default 300.
 
 Original keys (switcherAPIServer / initUserCoin):
   AvailableCoins      Coins a user may be switched to, e.g. [\"btc\",\"bch\"]. Required.
@@ -36,7 +45,8 @@ Original keys (switcherAPIServer / initUserCoin):
                       Lowercase every user name. Default false.
   ZKUserCaseInsensitiveIndex
                       ZooKeeper path of the case index (lowercase name -> name).
-  ZKBroker            ZooKeeper ensemble, e.g. [\"10.0.0.1:2181\",\"10.0.0.2:2181\"].
+  ZKBroker            ZooKeeper ensemble, e.g. [\"10.0.0.1:2181\",\"10.0.0.2:2181\"];
+                      the store is ZooKeeper when it is set.
   ZKSwitcherWatchDir  ZooKeeper path of the user->coin nodes.
                       Default \"/stratumSwitcher/btcbcc/\".
   EnableUserAutoReg, ZKAutoRegWatchDir, UserAutoRegAPI {IntervalSeconds, URL, User,
@@ -97,6 +107,14 @@ pub struct ControlConfig {
     pub max_switch_batch: usize,
     #[serde(rename = "LogFormat")]
     pub log_format: String,
+    #[serde(rename = "ZKSwitchyardDir")]
+    pub zk_switchyard_dir: String,
+    #[serde(rename = "ZKSessionTimeoutSeconds")]
+    pub zk_session_timeout_seconds: u64,
+    #[serde(rename = "ZKRequestTimeoutSeconds")]
+    pub zk_request_timeout_seconds: u64,
+    #[serde(rename = "ZKReconcileSeconds")]
+    pub zk_reconcile_seconds: u64,
 
     // The Go programs' keys.
     #[serde(rename = "AvailableCoins")]
@@ -150,6 +168,10 @@ impl Default for ControlConfig {
             lease_ttl_seconds: 30,
             max_switch_batch: 10_000,
             log_format: "text".into(),
+            zk_switchyard_dir: "/switchyard/".into(),
+            zk_session_timeout_seconds: 15,
+            zk_request_timeout_seconds: 10,
+            zk_reconcile_seconds: 300,
             available_coins: Vec::new(),
             case_insensitive: false,
             zk_case_index_dir: String::new(),
@@ -236,6 +258,10 @@ const KNOWN_KEYS: &[&str] = &[
     "LeaseTTLSeconds",
     "MaxSwitchBatch",
     "LogFormat",
+    "ZKSwitchyardDir",
+    "ZKSessionTimeoutSeconds",
+    "ZKRequestTimeoutSeconds",
+    "ZKReconcileSeconds",
     "AvailableCoins",
     "StratumServerCaseInsensitive",
     "ZKUserCaseInsensitiveIndex",
@@ -353,6 +379,48 @@ impl ControlConfig {
         })
     }
 
+    /// The ZooKeeper store's settings (meaningful when the store is ZooKeeper).
+    pub fn zk_settings(&self) -> Result<ZkSettings, ConfigError> {
+        if self.zk_broker.is_empty() {
+            return Err(invalid("ZKBroker", "no ZooKeeper address is configured"));
+        }
+        for broker in &self.zk_broker {
+            let valid = broker
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(invalid(
+                    "ZKBroker",
+                    format!("{broker:?} is not a host:port address"),
+                ));
+            }
+        }
+        let dir = |key: &'static str, value: &str| {
+            normalize_dir(value).map_err(|message| invalid(key, message))
+        };
+        let seconds = |key: &'static str, value: u64| {
+            if value == 0 {
+                Err(invalid(key, "must be at least 1"))
+            } else {
+                Ok(Duration::from_secs(value))
+            }
+        };
+        let case_index_dir = if self.case_insensitive || self.zk_case_index_dir.is_empty() {
+            None
+        } else {
+            Some(dir("ZKUserCaseInsensitiveIndex", &self.zk_case_index_dir)?)
+        };
+        Ok(ZkSettings {
+            brokers: self.zk_broker.clone(),
+            switcher_dir: dir("ZKSwitcherWatchDir", &self.zk_switcher_watch_dir)?,
+            case_index_dir,
+            switchyard_dir: dir("ZKSwitchyardDir", &self.zk_switchyard_dir)?,
+            session_timeout: seconds("ZKSessionTimeoutSeconds", self.zk_session_timeout_seconds)?,
+            request_timeout: seconds("ZKRequestTimeoutSeconds", self.zk_request_timeout_seconds)?,
+            reconcile_interval: seconds("ZKReconcileSeconds", self.zk_reconcile_seconds)?,
+        })
+    }
+
     /// The time to live of proxy server-ID leases.
     pub fn lease_ttl(&self) -> Result<Duration, ConfigError> {
         if self.lease_ttl_seconds == 0 {
@@ -379,7 +447,9 @@ impl ControlConfig {
     /// Checks every setting this version acts on, so that a bad file fails at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.grpc_addr()?;
-        self.store_choice()?;
+        if self.store_choice()? == StoreChoice::ZooKeeper {
+            self.zk_settings()?;
+        }
         self.log_format()?;
         self.core_settings()?;
         self.lease_ttl()?;
@@ -432,5 +502,25 @@ mod tests {
             ControlConfig::from_json(r#"{"AvailableCoins":["btc",""]}"#).expect("parses");
         assert!(config.validate().is_err());
         assert!(ControlConfig::from_json(r#"{"AvailableCoins":"btc"}"#).is_err());
+        for (json, key) in [
+            (
+                r#"{"AvailableCoins":["btc"],"ZKBroker":["nohost"]}"#,
+                "ZKBroker",
+            ),
+            (
+                r#"{"AvailableCoins":["btc"],"ZKBroker":["h:1"],"ZKSwitcherWatchDir":""}"#,
+                "ZKSwitcherWatchDir",
+            ),
+            (
+                r#"{"AvailableCoins":["btc"],"ZKBroker":["h:1"],"ZKSwitcherWatchDir":"/a/../b"}"#,
+                "ZKSwitcherWatchDir",
+            ),
+        ] {
+            let (config, _) = ControlConfig::from_json(json).expect("parses");
+            match config.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{json}"),
+                other => panic!("{json}: expected an error about {key}, got {other:?}"),
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`core`]: the switching core every API adapter calls; [`validate`] checks outside input.
 //! - [`leases`]: proxy server-ID leases.
 //! - [`grpc`]: the `switchyard.v1` services as thin adapters over the core.
+//! - [`http`]: the HTTP switch API of SPEC §6 for pool backends, a thin adapter over the core.
 //! - [`config`] and [`server`]: the configuration file and the assembly of the service.
 
 #![warn(clippy::unwrap_used)]
@@ -14,6 +15,7 @@
 pub mod config;
 pub mod core;
 pub mod grpc;
+pub mod http;
 pub mod index;
 pub mod leases;
 pub mod server;

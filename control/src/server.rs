@@ -19,7 +19,7 @@ use crate::{
     core::SwitchCore,
     grpc::{BearerAuth, admin::AdminService, proxy_control::ProxyControlService},
     leases::LocalLeases,
-    store::{StoreError, UserCoinStore, embedded::EmbeddedStore},
+    store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
 };
 
 /// The names the health service reports, besides the whole server ("").
@@ -49,6 +49,8 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct ControlPlane {
     core: Arc<SwitchCore>,
+    /// Whether the store can be reached: the health status follows it.
+    available: tokio::sync::watch::Receiver<bool>,
     leases: Arc<LocalLeases>,
     admin_token: Option<String>,
     proxy_token: Option<String>,
@@ -65,11 +67,7 @@ impl ControlPlane {
         let store: Arc<dyn UserCoinStore> = match config.store_choice()? {
             StoreChoice::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
             StoreChoice::ZooKeeper => {
-                return Err(ControlError::Unsupported(
-                    "the ZooKeeper store is not available in this version; remove ZKBroker \
-                     (or set \"Store\": \"embedded\") to run on the embedded store"
-                        .into(),
-                ));
+                Arc::new(ZooKeeperStore::connect(config.zk_settings()?).await?)
             }
         };
         for (enabled, what) in [
@@ -103,6 +101,7 @@ impl ControlPlane {
             "state loaded"
         );
         Ok(Self {
+            available: store.available(),
             core: Arc::new(core),
             leases: Arc::new(LocalLeases::new(config.lease_ttl()?)),
             admin_token: config.admin_token(),
@@ -145,11 +144,30 @@ impl ControlPlane {
             BearerAuth::new(self.proxy_token.clone()),
         );
 
-        for name in std::iter::once("").chain(SERVICE_NAMES) {
-            health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
-        }
+        // SERVING while the store can be reached, NOT_SERVING while it cannot or after shutdown.
+        let mut available = self.available.clone();
+        let health_task = {
+            let health = health.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let up = *available.borrow_and_update();
+                    let status = if up {
+                        ServingStatus::Serving
+                    } else {
+                        warn!("the store cannot be reached: health NOT_SERVING");
+                        ServingStatus::NotServing
+                    };
+                    for name in std::iter::once("").chain(SERVICE_NAMES) {
+                        health.set_service_status(name, status).await;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        changed = available.changed() => if changed.is_err() { return },
+                    }
+                }
+            })
+        };
         let local = listener.local_addr().ok();
         info!(addr = ?local, "gRPC listening");
 
@@ -158,6 +176,7 @@ impl ControlPlane {
             let health = health.clone();
             async move {
                 shutdown.cancelled().await;
+                health_task.abort();
                 info!("shutting down: health NOT_SERVING, ending streams");
                 for name in std::iter::once("").chain(SERVICE_NAMES) {
                     health

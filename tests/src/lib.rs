@@ -4,7 +4,9 @@
 //! - [`zookeeper`]: a real ZooKeeper server from Debian's `zookeeper` package.
 //! - [`control`]: the control service, in-process or as its real binary.
 //! - [`wait`]: waiting for conditions with a deadline.
+//! - [`relay`]: a TCP relay a test can cut, to cut a client off a real server.
 
 pub mod control;
+pub mod relay;
 pub mod wait;
 pub mod zookeeper;

@@ -7,6 +7,7 @@
 //! applied.
 
 pub mod embedded;
+pub mod zookeeper;
 
 use std::sync::Arc;
 

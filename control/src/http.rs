@@ -1,0 +1,782 @@
+//! The HTTP switch API of SPEC §6, kept for pool backends: `GET|POST /switch` for one user and
+//! `POST /switch/multi-user` (also spelled `/switch-multi-user`) for many, behind HTTP basic
+//! auth. A thin adapter over [`SwitchCore`], like the gRPC `SwitcherAdmin` service: it
+//! translates requests and answers, and never touches the store itself.
+//!
+//! # Answers
+//!
+//! Every request the API handles is answered with the JSON shape pool backends read:
+//! `{"err_no":0,"err_msg":"","success":true}` on success and
+//! `{"err_no":N,"err_msg":"...","success":false}` otherwise. The API errors of SPEC §6 come with
+//! HTTP 200:
+//!
+//! | err_no | err_msg | when |
+//! |---|---|---|
+//! | 101 | `puname is empty` | no `puname`, or an empty one |
+//! | 102 | `puname invalid` | a name [`SwitchCore::normalize_user`] refuses: `/`, `.` or `..`, a control character, more than 128 bytes (the reason is logged, the message stays as the Go server wrote it) |
+//! | 103 | `coin is empty` | no `coin`, or an empty one |
+//! | 104 | `coin is inexistent` | a coin not in `AvailableCoins` |
+//! | 105 | `read record failed` | never sent: the core answers reads from memory, so no read can fail |
+//! | 107 | `write record failed` | the store refused the write |
+//! | 108 | `usercoins is empty` | a multi-user request with no user to switch |
+//!
+//! Requests that never reach the switch logic get an HTTP error status and the same JSON shape
+//! with `err_no` set to that status, so a client that only reads `success` still sees a
+//! failure:
+//!
+//! - 401 without valid credentials, with `WWW-Authenticate: Basic realm="switcher"`. Every route
+//!   of this router needs them; the user and the password are both compared in full, in
+//!   constant time. An empty `APIUser`/`APIPassword` is not refused here (the credentials must
+//!   then be sent empty, as with the Go server); refusing such a configuration is the config's
+//!   business.
+//! - 400 for an unreadable body: JSON that does not parse or has the wrong shape, or a
+//!   non-empty `POST /switch` body that is not `application/x-www-form-urlencoded`
+//!   (`multipart/form-data` is not supported).
+//! - 413 for a body over the limit: [`SWITCH_BODY_LIMIT`] for `/switch`,
+//!   [`MULTI_USER_BODY_LIMIT`] for the multi-user routes.
+//! - 500 if the request could not be processed at all (a failed worker task).
+//!
+//! # Choices where SPEC §6 is silent
+//!
+//! - `/switch` takes `puname` and `coin` from the query string, or (POST) from a form body;
+//!   when both have a parameter the body's wins, as in Go's `FormValue`. A POST with an empty
+//!   body needs no content type. Of repeated parameters the first counts.
+//! - The multi-user body is read as JSON whatever its content type (the Go server did not
+//!   check it). Missing or `null` `usercoins`/`punames`/`coin` count as empty; unknown fields
+//!   are ignored.
+//! - Multi-user requests are validated per (puname, coin) pair, in request order, like the Go
+//!   server: an entry whose `punames` is empty adds nothing and is not checked. A request with
+//!   no pair at all (no entry, or only entries with empty `punames`) gets 108.
+//! - When any pair is invalid, the answer is the first invalid pair's error and nothing is
+//!   written. Otherwise the pairs are written in request order, in chunks of the core's
+//!   `max_batch`, one [`SwitchCore::switch_coins`] call per chunk; the answer is 107 if any
+//!   write failed, and then no later chunk is tried. Such a request may be written in part
+//!   (earlier chunks, and within a chunk whatever the store wrote: the embedded store writes a
+//!   chunk whole or not at all, ZooKeeper entry by entry). A switch is idempotent, so the
+//!   caller can send the whole request again.
+//! - Case-insensitive mode (`StratumServerCaseInsensitive`) stores names lowercased; the core
+//!   does it.
+//!
+//! # Known gaps
+//!
+//! - The safety period of SPEC §6 (delaying a switch to a coin whose user list has only just
+//!   taken the user in) is not applied: every accepted switch is written at once. It needs the
+//!   first-seen times of user-list ingestion (SPEC §7), which this version does not keep yet.
+//! - No timeout on reading a request: a slow client holds its connection (and, at shutdown,
+//!   delays [`serve`]'s return) until it finishes or goes away.
+//! - Routes of SPEC §6 other than the switch ones (the scheduled pull, the sub-pool coinbase
+//!   routes) and the user-list API of SPEC §7 are not part of this module.
+
+use std::{borrow::Cow, collections::BTreeSet, net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Query, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine as _;
+use serde::{
+    Deserialize, Serialize,
+    de::{IgnoredAny, MapAccess, Visitor},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    core::{SwitchCore, SwitchError},
+    validate::InvalidInput,
+};
+
+/// The largest body `POST /switch` accepts, in bytes.
+pub const SWITCH_BODY_LIMIT: usize = 64 * 1024;
+
+/// The largest body the multi-user routes accept, in bytes: room for well over 100,000 names.
+pub const MULTI_USER_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// The realm of the `WWW-Authenticate` challenge.
+const REALM_CHALLENGE: &str = "Basic realm=\"switcher\"";
+
+/// The longest error message echoed from a parser, in bytes (parsers may quote the input).
+const MAX_DETAIL_BYTES: usize = 200;
+
+/// The credentials of the switch API (`APIUser`, `APIPassword`).
+#[derive(Clone)]
+pub struct SwitchApiAuth {
+    user: String,
+    password: String,
+}
+
+impl std::fmt::Debug for SwitchApiAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwitchApiAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl SwitchApiAuth {
+    /// The credentials every request must present with HTTP basic auth.
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// True when the `Authorization` header carries these credentials. Both the user and the
+    /// password are compared in full, in constant time, whatever the first comparison gave.
+    fn accepts(&self, headers: &HeaderMap) -> bool {
+        let Some((user, password)) = basic_credentials(headers) else {
+            return false;
+        };
+        let user_ok = constant_time_eq(user.as_bytes(), self.user.as_bytes());
+        let password_ok = constant_time_eq(password.as_bytes(), self.password.as_bytes());
+        // `&`, not `&&`: no short cut on the first result.
+        user_ok & password_ok
+    }
+}
+
+/// The user and password of a `Basic` `Authorization` header, if it has a well-formed one.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// Compares two byte strings in time that depends on their lengths only, never on where they
+/// differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// The JSON body of every answer.
+#[derive(Debug, Serialize)]
+struct Reply {
+    err_no: u32,
+    err_msg: String,
+    success: bool,
+}
+
+/// An API error of SPEC §6, answered with HTTP 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApiError {
+    PunameEmpty,
+    PunameInvalid,
+    CoinEmpty,
+    CoinInexistent,
+    /// 105: kept for the table of SPEC §6; see the module doc.
+    #[expect(dead_code, reason = "reads come from memory and cannot fail")]
+    ReadRecordFailed,
+    WriteRecordFailed,
+    UsercoinsEmpty,
+}
+
+impl ApiError {
+    fn err_no(self) -> u32 {
+        match self {
+            Self::PunameEmpty => 101,
+            Self::PunameInvalid => 102,
+            Self::CoinEmpty => 103,
+            Self::CoinInexistent => 104,
+            Self::ReadRecordFailed => 105,
+            Self::WriteRecordFailed => 107,
+            Self::UsercoinsEmpty => 108,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::PunameEmpty => "puname is empty",
+            Self::PunameInvalid => "puname invalid",
+            Self::CoinEmpty => "coin is empty",
+            Self::CoinInexistent => "coin is inexistent",
+            Self::ReadRecordFailed => "read record failed",
+            Self::WriteRecordFailed => "write record failed",
+            Self::UsercoinsEmpty => "usercoins is empty",
+        }
+    }
+}
+
+impl From<&InvalidInput> for ApiError {
+    fn from(invalid: &InvalidInput) -> Self {
+        match invalid {
+            InvalidInput::EmptyUser => Self::PunameEmpty,
+            InvalidInput::UserTooLong(_)
+            | InvalidInput::UserHasSlash
+            | InvalidInput::UserHasDots
+            | InvalidInput::UserHasForbiddenChar(_) => Self::PunameInvalid,
+            InvalidInput::EmptyCoin => Self::CoinEmpty,
+            InvalidInput::UnknownCoin(_) => Self::CoinInexistent,
+        }
+    }
+}
+
+impl From<&SwitchError> for ApiError {
+    fn from(e: &SwitchError) -> Self {
+        match e {
+            SwitchError::Invalid(invalid) => invalid.into(),
+            SwitchError::Store(_) => Self::WriteRecordFailed,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        reply(StatusCode::OK, self.err_no(), self.message().to_owned())
+    }
+}
+
+/// An answer with a status other than 200, in the same JSON shape.
+fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
+    reply(status, u32::from(status.as_u16()), message.into())
+}
+
+fn reply(status: StatusCode, err_no: u32, err_msg: String) -> Response {
+    let success = err_no == 0;
+    (
+        status,
+        axum::Json(Reply {
+            err_no,
+            err_msg,
+            success,
+        }),
+    )
+        .into_response()
+}
+
+fn success() -> Response {
+    reply(StatusCode::OK, 0, String::new())
+}
+
+/// Keeps parser messages short: some quote the input.
+fn bounded(message: impl std::fmt::Display) -> String {
+    let mut s = message.to_string();
+    if s.len() > MAX_DETAIL_BYTES {
+        let mut end = MAX_DETAIL_BYTES;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// The router of the switch API over `core`, every route behind `auth`.
+///
+/// Its routes: `GET|POST /switch`, `POST /switch/multi-user`, `POST /switch-multi-user`. It
+/// has no fallback, so it can be merged with other routers on the same listener (unknown paths
+/// get an empty 404).
+pub fn router(core: Arc<SwitchCore>, auth: SwitchApiAuth) -> Router {
+    let auth = Arc::new(auth);
+    Router::new()
+        .route(
+            "/switch",
+            get(switch)
+                .post(switch)
+                .layer(DefaultBodyLimit::max(SWITCH_BODY_LIMIT)),
+        )
+        .route(
+            "/switch/multi-user",
+            post(multi_user).layer(DefaultBodyLimit::max(MULTI_USER_BODY_LIMIT)),
+        )
+        .route(
+            "/switch-multi-user",
+            post(multi_user).layer(DefaultBodyLimit::max(MULTI_USER_BODY_LIMIT)),
+        )
+        .route_layer(middleware::from_fn_with_state(auth, require_auth))
+        .with_state(core)
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then stops taking connections
+/// and returns once the requests in flight are answered.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let local = listener.local_addr().ok();
+    info!(addr = ?local, "HTTP switch API listening");
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
+    info!(addr = ?local, "HTTP switch API stopped");
+    Ok(())
+}
+
+/// The peer of a request, when the server recorded it.
+fn peer(request: &Request) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+async fn require_auth(
+    State(auth): State<Arc<SwitchApiAuth>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if auth.accepts(request.headers()) {
+        return next.run(request).await;
+    }
+    info!(
+        peer = ?peer(&request),
+        path = request.uri().path(),
+        err_no = 401,
+        "switch API request refused: missing or wrong credentials"
+    );
+    let mut response = http_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(REALM_CHALLENGE),
+    );
+    response
+}
+
+/// Form or query parameters as pairs, in order.
+type Params = Vec<(String, String)>;
+
+/// The first value of `key`: in the body's parameters first, then in the query's.
+fn param<'a>(body: &'a Params, query: &'a Params, key: &str) -> Option<&'a str> {
+    body.iter()
+        .chain(query)
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The same test as axum's `Form` extractor, which reads the body when this holds.
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
+}
+
+/// Reads a POST /switch body's parameters; an error is the answer to send.
+async fn read_form_body(request: Request) -> Result<Params, Response> {
+    if is_form(request.headers()) {
+        return match axum::Form::<Params>::from_request(request, &()).await {
+            Ok(axum::Form(params)) => Ok(params),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(too_large(SWITCH_BODY_LIMIT))
+            }
+            Err(rejection) => Err(http_error(
+                StatusCode::BAD_REQUEST,
+                format!("unreadable form body: {}", bounded(rejection.body_text())),
+            )),
+        };
+    }
+    match Bytes::from_request(request, &()).await {
+        Ok(bytes) if bytes.is_empty() => Ok(Params::new()),
+        Ok(_) => Err(http_error(
+            StatusCode::BAD_REQUEST,
+            "a POST /switch body must be application/x-www-form-urlencoded",
+        )),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(too_large(SWITCH_BODY_LIMIT))
+        }
+        Err(rejection) => Err(http_error(
+            StatusCode::BAD_REQUEST,
+            format!("unreadable body: {}", bounded(rejection.body_text())),
+        )),
+    }
+}
+
+fn too_large(limit: usize) -> Response {
+    http_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is larger than {limit} bytes"),
+    )
+}
+
+/// `GET|POST /switch?puname=NAME&coin=COIN`.
+async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Response {
+    let query = match Query::<Params>::try_from_uri(request.uri()) {
+        Ok(Query(params)) => params,
+        Err(rejection) => {
+            warn!(
+                err_no = 400,
+                "switch request with an unreadable query string"
+            );
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unreadable query string: {}",
+                    bounded(rejection.body_text())
+                ),
+            );
+        }
+    };
+    let body = if request.method() == Method::POST {
+        match read_form_body(request).await {
+            Ok(params) => params,
+            Err(response) => {
+                warn!(
+                    err_no = response.status().as_u16(),
+                    "switch request with an unreadable body"
+                );
+                return response;
+            }
+        }
+    } else {
+        Params::new()
+    };
+    let puname = param(&body, &query, "puname").unwrap_or_default();
+    let coin = param(&body, &query, "coin").unwrap_or_default();
+
+    match core.switch_coin(puname, coin).await {
+        Ok(outcome) => {
+            info!(
+                users = 1,
+                user = %outcome.record.user,
+                coin = %outcome.record.coin,
+                previous = outcome.previous_coin.as_deref().unwrap_or(""),
+                revision = outcome.record.revision,
+                err_no = 0,
+                "HTTP switch applied"
+            );
+            success()
+        }
+        Err(e) => {
+            let api = ApiError::from(&e);
+            match &e {
+                SwitchError::Store(store) => error!(
+                    users = 1,
+                    coin = %bounded(coin),
+                    err_no = api.err_no(),
+                    error = %store,
+                    "HTTP switch not written"
+                ),
+                SwitchError::Invalid(invalid) => warn!(
+                    users = 1,
+                    coin = %bounded(coin),
+                    err_no = api.err_no(),
+                    reason = %invalid,
+                    "HTTP switch refused"
+                ),
+            }
+            api.into_response()
+        }
+    }
+}
+
+/// The body of the multi-user routes. Both it and its entries are read from JSON objects only
+/// (serde's derived `Deserialize` would also take arrays, the wrong shape here); missing and
+/// `null` fields count as empty, unknown ones are skipped.
+#[derive(Debug, Default)]
+struct MultiUserRequest {
+    usercoins: Option<Vec<UserCoins>>,
+}
+
+/// One entry of a multi-user request: many users to one coin.
+#[derive(Debug, Default)]
+struct UserCoins {
+    coin: Option<String>,
+    punames: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for MultiUserRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = MultiUserRequest;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with \"usercoins\"")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut this = MultiUserRequest::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "usercoins" => this.usercoins = map.next_value()?,
+                        _ => drop(map.next_value::<IgnoredAny>()?),
+                    }
+                }
+                Ok(this)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+impl<'de> Deserialize<'de> for UserCoins {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = UserCoins;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with \"coin\" and \"punames\"")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut this = UserCoins::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "coin" => this.coin = map.next_value()?,
+                        "punames" => this.punames = map.next_value()?,
+                        _ => drop(map.next_value::<IgnoredAny>()?),
+                    }
+                }
+                Ok(this)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+/// A multi-user request after parsing and validation.
+enum MultiUserCheck {
+    /// The body is not a multi-user request.
+    Unreadable(String),
+    /// An entry is invalid: its error, and why.
+    Invalid(ApiError, InvalidInput),
+    /// No pair to switch.
+    Empty,
+    /// Every pair is valid.
+    Valid(Vec<UserCoins>),
+}
+
+/// Parses a multi-user body and validates every (puname, coin) pair, in request order.
+fn check_multi_user(core: &SwitchCore, body: &[u8]) -> MultiUserCheck {
+    let request: MultiUserRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return MultiUserCheck::Unreadable(bounded(e)),
+    };
+    let entries = request.usercoins.unwrap_or_default();
+    let mut pairs = 0usize;
+    for entry in &entries {
+        let coin = entry.coin.as_deref().unwrap_or_default();
+        for puname in entry.punames.iter().flatten() {
+            pairs += 1;
+            if let Err(invalid) = core
+                .normalize_user(puname)
+                .and_then(|_| core.settings().coins.check(coin))
+            {
+                return MultiUserCheck::Invalid(ApiError::from(&invalid), invalid);
+            }
+        }
+    }
+    if pairs == 0 {
+        MultiUserCheck::Empty
+    } else {
+        MultiUserCheck::Valid(entries)
+    }
+}
+
+/// `POST /switch/multi-user` and `POST /switch-multi-user`.
+async fn multi_user(
+    State(core): State<Arc<SwitchCore>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let response = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(MULTI_USER_BODY_LIMIT)
+            } else {
+                http_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unreadable body: {}", bounded(rejection.body_text())),
+                )
+            };
+            warn!(
+                err_no = response.status().as_u16(),
+                "multi-user switch request with an unreadable body"
+            );
+            return response;
+        }
+    };
+    // Parsing and checking up to 16 MiB of names takes a while: off the async workers.
+    let checking = Arc::clone(&core);
+    let checked =
+        match tokio::task::spawn_blocking(move || check_multi_user(&checking, &body)).await {
+            Ok(checked) => checked,
+            Err(e) => {
+                error!(err_no = 500, error = %e, "multi-user switch check failed");
+                return http_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the request could not be processed",
+                );
+            }
+        };
+    let entries = match checked {
+        MultiUserCheck::Unreadable(detail) => {
+            warn!(err_no = 400, error = %detail, "multi-user switch request with an unreadable body");
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                format!("unreadable multi-user body: {detail}"),
+            );
+        }
+        MultiUserCheck::Empty => {
+            let api = ApiError::UsercoinsEmpty;
+            warn!(
+                users = 0,
+                err_no = api.err_no(),
+                "multi-user switch refused"
+            );
+            return api.into_response();
+        }
+        MultiUserCheck::Invalid(api, reason) => {
+            warn!(
+                err_no = api.err_no(),
+                reason = %reason,
+                "multi-user switch refused; nothing written"
+            );
+            return api.into_response();
+        }
+        MultiUserCheck::Valid(entries) => entries,
+    };
+    write_multi_user(&core, entries).await
+}
+
+/// Writes validated multi-user entries in chunks of the core's `max_batch`.
+async fn write_multi_user(core: &SwitchCore, entries: Vec<UserCoins>) -> Response {
+    let coins: BTreeSet<String> = entries
+        .iter()
+        .filter(|e| e.punames.as_ref().is_some_and(|p| !p.is_empty()))
+        .filter_map(|e| e.coin.clone())
+        .collect();
+    let coins = coins.into_iter().collect::<Vec<_>>().join(",");
+    let mut pairs = entries.into_iter().flat_map(|entry| {
+        let coin = entry.coin.unwrap_or_default();
+        entry
+            .punames
+            .unwrap_or_default()
+            .into_iter()
+            .map(move |puname| (puname, coin.clone()))
+    });
+    let chunk_size = core.settings().max_batch.max(1);
+    let mut written = 0usize;
+    loop {
+        let chunk: Vec<(String, String)> = pairs.by_ref().take(chunk_size).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        let len = chunk.len();
+        let failure = match core.switch_coins(chunk).await {
+            Ok(results) => results.into_iter().find_map(Result::err).map(|e| {
+                let api = ApiError::from(&e);
+                (api, e.to_string())
+            }),
+            // Cannot happen (every chunk is non-empty and within max_batch); a refused write.
+            Err(e) => Some((ApiError::WriteRecordFailed, e.to_string())),
+        };
+        if let Some((api, reason)) = failure {
+            error!(
+                users_written = written,
+                users_failed = len,
+                coins = %coins,
+                err_no = api.err_no(),
+                error = %reason,
+                "multi-user switch not fully written"
+            );
+            return api.into_response();
+        }
+        written += len;
+    }
+    info!(
+        users = written,
+        coins = %coins,
+        revision = core.index().revision(),
+        err_no = 0,
+        "HTTP multi-user switch applied"
+    );
+    success()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"", b""));
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret\0"));
+        assert!(!constant_time_eq(b"secret\0", b"secret"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(header::AUTHORIZATION, v);
+        }
+        h
+    }
+
+    #[test]
+    fn basic_credentials_are_decoded() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode("al:ice:pa:ss");
+        assert_eq!(
+            basic_credentials(&headers(&format!("Basic {encoded}"))),
+            Some(("al".into(), "ice:pa:ss".into()))
+        );
+        assert_eq!(
+            basic_credentials(&headers(&format!("basic  {encoded}"))),
+            Some(("al".into(), "ice:pa:ss".into()))
+        );
+        assert_eq!(basic_credentials(&headers("Bearer abc")), None);
+        assert_eq!(basic_credentials(&headers("Basic !!!")), None);
+        let no_colon = base64::engine::general_purpose::STANDARD.encode("alice");
+        assert_eq!(
+            basic_credentials(&headers(&format!("Basic {no_colon}"))),
+            None
+        );
+        assert_eq!(basic_credentials(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn auth_needs_both_fields() {
+        let auth = SwitchApiAuth::new("user", "pass");
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert!(auth.accepts(&headers(&format!("Basic {}", b64("user:pass")))));
+        assert!(!auth.accepts(&headers(&format!("Basic {}", b64("user:pas")))));
+        assert!(!auth.accepts(&headers(&format!("Basic {}", b64("usr:pass")))));
+        assert!(!auth.accepts(&headers(&format!("Basic {}", b64(":")))));
+        assert!(!format!("{auth:?}").contains("pass\""));
+    }
+
+    #[test]
+    fn invalid_input_maps_to_spec_numbers() {
+        let cases = [
+            (InvalidInput::EmptyUser, 101),
+            (InvalidInput::UserHasSlash, 102),
+            (InvalidInput::UserHasDots, 102),
+            (InvalidInput::UserTooLong(200), 102),
+            (InvalidInput::UserHasForbiddenChar(0), 102),
+            (InvalidInput::EmptyCoin, 103),
+            (InvalidInput::UnknownCoin("x".into()), 104),
+        ];
+        for (invalid, err_no) in cases {
+            assert_eq!(ApiError::from(&invalid).err_no(), err_no, "{invalid:?}");
+        }
+    }
+}

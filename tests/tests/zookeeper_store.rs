@@ -1,0 +1,419 @@
+//! The control service on a real ZooKeeper (issue 3): outside writers reach WatchSwitches
+//! subscribers, replicas see each other's switches, and nothing is lost across a ZooKeeper
+//! outage or a session expiry.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use switchyard_control::config::ControlConfig;
+use switchyard_proto::v1::{
+    GetUserCoinRequest, SwitchCoinRequest, WatchSwitchesRequest, WatchSwitchesResponse,
+};
+use switchyard_tests::{
+    control::{InProcessControl, channel},
+    relay::TcpRelay,
+    wait::wait_until,
+    zookeeper::{ZooKeeperServer, unique_root},
+};
+use tonic::Streaming;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use zookeeper_async::{Acl, CreateMode, ZooKeeper};
+
+const SESSION: Duration = Duration::from_secs(4);
+
+fn zk_config(c: &mut ControlConfig, connect: &str, root: &str) {
+    c.zk_broker = vec![connect.to_owned()];
+    c.zk_switcher_watch_dir = format!("{root}/switcher/");
+    c.zk_switchyard_dir = format!("{root}/switchyard/");
+    c.zk_session_timeout_seconds = SESSION.as_secs();
+    c.zk_request_timeout_seconds = 5;
+}
+
+fn switch(user: &str, coin: &str) -> SwitchCoinRequest {
+    SwitchCoinRequest {
+        user: user.into(),
+        coin: coin.into(),
+    }
+}
+
+/// A WatchSwitches subscriber that keeps what it received.
+struct Subscriber {
+    stream: Streaming<WatchSwitchesResponse>,
+    /// Every user entry received after the initial sync, in arrival order.
+    changes: Vec<(String, String, u64)>,
+    users: BTreeMap<String, String>,
+    revision: u64,
+    store_id: String,
+}
+
+impl Subscriber {
+    async fn connect(control: &InProcessControl, resume: Option<(u64, String)>) -> Self {
+        let (resume_revision, store_id) = resume.unwrap_or_default();
+        let stream = control
+            .proxy_control()
+            .watch_switches(WatchSwitchesRequest {
+                resume_revision,
+                store_id,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut this = Self {
+            stream,
+            changes: Vec::new(),
+            users: BTreeMap::new(),
+            revision: 0,
+            store_id: String::new(),
+        };
+        loop {
+            let msg = this.next().await;
+            this.apply(&msg, false);
+            if msg.snapshot_complete {
+                return this;
+            }
+        }
+    }
+
+    async fn next(&mut self) -> WatchSwitchesResponse {
+        match tokio::time::timeout(Duration::from_secs(30), self.stream.next()).await {
+            Ok(Some(Ok(msg))) => msg,
+            other => panic!("a stream message was expected, got {other:?}"),
+        }
+    }
+
+    fn apply(&mut self, msg: &WatchSwitchesResponse, live: bool) {
+        if msg.reset {
+            self.users.clear();
+        }
+        for u in &msg.users {
+            if live {
+                self.changes
+                    .push((u.user.clone(), u.coin.clone(), u.revision));
+            }
+            if u.removed {
+                self.users.remove(&u.user);
+            } else {
+                self.users.insert(u.user.clone(), u.coin.clone());
+            }
+        }
+        if msg.revision > 0 {
+            self.revision = msg.revision;
+            self.store_id = msg.store_id.clone();
+        }
+    }
+
+    /// Reads until `user` has `coin`; returns how long it took.
+    async fn until(&mut self, user: &str, coin: &str) -> Duration {
+        let start = Instant::now();
+        while self.users.get(user).map(String::as_str) != Some(coin) {
+            let msg = self.next().await;
+            self.apply(&msg, true);
+        }
+        start.elapsed()
+    }
+
+    fn assert_revision_order(&self) {
+        let revisions: Vec<u64> = self.changes.iter().map(|c| c.2).collect();
+        let mut sorted = revisions.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            revisions, sorted,
+            "changes arrive once each, in revision order"
+        );
+    }
+}
+
+async fn outside_client(zk: &ZooKeeperServer) -> ZooKeeper {
+    zk.connect(SESSION).await.expect("plain ZooKeeper client")
+}
+
+async fn outside_put(client: &ZooKeeper, path: &str, coin: &str) {
+    match client.set_data(path, coin.as_bytes().to_vec(), None).await {
+        Ok(_) => {}
+        Err(zookeeper_async::ZkError::NoNode) => {
+            client
+                .create(
+                    path,
+                    coin.as_bytes().to_vec(),
+                    Acl::open_unsafe().clone(),
+                    CreateMode::Persistent,
+                )
+                .await
+                .expect("create");
+        }
+        Err(e) => panic!("set {path}: {e:?}"),
+    }
+}
+
+async fn health(control: &InProcessControl) -> i32 {
+    HealthClient::new(channel(control.addr))
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+async fn wait_health(control: &InProcessControl, want: ServingStatus) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("health {want:?}"),
+        || async {
+            match health(control).await {
+                s if s == want as i32 => Ok(()),
+                s => Err(format!("status {s}")),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_change_by_a_plain_zookeeper_client_reaches_subscribers() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("outside");
+    let control = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("control on ZooKeeper");
+    let mut sub = Subscriber::connect(&control, None).await;
+    assert!(sub.users.is_empty());
+
+    let client = outside_client(zk).await;
+    let path = format!("{root}/switcher/alice");
+    outside_put(&client, &path, "bch").await;
+    let created = sub.until("alice", "bch").await;
+    outside_put(&client, &path, "btc").await;
+    let changed = sub.until("alice", "btc").await;
+    eprintln!("outside create reached the subscriber in {created:?}, change in {changed:?}");
+    sub.assert_revision_order();
+
+    // The revision is the znode's modification zxid.
+    let (_, stat) = client.get_data(&path, false).await.expect("read");
+    assert_eq!(sub.changes.last().map(|c| c.2), Some(stat.mzxid as u64));
+
+    // Written through Switchyard: the node holds the coin, as the Go tools expect.
+    control
+        .admin()
+        .switch_coin(switch("bob", "ltc"))
+        .await
+        .expect("switch");
+    let (data, _) = client
+        .get_data(&format!("{root}/switcher/bob"), false)
+        .await
+        .expect("bob's node");
+    assert_eq!(data, b"ltc");
+    sub.until("bob", "ltc").await;
+
+    // A node deleted by an outside writer disappears from the stream.
+    client.delete(&path, None).await.expect("delete");
+    while sub.users.contains_key("alice") {
+        let msg = sub.next().await;
+        sub.apply(&msg, true);
+    }
+    assert!(
+        control
+            .admin()
+            .get_user_coin(GetUserCoinRequest {
+                user: "alice".into()
+            })
+            .await
+            .is_err(),
+        "alice is gone"
+    );
+}
+
+#[tokio::test]
+async fn a_switch_through_one_replica_reaches_the_subscribers_of_another() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("replicas");
+    let a = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("replica A");
+    let b = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("replica B");
+    let mut sub_b = Subscriber::connect(&b, None).await;
+    let mut sub_a = Subscriber::connect(&a, None).await;
+
+    let written = a
+        .admin()
+        .switch_coin(switch("carol", "bch"))
+        .await
+        .expect("switch via A")
+        .into_inner()
+        .user_coin
+        .expect("record");
+    sub_b.until("carol", "bch").await;
+    sub_a.until("carol", "bch").await;
+    assert_eq!(sub_b.changes.last().map(|c| c.2), Some(written.revision));
+
+    // Both replicas hand out the same store identity and revisions: a subscriber of A resumes
+    // on B and receives exactly what it missed.
+    let resume = (sub_a.revision, sub_a.store_id.clone());
+    assert_eq!(resume.1, sub_b.store_id);
+    drop(sub_a);
+    for (user, coin) in [("dave", "btc"), ("carol", "ltc")] {
+        b.admin()
+            .switch_coin(switch(user, coin))
+            .await
+            .expect("switch via B");
+    }
+    let resumed = Subscriber::connect(&b, Some(resume)).await;
+    let got: Vec<(&str, &str)> = resumed
+        .users
+        .iter()
+        .map(|(u, c)| (u.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(got, vec![("carol", "ltc"), ("dave", "btc")]);
+}
+
+#[tokio::test]
+async fn nothing_is_lost_across_a_zookeeper_outage() {
+    let mut zk = ZooKeeperServer::start().expect("own ZooKeeper");
+    let root = unique_root("outage");
+    let control = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("control on ZooKeeper");
+    let mut sub = Subscriber::connect(&control, None).await;
+    let mut admin = control.admin();
+    admin
+        .switch_coin(switch("before", "bch"))
+        .await
+        .expect("switch before");
+    sub.until("before", "bch").await;
+
+    let stopped = Instant::now();
+    zk.stop().expect("stop ZooKeeper");
+    wait_health(&control, ServingStatus::NotServing).await;
+    let during = admin.switch_coin(switch("during", "ltc")).await;
+    assert!(
+        during.is_err(),
+        "a switch while ZooKeeper is down cannot be written: {during:?}"
+    );
+    // The outage lasts 10 s, as a real one would.
+    if let Some(rest) = Duration::from_secs(10).checked_sub(stopped.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    zk.restart().expect("restart ZooKeeper");
+    wait_health(&control, ServingStatus::Serving).await;
+
+    // The switch that failed is retried by its caller, and other writers carry on.
+    wait_until(Duration::from_secs(30), "the retried switch", || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .switch_coin(switch("during", "ltc"))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let client = outside_client(&zk).await;
+    outside_put(&client, &format!("{root}/switcher/outside"), "btc").await;
+    admin
+        .switch_coin(switch("after", "btc"))
+        .await
+        .expect("switch after");
+    sub.until("during", "ltc").await;
+    sub.until("outside", "btc").await;
+    sub.until("after", "btc").await;
+    sub.assert_revision_order();
+    let expected: BTreeMap<String, String> = [
+        ("after", "btc"),
+        ("before", "bch"),
+        ("during", "ltc"),
+        ("outside", "btc"),
+    ]
+    .into_iter()
+    .map(|(u, c)| (u.to_owned(), c.to_owned()))
+    .collect();
+    assert_eq!(sub.users, expected);
+}
+
+#[tokio::test]
+async fn nothing_is_lost_across_a_session_expiry() {
+    let zk = ZooKeeperServer::start().expect("own ZooKeeper");
+    let relay = TcpRelay::start(([127, 0, 0, 1], zk.port()).into())
+        .await
+        .expect("relay");
+    let root = unique_root("expiry");
+    let control = InProcessControl::start_with(|c| zk_config(c, &relay.addr.to_string(), &root))
+        .await
+        .expect("control on ZooKeeper through the relay");
+    let mut sub = Subscriber::connect(&control, None).await;
+    control
+        .admin()
+        .switch_coin(switch("before", "bch"))
+        .await
+        .expect("switch before");
+    sub.until("before", "bch").await;
+    let resume = (sub.revision, sub.store_id.clone());
+
+    // Cut the control off; ZooKeeper runs on and expires its session (its barrier node, an
+    // ephemeral, disappears), while an outside writer keeps writing.
+    let client = outside_client(&zk).await;
+    let barriers = format!("{root}/switchyard/barriers");
+    assert_eq!(
+        client
+            .get_children(&barriers, false)
+            .await
+            .expect("barriers")
+            .len(),
+        1,
+        "the control holds one barrier node"
+    );
+    relay.block();
+    outside_put(&client, &format!("{root}/switcher/during"), "ltc").await;
+    outside_put(&client, &format!("{root}/switcher/before"), "btc").await;
+    wait_health(&control, ServingStatus::NotServing).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the control's session to expire",
+        || {
+            let client = &client;
+            let barriers = barriers.clone();
+            async move {
+                match client.get_children(&barriers, false).await {
+                    Ok(children) if children.is_empty() => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    relay.unblock();
+    wait_health(&control, ServingStatus::Serving).await;
+
+    control
+        .admin()
+        .switch_coin(switch("after", "bch"))
+        .await
+        .expect("switch after the new session");
+    sub.until("during", "ltc").await;
+    sub.until("before", "btc").await;
+    sub.until("after", "bch").await;
+    sub.assert_revision_order();
+
+    // A subscriber that was away for all of it gets exactly what it missed.
+    let resumed = Subscriber::connect(&control, Some(resume)).await;
+    let got: Vec<(&str, &str)> = resumed
+        .users
+        .iter()
+        .map(|(u, c)| (u.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("after", "bch"), ("before", "btc"), ("during", "ltc")]
+    );
+}
