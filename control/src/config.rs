@@ -54,7 +54,9 @@ Original keys (switcherAPIServer / initUserCoin):
                       Auto-registration of unknown users (SPEC section 7).
   UserListAPI         {coin: url} user lists to ingest; IntervalSeconds between pulls.
   EnableAPIServer, ListenAddr, APIUser, APIPassword
-                      The HTTP switch API for pool backends (SPEC section 6).
+                      The HTTP switch API for pool backends (SPEC section 6): /switch,
+                      /switch/multi-user, /switch-multi-user on ListenAddr, behind basic
+                      auth with APIUser/APIPassword (both required).
   EnableCronJob, CronIntervalSeconds, UserCoinMapURL
                       The scheduled user->coin pull (SPEC section 6).
   ZKSubPoolUpdateBaseDir, ZKSubPoolUpdateAckTimeout
@@ -421,6 +423,30 @@ impl ControlConfig {
         })
     }
 
+    /// The HTTP switch API's address and credentials, when `EnableAPIServer` is set.
+    pub fn http_api(&self) -> Result<Option<(SocketAddr, String, String)>, ConfigError> {
+        if !self.enable_api_server {
+            return Ok(None);
+        }
+        let addr = self.listen_addr.parse().map_err(|e| {
+            invalid(
+                "ListenAddr",
+                format!("{:?} is not an IP:port address: {e}", self.listen_addr),
+            )
+        })?;
+        if self.api_user.is_empty() || self.api_password.is_empty() {
+            return Err(invalid(
+                "APIPassword",
+                "EnableAPIServer needs both APIUser and APIPassword: the switch API is never served without credentials",
+            ));
+        }
+        Ok(Some((
+            addr,
+            self.api_user.clone(),
+            self.api_password.clone(),
+        )))
+    }
+
     /// The time to live of proxy server-ID leases.
     pub fn lease_ttl(&self) -> Result<Duration, ConfigError> {
         if self.lease_ttl_seconds == 0 {
@@ -451,6 +477,7 @@ impl ControlConfig {
             self.zk_settings()?;
         }
         self.log_format()?;
+        self.http_api()?;
         self.core_settings()?;
         self.lease_ttl()?;
         Ok(())

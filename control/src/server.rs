@@ -18,6 +18,7 @@ use crate::{
     config::{ConfigError, ControlConfig, StoreChoice},
     core::SwitchCore,
     grpc::{BearerAuth, admin::AdminService, proxy_control::ProxyControlService},
+    http::{self, SwitchApiAuth},
     leases::LocalLeases,
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
 };
@@ -34,9 +35,16 @@ pub enum ControlError {
     /// The store could not be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// This version cannot run what the configuration asks for.
-    #[error("{0}")]
-    Unsupported(String),
+    /// An address could not be listened on.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        /// Which setting.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Reflection could not be set up (a bad descriptor set: a build defect).
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -49,6 +57,8 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct ControlPlane {
     core: Arc<SwitchCore>,
+    /// The HTTP switch API's address and credentials, when enabled.
+    http_api: Option<(std::net::SocketAddr, SwitchApiAuth)>,
     /// Whether the store can be reached: the health status follows it.
     available: tokio::sync::watch::Receiver<bool>,
     leases: Arc<LocalLeases>,
@@ -100,7 +110,11 @@ impl ControlPlane {
             store_id = core.index().store_id(),
             "state loaded"
         );
+        let http_api = config
+            .http_api()?
+            .map(|(addr, user, password)| (addr, SwitchApiAuth::new(user, password)));
         Ok(Self {
+            http_api,
             available: store.available(),
             core: Arc::new(core),
             leases: Arc::new(LocalLeases::new(config.lease_ttl()?)),
@@ -114,13 +128,33 @@ impl ControlPlane {
         &self.core
     }
 
-    /// Serves gRPC on `listener` until `shutdown` is cancelled. On shutdown the health status
-    /// turns NOT_SERVING, WatchSwitches streams end, and in-flight calls finish.
+    /// Serves gRPC on `listener`, and the HTTP switch API on `ListenAddr` when enabled, until
+    /// `shutdown` is cancelled. On shutdown the health status turns NOT_SERVING, WatchSwitches
+    /// streams end, and in-flight calls finish.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ControlError> {
+        let http_task = match self.http_api.take() {
+            Some((addr, auth)) => {
+                let http_listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ControlError::Listen {
+                            what: "ListenAddr",
+                            addr,
+                            source,
+                        })?;
+                let router = http::router(Arc::clone(&self.core), auth);
+                Some(tokio::spawn(http::serve(
+                    http_listener,
+                    router,
+                    shutdown.clone(),
+                )))
+            }
+            None => None,
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -196,6 +230,13 @@ impl ControlPlane {
             .add_service(proxy_control)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
             .await?;
+        if let Some(task) = http_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "the HTTP switch API failed"),
+                Err(e) => warn!(error = %e, "the HTTP switch API task failed"),
+            }
+        }
         info!("gRPC server stopped");
         Ok(())
     }

@@ -240,3 +240,45 @@ fn help_documents_the_settings_and_bad_configs_fail_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn the_binary_serves_the_http_switch_api_beside_grpc() {
+    let http_port = switchyard_tests::control::free_port().expect("port");
+    let mut control = ControlProcess::start_with(
+        |c| {
+            c["EnableAPIServer"] = true.into();
+            c["ListenAddr"] = format!("127.0.0.1:{http_port}").into();
+            c["APIUser"] = "backend".into();
+            c["APIPassword"] = "s3cret".into();
+        },
+        vec![],
+    )
+    .await
+    .expect("control starts");
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http_port}/switch?puname=erin&coin=bch");
+    let denied = http.get(&url).send().await.expect("HTTP answers");
+    assert_eq!(denied.status(), 401);
+    let body: serde_json::Value = http
+        .get(&url)
+        .basic_auth("backend", Some("s3cret"))
+        .send()
+        .await
+        .expect("HTTP answers")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(body, serde_json::json!({"err_no":0,"err_msg":"","success":true}));
+    let read = control
+        .admin()
+        .get_user_coin(GetUserCoinRequest {
+            user: "erin".into(),
+        })
+        .await
+        .expect("erin exists")
+        .into_inner()
+        .user_coin
+        .expect("record");
+    assert_eq!(read.coin, "bch", "HTTP and gRPC share one core");
+    assert!(control.terminate().await.expect("exits").success());
+}
