@@ -2,13 +2,19 @@
 //! initUserCoin, with their original keys (SPEC §8), plus Switchyard's own settings beside them.
 //! [`SETTINGS_HELP`] documents every key; `switchyard-control --help` prints it.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
     core::CoreSettings,
+    leases::CHAIN_TYPES,
     store::zookeeper::{ZkSettings, normalize_dir},
     validate::{CoinSet, InvalidInput},
 };
@@ -30,6 +36,13 @@ Switchyard's own settings:
                       Default 30.
   MaxSwitchBatch      The most entries one SwitchCoins call may carry. Default 10000.
   LogFormat           \"text\" or \"json\". Default \"text\".
+  ZKServerIDAssignDirs
+                      Server-ID lease directories by chain type, e.g.
+                      {\"bitcoin\": \"/stratumSwitcher/bitcoin_swid/\"}. Default
+                      \"/stratumSwitcher/<chain type>_swid/\" for each chain type.
+  ZKServerIDAssignDir One directory for every chain type (as in a Go proxy's config):
+                      IDs are then unique across chain types. Overridden per chain type by
+                      ZKServerIDAssignDirs.
   ZKSwitchyardDir     ZooKeeper directory of Switchyard's own nodes (replica barriers).
                       Default \"/switchyard/\".
   ZKSessionTimeoutSeconds
@@ -111,6 +124,10 @@ pub struct ControlConfig {
     pub log_format: String,
     #[serde(rename = "ZKSwitchyardDir")]
     pub zk_switchyard_dir: String,
+    #[serde(rename = "ZKServerIDAssignDir")]
+    pub zk_server_id_assign_dir: String,
+    #[serde(rename = "ZKServerIDAssignDirs")]
+    pub zk_server_id_assign_dirs: BTreeMap<String, String>,
     #[serde(rename = "ZKSessionTimeoutSeconds")]
     pub zk_session_timeout_seconds: u64,
     #[serde(rename = "ZKRequestTimeoutSeconds")]
@@ -171,6 +188,8 @@ impl Default for ControlConfig {
             max_switch_batch: 10_000,
             log_format: "text".into(),
             zk_switchyard_dir: "/switchyard/".into(),
+            zk_server_id_assign_dir: String::new(),
+            zk_server_id_assign_dirs: BTreeMap::new(),
             zk_session_timeout_seconds: 15,
             zk_request_timeout_seconds: 10,
             zk_reconcile_seconds: 300,
@@ -261,6 +280,8 @@ const KNOWN_KEYS: &[&str] = &[
     "MaxSwitchBatch",
     "LogFormat",
     "ZKSwitchyardDir",
+    "ZKServerIDAssignDir",
+    "ZKServerIDAssignDirs",
     "ZKSessionTimeoutSeconds",
     "ZKRequestTimeoutSeconds",
     "ZKReconcileSeconds",
@@ -423,6 +444,31 @@ impl ControlConfig {
         })
     }
 
+    /// The server-ID lease directory of each chain type, with trailing `/` (ZooKeeper mode).
+    pub fn lease_dirs(&self) -> Result<HashMap<String, String>, ConfigError> {
+        let mut dirs = HashMap::new();
+        for key in self.zk_server_id_assign_dirs.keys() {
+            if !CHAIN_TYPES.contains(&key.as_str()) {
+                return Err(invalid(
+                    "ZKServerIDAssignDirs",
+                    format!("{key:?} is not one of the chain types {CHAIN_TYPES:?}"),
+                ));
+            }
+        }
+        for chain in CHAIN_TYPES {
+            let dir = match self.zk_server_id_assign_dirs.get(chain) {
+                Some(dir) => normalize_dir(dir).map_err(|m| invalid("ZKServerIDAssignDirs", m))?,
+                None if !self.zk_server_id_assign_dir.is_empty() => {
+                    normalize_dir(&self.zk_server_id_assign_dir)
+                        .map_err(|m| invalid("ZKServerIDAssignDir", m))?
+                }
+                None => format!("/stratumSwitcher/{chain}_swid/"),
+            };
+            dirs.insert(chain.to_owned(), dir);
+        }
+        Ok(dirs)
+    }
+
     /// The HTTP switch API's address and credentials, when `EnableAPIServer` is set.
     pub fn http_api(&self) -> Result<Option<(SocketAddr, String, String)>, ConfigError> {
         if !self.enable_api_server {
@@ -475,6 +521,7 @@ impl ControlConfig {
         self.grpc_addr()?;
         if self.store_choice()? == StoreChoice::ZooKeeper {
             self.zk_settings()?;
+            self.lease_dirs()?;
         }
         self.log_format()?;
         self.http_api()?;

@@ -19,7 +19,7 @@ use crate::{
     core::SwitchCore,
     grpc::{BearerAuth, admin::AdminService, proxy_control::ProxyControlService},
     http::{self, SwitchApiAuth},
-    leases::LocalLeases,
+    leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
 };
 
@@ -35,6 +35,9 @@ pub enum ControlError {
     /// The store could not be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The server-ID lease registry could not be set up.
+    #[error(transparent)]
+    Leases(#[from] LeaseError),
     /// An address could not be listened on.
     #[error("cannot listen on {what} {addr}: {source}")]
     Listen {
@@ -61,7 +64,7 @@ pub struct ControlPlane {
     http_api: Option<(std::net::SocketAddr, SwitchApiAuth)>,
     /// Whether the store can be reached: the health status follows it.
     available: tokio::sync::watch::Receiver<bool>,
-    leases: Arc<LocalLeases>,
+    leases: Arc<dyn ServerIdLeases>,
     admin_token: Option<String>,
     proxy_token: Option<String>,
 }
@@ -74,17 +77,28 @@ impl ControlPlane {
         shutdown: CancellationToken,
     ) -> Result<Self, ControlError> {
         config.validate()?;
-        let store: Arc<dyn UserCoinStore> = match config.store_choice()? {
-            StoreChoice::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
-            StoreChoice::ZooKeeper => {
-                Arc::new(ZooKeeperStore::connect(config.zk_settings()?).await?)
-            }
-        };
+        let (store, leases): (Arc<dyn UserCoinStore>, Arc<dyn ServerIdLeases>) =
+            match config.store_choice()? {
+                StoreChoice::Embedded => (
+                    Arc::new(EmbeddedStore::open(&config.data_dir)?),
+                    Arc::new(LocalLeases::new(config.lease_ttl()?)),
+                ),
+                StoreChoice::ZooKeeper => {
+                    let zk_settings = config.zk_settings()?;
+                    let request_timeout = zk_settings.request_timeout;
+                    let store = ZooKeeperStore::connect(zk_settings).await?;
+                    let leases = ZkLeases::start(
+                        store.client(),
+                        config.lease_dirs()?,
+                        config.lease_ttl()?,
+                        request_timeout,
+                        shutdown.clone(),
+                    )
+                    .await?;
+                    (Arc::new(store), Arc::new(leases))
+                }
+            };
         for (enabled, what) in [
-            (
-                config.enable_api_server,
-                "EnableAPIServer (the HTTP switch API)",
-            ),
             (
                 config.enable_cron_job,
                 "EnableCronJob (the scheduled user->coin pull)",
@@ -117,7 +131,7 @@ impl ControlPlane {
             http_api,
             available: store.available(),
             core: Arc::new(core),
-            leases: Arc::new(LocalLeases::new(config.lease_ttl()?)),
+            leases,
             admin_token: config.admin_token(),
             proxy_token: config.proxy_token(),
         })

@@ -268,7 +268,10 @@ async fn the_binary_serves_the_http_switch_api_beside_grpc() {
         .json()
         .await
         .expect("JSON");
-    assert_eq!(body, serde_json::json!({"err_no":0,"err_msg":"","success":true}));
+    assert_eq!(
+        body,
+        serde_json::json!({"err_no":0,"err_msg":"","success":true})
+    );
     let read = control
         .admin()
         .get_user_coin(GetUserCoinRequest {

@@ -10,7 +10,8 @@ use std::{
 use futures::StreamExt;
 use switchyard_control::config::ControlConfig;
 use switchyard_proto::v1::{
-    GetUserCoinRequest, SwitchCoinRequest, WatchSwitchesRequest, WatchSwitchesResponse,
+    AcquireServerIdRequest, GetUserCoinRequest, ListProxiesRequest, RenewServerIdRequest,
+    SwitchCoinRequest, WatchSwitchesRequest, WatchSwitchesResponse,
 };
 use switchyard_tests::{
     control::{InProcessControl, channel},
@@ -30,6 +31,7 @@ fn zk_config(c: &mut ControlConfig, connect: &str, root: &str) {
     c.zk_broker = vec![connect.to_owned()];
     c.zk_switcher_watch_dir = format!("{root}/switcher/");
     c.zk_switchyard_dir = format!("{root}/switchyard/");
+    c.zk_server_id_assign_dir = format!("{root}/swid/");
     c.zk_session_timeout_seconds = SESSION.as_secs();
     c.zk_request_timeout_seconds = 5;
 }
@@ -358,6 +360,14 @@ async fn nothing_is_lost_across_a_session_expiry() {
         .expect("switch before");
     sub.until("before", "bch").await;
     let resume = (sub.revision, sub.store_id.clone());
+    let leased = control
+        .proxy_control()
+        .acquire_server_id(lease_request("survivor", 0))
+        .await
+        .expect("lease")
+        .into_inner()
+        .server_id;
+    let lease_path = format!("{root}/swid/{leased}");
 
     // Cut the control off; ZooKeeper runs on and expires its session (its barrier node, an
     // ephemeral, disappears), while an outside writer keeps writing.
@@ -405,6 +415,34 @@ async fn nothing_is_lost_across_a_session_expiry() {
     sub.until("after", "bch").await;
     sub.assert_revision_order();
 
+    // The lease node went with the old session and is back, and the lease still renews.
+    wait_until(
+        Duration::from_secs(30),
+        "the lease node to be re-created",
+        || {
+            let client = &client;
+            let lease_path = lease_path.clone();
+            async move {
+                match client.exists(&lease_path, false).await {
+                    Ok(Some(stat)) if stat.ephemeral_owner != 0 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    control
+        .proxy_control()
+        .renew_server_id(RenewServerIdRequest {
+            chain_type: "bitcoin".into(),
+            server_id: leased,
+            instance_id: "survivor".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the lease survived the session expiry");
+
     // A subscriber that was away for all of it gets exactly what it missed.
     let resumed = Subscriber::connect(&control, Some(resume)).await;
     let got: Vec<(&str, &str)> = resumed
@@ -416,4 +454,117 @@ async fn nothing_is_lost_across_a_session_expiry() {
         got,
         vec![("after", "bch"), ("before", "btc"), ("during", "ltc")]
     );
+}
+
+fn lease_request(instance: &str, preferred: u32) -> AcquireServerIdRequest {
+    AcquireServerIdRequest {
+        chain_type: "bitcoin".into(),
+        preferred_server_id: preferred,
+        instance_id: instance.into(),
+        coins: vec!["btc".into(), "bch".into()],
+        ips: vec!["10.1.2.3".into()],
+        host_name: format!("host-{instance}"),
+        listen_addr: "0.0.0.0:3333".into(),
+    }
+}
+
+#[tokio::test]
+async fn proxies_on_two_replicas_get_distinct_ids_and_respect_go_proxies() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("leases");
+    let a = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("replica A");
+    let b = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("replica B");
+
+    // An old Go proxy holds ID 1: its node is respected.
+    let client = outside_client(zk).await;
+    let go_node = br#"{"ChainType":"bitcoin","Coins":["btc"],"IPs":["10.9.9.9"],"HostName":"go-proxy","ListenAddr":"0.0.0.0:1800"}"#;
+    client
+        .create(
+            &format!("{root}/swid/1"),
+            go_node.to_vec(),
+            Acl::open_unsafe().clone(),
+            CreateMode::Ephemeral,
+        )
+        .await
+        .expect("the Go proxy's lease node");
+
+    // Ten proxies at once, half on each replica, two of them asking for the Go proxy's ID.
+    let requests = (0..10).map(|i| {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        let mut client = replica.proxy_control();
+        async move {
+            client
+                .acquire_server_id(lease_request(
+                    &format!("proxy-{i}"),
+                    if i < 2 { 1 } else { 0 },
+                ))
+                .await
+                .map(|r| r.into_inner().server_id)
+        }
+    });
+    let ids: Vec<u32> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("every proxy gets a lease");
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), 10, "10 distinct server IDs: {ids:?}");
+    assert!(
+        !ids.contains(&1),
+        "the Go proxy's ID is never handed out: {ids:?}"
+    );
+
+    // Session counts reported to B are visible through A.
+    b.proxy_control()
+        .renew_server_id(RenewServerIdRequest {
+            chain_type: "bitcoin".into(),
+            server_id: ids[1],
+            instance_id: "proxy-1".into(),
+            sessions_by_coin: [("btc".to_owned(), 42)].into(),
+        })
+        .await
+        .expect("renew on the replica that holds the lease");
+    let listed = a
+        .admin()
+        .list_proxies(ListProxiesRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .proxies;
+    assert_eq!(listed.len(), 11, "ten proxies and the Go one: {listed:?}");
+    let go = listed
+        .iter()
+        .find(|p| p.server_id == 1)
+        .expect("the Go proxy");
+    assert_eq!(go.host_name, "go-proxy");
+    let renewed = listed
+        .iter()
+        .find(|p| p.server_id == ids[1])
+        .expect("proxy-1");
+    assert_eq!(renewed.sessions, 42);
+    assert_eq!(renewed.instance_id, "proxy-1");
+
+    // A proxy that restarts gets its previous ID back once it is free.
+    b.proxy_control()
+        .release_server_id(switchyard_proto::v1::ReleaseServerIdRequest {
+            chain_type: "bitcoin".into(),
+            server_id: ids[3],
+            instance_id: "proxy-3".into(),
+        })
+        .await
+        .expect("release");
+    let again = a
+        .proxy_control()
+        .acquire_server_id(lease_request("proxy-3-restarted", ids[3]))
+        .await
+        .expect("re-acquire")
+        .into_inner()
+        .server_id;
+    assert_eq!(again, ids[3]);
 }

@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::{
     core::{SwitchCore, UserCoinRecord},
-    leases::LocalLeases,
+    leases::ServerIdLeases,
     validate::validate_user,
 };
 
@@ -25,12 +25,12 @@ const MAX_PAGE_SIZE: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     core: Arc<SwitchCore>,
-    leases: Arc<LocalLeases>,
+    leases: Arc<dyn ServerIdLeases>,
 }
 
 impl AdminService {
     /// The service over `core` and `leases`.
-    pub fn new(core: Arc<SwitchCore>, leases: Arc<LocalLeases>) -> Self {
+    pub fn new(core: Arc<SwitchCore>, leases: Arc<dyn ServerIdLeases>) -> Self {
         Self { core, leases }
     }
 }
@@ -169,6 +169,7 @@ impl SwitcherAdmin for AdminService {
         let proxies = self
             .leases
             .live()
+            .await?
             .into_iter()
             .map(|lease| ProxyInfo {
                 server_id: u32::from(lease.server_id),

@@ -52,6 +52,7 @@ impl From<LeaseError> for Status {
             LeaseError::Invalid(_) => Status::invalid_argument(e.to_string()),
             LeaseError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
             LeaseError::NotFound { .. } => Status::not_found(e.to_string()),
+            LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
         }
     }
 }

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     index::{ChangeBatch, UserCoinIndex, WatchStart},
-    leases::{LocalLeases, ProxyDescription},
+    leases::{ProxyDescription, ServerIdLeases},
     store::{Record, RecordKey, Revision},
 };
 
@@ -36,7 +36,7 @@ const WATCH_BUFFER: usize = 16;
 #[derive(Debug, Clone)]
 pub struct ProxyControlService {
     index: Arc<UserCoinIndex>,
-    leases: Arc<LocalLeases>,
+    leases: Arc<dyn ServerIdLeases>,
     shutdown: CancellationToken,
 }
 
@@ -44,7 +44,7 @@ impl ProxyControlService {
     /// The service over `index` and `leases`; its streams end when `shutdown` is cancelled.
     pub fn new(
         index: Arc<UserCoinIndex>,
-        leases: Arc<LocalLeases>,
+        leases: Arc<dyn ServerIdLeases>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -251,17 +251,20 @@ impl ProxyControl for ProxyControlService {
         request: Request<AcquireServerIdRequest>,
     ) -> Result<Response<AcquireServerIdResponse>, Status> {
         let r = request.into_inner();
-        let lease = self.leases.acquire(
-            ProxyDescription {
-                chain_type: r.chain_type,
-                instance_id: r.instance_id,
-                coins: r.coins,
-                ips: r.ips,
-                host_name: r.host_name,
-                listen_addr: r.listen_addr,
-            },
-            r.preferred_server_id,
-        )?;
+        let lease = self
+            .leases
+            .acquire(
+                ProxyDescription {
+                    chain_type: r.chain_type,
+                    instance_id: r.instance_id,
+                    coins: r.coins,
+                    ips: r.ips,
+                    host_name: r.host_name,
+                    listen_addr: r.listen_addr,
+                },
+                r.preferred_server_id,
+            )
+            .await?;
         info!(
             server_id = lease.server_id,
             chain_type = %lease.proxy.chain_type,
@@ -283,6 +286,7 @@ impl ProxyControl for ProxyControlService {
         let sessions: BTreeMap<String, u64> = r.sessions_by_coin.into_iter().collect();
         self.leases
             .renew(&r.chain_type, r.server_id, &r.instance_id, sessions)
+            .await
             .inspect_err(|e| warn!(error = %e, "lease renewal refused"))?;
         Ok(Response::new(RenewServerIdResponse {
             ttl_seconds: ttl_seconds(self.leases.ttl()),
@@ -295,7 +299,8 @@ impl ProxyControl for ProxyControlService {
     ) -> Result<Response<ReleaseServerIdResponse>, Status> {
         let r = request.into_inner();
         self.leases
-            .release(&r.chain_type, r.server_id, &r.instance_id);
+            .release(&r.chain_type, r.server_id, &r.instance_id)
+            .await;
         info!(server_id = r.server_id, chain_type = %r.chain_type, "server ID released");
         Ok(Response::new(ReleaseServerIdResponse {}))
     }

@@ -271,6 +271,11 @@ impl ZooKeeperStore {
         })
     }
 
+    /// The ZooKeeper session, for other users of the same ensemble (server-ID leases).
+    pub fn client(&self) -> Arc<ZooKeeper> {
+        Arc::clone(&self.zk)
+    }
+
     fn path_of(&self, key: &RecordKey) -> Option<String> {
         match key {
             RecordKey::User(user) => Some(format!("{}{user}", self.settings.switcher_dir)),

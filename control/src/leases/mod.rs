@@ -1,9 +1,15 @@
-//! Proxy server-ID leases (SPEC §3) held in the control process, for the embedded store: each
-//! live proxy holds a server ID (1..255) that no other live proxy of its chain type holds, and
-//! renews it with a heartbeat that also reports its session counts (what ListProxies shows).
+//! Proxy server-ID leases (SPEC §3): each live proxy holds a server ID (1..255) that no other
+//! live proxy of its chain type holds, and renews it with a heartbeat that also reports its
+//! session counts (what ListProxies shows).
 //!
 //! A lease that is not renewed within its time to live is released. A proxy that restarts and
 //! asks for its previous ID gets it back when it is free.
+//!
+//! [`ServerIdLeases`] is the registry; [`LocalLeases`] keeps leases in the control process (the
+//! embedded store, a single node), [`zookeeper::ZkLeases`] in ZooKeeper's `ZKServerIDAssignDir`
+//! as ephemeral nodes, shared by every replica and by the Go proxies.
+
+pub mod zookeeper;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,6 +17,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use async_trait::async_trait;
 use thiserror::Error;
 
 /// The chain types a proxy may run (SPEC §1).
@@ -61,6 +68,9 @@ pub enum LeaseError {
     /// Every server ID of the chain type is held by a live proxy.
     #[error("all 255 server IDs of chain type {0:?} are leased")]
     Exhausted(String),
+    /// The registry cannot be reached right now.
+    #[error("lease registry unavailable: {0}")]
+    Unavailable(String),
     /// The lease does not exist (expired, released, or never taken) or belongs to another
     /// instance.
     #[error(
@@ -72,6 +82,70 @@ pub enum LeaseError {
         /// The server ID asked about.
         server_id: u32,
     },
+}
+
+/// The server-ID lease registry; see the module doc.
+#[async_trait]
+pub trait ServerIdLeases: Send + Sync + std::fmt::Debug + 'static {
+    /// Takes a lease: the preferred ID when it is free (or already this instance's), otherwise
+    /// the ID this instance already holds, otherwise the lowest free one.
+    async fn acquire(
+        &self,
+        proxy: ProxyDescription,
+        preferred: u32,
+    ) -> Result<ProxyLease, LeaseError>;
+
+    /// Renews a lease and records the proxy's session counts.
+    async fn renew(
+        &self,
+        chain_type: &str,
+        server_id: u32,
+        instance_id: &str,
+        sessions_by_coin: BTreeMap<String, u64>,
+    ) -> Result<(), LeaseError>;
+
+    /// Gives a lease back; a lease that is gone, or held by another instance, is left alone.
+    async fn release(&self, chain_type: &str, server_id: u32, instance_id: &str);
+
+    /// The live leases, by chain type then server ID.
+    async fn live(&self) -> Result<Vec<ProxyLease>, LeaseError>;
+
+    /// The time to live of a lease.
+    fn ttl(&self) -> Duration;
+}
+
+/// Checks what a proxy says about itself.
+pub fn check_request(proxy: &ProxyDescription, preferred: u32) -> Result<(), LeaseError> {
+    check_chain(&proxy.chain_type)?;
+    check_text("instance_id", &proxy.instance_id, true)?;
+    check_text("host_name", &proxy.host_name, false)?;
+    check_text("listen_addr", &proxy.listen_addr, false)?;
+    check_list("coins", &proxy.coins)?;
+    check_list("ips", &proxy.ips)?;
+    if preferred > 255 {
+        return Err(LeaseError::Invalid(format!(
+            "preferred_server_id {preferred} is outside 1..255"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a heartbeat's session counts.
+pub fn check_sessions(
+    chain_type: &str,
+    sessions_by_coin: &BTreeMap<String, u64>,
+) -> Result<(), LeaseError> {
+    check_chain(chain_type)?;
+    if sessions_by_coin.len() > MAX_LIST_ITEMS {
+        return Err(LeaseError::Invalid(format!(
+            "sessions_by_coin has {} entries; at most {MAX_LIST_ITEMS} are allowed",
+            sessions_by_coin.len()
+        )));
+    }
+    for coin in sessions_by_coin.keys() {
+        check_text("sessions_by_coin key", coin, true)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -151,17 +225,7 @@ impl LocalLeases {
         proxy: ProxyDescription,
         preferred: u32,
     ) -> Result<ProxyLease, LeaseError> {
-        check_chain(&proxy.chain_type)?;
-        check_text("instance_id", &proxy.instance_id, true)?;
-        check_text("host_name", &proxy.host_name, false)?;
-        check_text("listen_addr", &proxy.listen_addr, false)?;
-        check_list("coins", &proxy.coins)?;
-        check_list("ips", &proxy.ips)?;
-        if preferred > 255 {
-            return Err(LeaseError::Invalid(format!(
-                "preferred_server_id {preferred} is outside 1..255"
-            )));
-        }
+        check_request(&proxy, preferred)?;
         let now = Instant::now();
         let mut by_chain = self.lock();
         let held = by_chain.entry(proxy.chain_type.clone()).or_default();
@@ -201,16 +265,7 @@ impl LocalLeases {
         instance_id: &str,
         sessions_by_coin: BTreeMap<String, u64>,
     ) -> Result<(), LeaseError> {
-        check_chain(chain_type)?;
-        if sessions_by_coin.len() > MAX_LIST_ITEMS {
-            return Err(LeaseError::Invalid(format!(
-                "sessions_by_coin has {} entries; at most {MAX_LIST_ITEMS} are allowed",
-                sessions_by_coin.len()
-            )));
-        }
-        for coin in sessions_by_coin.keys() {
-            check_text("sessions_by_coin key", coin, true)?;
-        }
+        check_sessions(chain_type, &sessions_by_coin)?;
         let not_found = || LeaseError::NotFound {
             chain_type: chain_type.to_owned(),
             server_id,
@@ -258,6 +313,39 @@ impl LocalLeases {
             .filter(|h| h.deadline > now)
             .map(|h| h.lease.clone())
             .collect()
+    }
+}
+
+#[async_trait]
+impl ServerIdLeases for LocalLeases {
+    async fn acquire(
+        &self,
+        proxy: ProxyDescription,
+        preferred: u32,
+    ) -> Result<ProxyLease, LeaseError> {
+        LocalLeases::acquire(self, proxy, preferred)
+    }
+
+    async fn renew(
+        &self,
+        chain_type: &str,
+        server_id: u32,
+        instance_id: &str,
+        sessions_by_coin: BTreeMap<String, u64>,
+    ) -> Result<(), LeaseError> {
+        LocalLeases::renew(self, chain_type, server_id, instance_id, sessions_by_coin)
+    }
+
+    async fn release(&self, chain_type: &str, server_id: u32, instance_id: &str) {
+        LocalLeases::release(self, chain_type, server_id, instance_id)
+    }
+
+    async fn live(&self) -> Result<Vec<ProxyLease>, LeaseError> {
+        Ok(LocalLeases::live(self))
+    }
+
+    fn ttl(&self) -> Duration {
+        self.ttl
     }
 }
 
