@@ -13,7 +13,8 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
-    core::CoreSettings,
+    core::{CoreSettings, SafetyPeriod},
+    cron::UserCoinMapPull,
     leases::CHAIN_TYPES,
     store::zookeeper::{ZkSettings, normalize_dir},
     validate::{CoinSet, InvalidInput},
@@ -66,12 +67,17 @@ Original keys (switcherAPIServer / initUserCoin):
   Password, DefaultCoin, PostData}
                       Auto-registration of unknown users (SPEC section 7).
   UserListAPI         {coin: url} user lists to ingest; IntervalSeconds between pulls.
+                      A switch of an existing user to one of these coins waits until the
+                      user has been in that coin's list for 1.5 x IntervalSeconds (the
+                      safety period of SPEC section 6); the wait survives restarts.
   EnableAPIServer, ListenAddr, APIUser, APIPassword
                       The HTTP switch API for pool backends (SPEC section 6): /switch,
                       /switch/multi-user, /switch-multi-user on ListenAddr, behind basic
                       auth with APIUser/APIPassword (both required).
   EnableCronJob, CronIntervalSeconds, UserCoinMapURL
-                      The scheduled user->coin pull (SPEC section 6).
+                      The scheduled user->coin pull (SPEC section 6): every
+                      CronIntervalSeconds (default 60), GET UserCoinMapURL (with
+                      ?last_date= after the first pull) and apply each user->coin pair.
   ZKSubPoolUpdateBaseDir, ZKSubPoolUpdateAckTimeout
                       Sub-pool coinbase updates (SPEC section 6).
 
@@ -395,7 +401,19 @@ impl ControlConfig {
         if self.max_switch_batch == 0 {
             return Err(invalid("MaxSwitchBatch", "must be at least 1"));
         }
+        let safety = if self.user_list_api.is_empty() {
+            None
+        } else {
+            if self.interval_seconds == 0 {
+                return Err(invalid("IntervalSeconds", "must be at least 1"));
+            }
+            Some(SafetyPeriod {
+                period: Duration::from_millis(self.interval_seconds.saturating_mul(1_500)),
+                coins: self.user_list_api.keys().cloned().collect(),
+            })
+        };
         Ok(CoreSettings {
+            safety,
             coins,
             case_insensitive: self.case_insensitive,
             max_batch: self.max_switch_batch,
@@ -469,6 +487,25 @@ impl ControlConfig {
         Ok(dirs)
     }
 
+    /// The scheduled user->coin pull's settings (`EnableCronJob`).
+    pub fn user_coin_map_pull(&self) -> Result<UserCoinMapPull, ConfigError> {
+        let pull = UserCoinMapPull::new(
+            self.user_coin_map_url.clone(),
+            Duration::from_secs(self.cron_interval_seconds),
+        );
+        pull.validate().map_err(|e| {
+            invalid(
+                if self.cron_interval_seconds == 0 {
+                    "CronIntervalSeconds"
+                } else {
+                    "UserCoinMapURL"
+                },
+                e.to_string(),
+            )
+        })?;
+        Ok(pull)
+    }
+
     /// The HTTP switch API's address and credentials, when `EnableAPIServer` is set.
     pub fn http_api(&self) -> Result<Option<(SocketAddr, String, String)>, ConfigError> {
         if !self.enable_api_server {
@@ -525,6 +562,9 @@ impl ControlConfig {
         }
         self.log_format()?;
         self.http_api()?;
+        if self.enable_cron_job {
+            self.user_coin_map_pull()?;
+        }
         self.core_settings()?;
         self.lease_ttl()?;
         Ok(())

@@ -2,16 +2,20 @@
 //! change the user→coin state. It validates input, writes through the [`UserCoinStore`] and
 //! applies the result to the [`UserCoinIndex`] that feeds the proxies. Adapters only translate.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     index::UserCoinIndex,
-    store::{Record, RecordKey, Revision, StoreError, StoreWrite, UserCoinStore},
+    store::{PendingSwitch, Record, RecordKey, Revision, StoreError, StoreWrite, UserCoinStore},
     validate::{CoinSet, InvalidInput, validate_user},
 };
 
@@ -33,6 +37,9 @@ pub struct SwitchOutcome {
     pub record: UserCoinRecord,
     /// The coin before the switch; `None` when the switch created the user.
     pub previous_coin: Option<String>,
+    /// When the switch is held back by the safety period (SPEC §6): when it will be written,
+    /// in Unix seconds. `record` is then the user's current record, unchanged.
+    pub pending_until: Option<u64>,
 }
 
 /// Why a switch was not applied.
@@ -77,7 +84,29 @@ pub struct CoreSettings {
     pub case_insensitive: bool,
     /// The most entries one batch may carry.
     pub max_batch: usize,
+    /// The safety period of SPEC §6, when user lists are ingested.
+    pub safety: Option<SafetyPeriod>,
 }
+
+/// The safety period (SPEC §6): a switch of an existing user to a coin whose user list is
+/// ingested is written at once only if the user was first seen in that list at least `period`
+/// ago; otherwise it waits, durably, until then (a user never seen waits the whole period).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SafetyPeriod {
+    /// 1.5 × `IntervalSeconds`.
+    pub period: Duration,
+    /// The coins whose user lists are ingested (`UserListAPI`).
+    pub coins: BTreeSet<String>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// How often held-back switches are looked for.
+const PENDING_POLL: Duration = Duration::from_secs(1);
 
 /// The switching core; see the module doc.
 pub struct SwitchCore {
@@ -91,6 +120,13 @@ pub struct SwitchCore {
     write_order: Mutex<()>,
     /// The store feeds the index itself; writes wait until their records are in.
     followed: bool,
+    /// When each user was first seen in each coin's user list (coin → user → Unix seconds),
+    /// as reported by ingestion; read by the safety period. Kept in memory: after a restart a
+    /// user counts as never seen, which only delays a switch, never hurries one.
+    first_seen: RwLock<HashMap<String, HashMap<String, u64>>>,
+    /// Users with a held-back switch, as last read from the store, so that an immediate switch
+    /// knows which pending ones to cancel without asking the store for every user.
+    pending_users: std::sync::Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for SwitchCore {
@@ -125,6 +161,8 @@ impl SwitchCore {
             settings,
             write_order: Mutex::new(()),
             followed,
+            first_seen: RwLock::new(HashMap::new()),
+            pending_users: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -152,7 +190,7 @@ impl SwitchCore {
     pub async fn switch_coin(&self, user: &str, coin: &str) -> Result<SwitchOutcome, SwitchError> {
         let user = self.normalize_user(user)?;
         self.settings.coins.check(coin)?;
-        let mut outcomes = self.write_switches(vec![(user, coin.to_owned())]).await;
+        let mut outcomes = self.apply_valid(vec![(user, coin.to_owned())]).await;
         outcomes
             .pop()
             .unwrap_or_else(|| {
@@ -190,7 +228,7 @@ impl SwitchCore {
             .iter()
             .filter_map(|c| c.as_ref().ok().cloned())
             .collect();
-        let mut written = self.write_switches(valid).await.into_iter();
+        let mut written = self.apply_valid(valid).await.into_iter();
         Ok(checked
             .into_iter()
             .map(|c| match c {
@@ -205,6 +243,189 @@ impl SwitchCore {
                     .map_err(SwitchError::Store),
             })
             .collect())
+    }
+
+    /// Records when `users` were first seen in `coin`'s user list (the earliest time wins).
+    pub fn record_first_seen<'a>(
+        &self,
+        coin: &str,
+        users: impl IntoIterator<Item = &'a str>,
+        at: u64,
+    ) {
+        let mut first_seen = self.first_seen.write().unwrap_or_else(|e| e.into_inner());
+        let coin = first_seen.entry(coin.to_owned()).or_default();
+        for user in users {
+            coin.entry(user.to_owned()).or_insert(at);
+        }
+    }
+
+    /// When a switch of `user` to `coin` may be written, if not now.
+    fn held_back_until(&self, user: &str, coin: &str, now: u64) -> Option<u64> {
+        let safety = self.settings.safety.as_ref()?;
+        if !safety.coins.contains(coin) || self.index.user_coin(user).is_none() {
+            return None;
+        }
+        let period = safety.period.as_secs();
+        let seen = self
+            .first_seen
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(coin)
+            .and_then(|users| users.get(user).copied());
+        let due = match seen {
+            Some(at) => at.saturating_add(period),
+            None => now.saturating_add(period),
+        };
+        (due > now).then_some(due)
+    }
+
+    fn pending_view(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.pending_users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies validated switches: held back by the safety period (recorded as pending) or
+    /// written at once (cancelling the user's pending switch). One result per switch.
+    async fn apply_valid(
+        &self,
+        switches: Vec<(String, String)>,
+    ) -> Vec<Result<SwitchOutcome, StoreError>> {
+        let now = unix_now();
+        let mut results: Vec<Option<Result<SwitchOutcome, StoreError>>> =
+            (0..switches.len()).map(|_| None).collect();
+        let mut immediate = Vec::new();
+        let mut immediate_at = Vec::new();
+        for (i, (user, coin)) in switches.into_iter().enumerate() {
+            match self.held_back_until(&user, &coin, now) {
+                Some(apply_at) => {
+                    let pending = PendingSwitch {
+                        user: user.clone(),
+                        coin: coin.clone(),
+                        apply_at,
+                    };
+                    let outcome = match self.store.put_pending(&pending).await {
+                        Ok(()) => {
+                            self.pending_view().insert(user.clone());
+                            info!(
+                                user,
+                                coin, apply_at, "switch held back by the safety period"
+                            );
+                            let (current, revision) =
+                                self.index.user_coin(&user).unwrap_or_default();
+                            Ok(SwitchOutcome {
+                                record: UserCoinRecord {
+                                    user,
+                                    coin: current.clone(),
+                                    revision,
+                                },
+                                previous_coin: Some(current),
+                                pending_until: Some(apply_at),
+                            })
+                        }
+                        Err(e) => Err(e),
+                    };
+                    results[i] = Some(outcome);
+                }
+                None => {
+                    immediate_at.push(i);
+                    immediate.push((user, coin));
+                }
+            }
+        }
+        // An immediate switch replaces a switch still waiting for its safety period.
+        let cancel: Vec<String> = {
+            let view = self.pending_view();
+            immediate
+                .iter()
+                .filter(|(user, _)| view.contains(user))
+                .map(|(user, _)| user.clone())
+                .collect()
+        };
+        for user in cancel {
+            match self.store.take_pending(&user, None).await {
+                Ok(_) => {
+                    self.pending_view().remove(&user);
+                }
+                Err(e) => warn!(user, error = %e, "could not cancel a pending switch"),
+            }
+        }
+        for (i, outcome) in immediate_at
+            .into_iter()
+            .zip(self.write_switches(immediate).await)
+        {
+            results[i] = Some(outcome);
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(StoreError::Unavailable("switch not processed".into())))
+            })
+            .collect()
+    }
+
+    /// The user's switch held back by the safety period, if any.
+    pub async fn pending_switch(&self, user: &str) -> Result<Option<PendingSwitch>, SwitchError> {
+        let user = self.normalize_user(user)?;
+        Ok(self.store.pending(&user).await?)
+    }
+
+    /// Writes held-back switches when they are due, until `shutdown`. Any replica may write a
+    /// due switch; taking it from the store first makes sure only one does.
+    pub async fn run_pending(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut poll = tokio::time::interval(PENDING_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = poll.tick() => {}
+            }
+            let all = match self.store.all_pending().await {
+                Ok(all) => all,
+                Err(e) => {
+                    warn!(error = %e, "cannot read pending switches; will retry");
+                    continue;
+                }
+            };
+            *self.pending_view() = all.iter().map(|p| p.user.clone()).collect();
+            let now = unix_now();
+            for pending in all.into_iter().filter(|p| p.apply_at <= now) {
+                self.apply_pending(pending).await;
+            }
+        }
+    }
+
+    async fn apply_pending(&self, pending: PendingSwitch) {
+        let valid = validate_user(&pending.user).is_ok()
+            && self.settings.coins.check(&pending.coin).is_ok();
+        match self.store.take_pending(&pending.user, Some(&pending)).await {
+            Ok(true) => {}
+            Ok(false) => return, // replaced, cancelled, or applied by another replica
+            Err(e) => {
+                warn!(user = %pending.user, error = %e, "cannot take a due pending switch; will retry");
+                return;
+            }
+        }
+        self.pending_view().remove(&pending.user);
+        if !valid {
+            warn!(user = %pending.user, coin = %pending.coin, "dropped a pending switch with an invalid user or coin");
+            return;
+        }
+        let written = self
+            .write_switches(vec![(pending.user.clone(), pending.coin.clone())])
+            .await;
+        match written.into_iter().next() {
+            Some(Ok(outcome)) => info!(
+                user = %outcome.record.user,
+                coin = %outcome.record.coin,
+                revision = outcome.record.revision,
+                "wrote a switch after its safety period"
+            ),
+            other => {
+                warn!(user = %pending.user, result = ?other, "writing a due switch failed; it stays pending");
+                if let Err(e) = self.store.put_pending(&pending).await {
+                    warn!(user = %pending.user, error = %e, "could not put the switch back; it is lost");
+                }
+            }
+        }
     }
 
     /// Writes validated switches and gets them into the index; one result per switch.
@@ -278,6 +499,7 @@ impl SwitchCore {
                         revision,
                     },
                     previous_coin,
+                    pending_until: None,
                 }),
                 other => Err(StoreError::Corrupt(format!(
                     "a user write produced {other:?}"

@@ -8,12 +8,15 @@
 //! - [`leases`]: proxy server-ID leases.
 //! - [`grpc`]: the `switchyard.v1` services as thin adapters over the core.
 //! - [`http`]: the HTTP switch API of SPEC §6 for pool backends, a thin adapter over the core.
+//! - [`cron`]: the scheduled user→coin pull of SPEC §6 (`EnableCronJob`), applied through the
+//!   core.
 //! - [`config`] and [`server`]: the configuration file and the assembly of the service.
 
 #![warn(clippy::unwrap_used)]
 
 pub mod config;
 pub mod core;
+pub mod cron;
 pub mod grpc;
 pub mod http;
 pub mod index;

@@ -12,11 +12,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     config::{ConfigError, ControlConfig, StoreChoice},
     core::SwitchCore,
+    cron,
     grpc::{BearerAuth, admin::AdminService, proxy_control::ProxyControlService},
     http::{self, SwitchApiAuth},
     leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},
@@ -100,23 +101,38 @@ impl ControlPlane {
             };
         for (enabled, what) in [
             (
-                config.enable_cron_job,
-                "EnableCronJob (the scheduled user->coin pull)",
-            ),
-            (
                 config.enable_user_auto_reg,
                 "EnableUserAutoReg (auto-registration)",
             ),
             (
                 !config.user_list_api.is_empty(),
-                "UserListAPI (user-list ingestion)",
+                "UserListAPI (user-list ingestion; until it is available, switches of existing \
+                 users to these coins wait the whole safety period)",
             ),
         ] {
             if enabled {
                 warn!("{what} is configured but not available in this version; ignored");
             }
         }
-        let core = SwitchCore::open(Arc::clone(&store), config.core_settings()?, shutdown).await?;
+        let core = Arc::new(
+            SwitchCore::open(
+                Arc::clone(&store),
+                config.core_settings()?,
+                shutdown.clone(),
+            )
+            .await?,
+        );
+        tokio::spawn(Arc::clone(&core).run_pending(shutdown.clone()));
+        if config.enable_cron_job {
+            let pull = config.user_coin_map_pull()?;
+            let core = Arc::clone(&core);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = cron::run(core, pull, shutdown).await {
+                    error!(error = %e, "the scheduled user->coin pull cannot run");
+                }
+            });
+        }
         info!(
             store = store.kind(),
             users = core.index().user_count(),
@@ -130,7 +146,7 @@ impl ControlPlane {
         Ok(Self {
             http_api,
             available: store.available(),
-            core: Arc::new(core),
+            core,
             leases,
             admin_token: config.admin_token(),
             proxy_token: config.proxy_token(),

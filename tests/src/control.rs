@@ -90,6 +90,8 @@ pub async fn wait_serving(addr: SocketAddr) -> Result<(), ControlFixtureError> {
 pub struct InProcessControl {
     /// Where it serves gRPC.
     pub addr: SocketAddr,
+    /// Its switching core, for what the APIs do not reach (e.g. ingestion's first-seen times).
+    pub core: std::sync::Arc<switchyard_control::core::SwitchCore>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), switchyard_control::ControlError>>>,
     _data_dir: Option<TempDir>,
@@ -117,6 +119,7 @@ impl InProcessControl {
     pub async fn start_config(config: &ControlConfig) -> Result<Self, ControlFixtureError> {
         let shutdown = CancellationToken::new();
         let plane = ControlPlane::open(config, shutdown.clone()).await?;
+        let core = std::sync::Arc::clone(plane.core());
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| ControlFixtureError::Io("bind", e))?;
@@ -127,6 +130,7 @@ impl InProcessControl {
         wait_serving(addr).await?;
         Ok(Self {
             addr,
+            core,
             shutdown,
             task: Some(task),
             _data_dir: None,

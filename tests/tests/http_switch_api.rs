@@ -20,7 +20,8 @@ use switchyard_control::{
     http::{MULTI_USER_BODY_LIMIT, SWITCH_BODY_LIMIT, SwitchApiAuth, router, serve},
     index::UserCoinIndex,
     store::{
-        Record, StoreContents, StoreError, StoreWrite, UserCoinStore, embedded::EmbeddedStore,
+        PendingSwitch, Record, StoreContents, StoreError, StoreWrite, UserCoinStore,
+        embedded::EmbeddedStore,
     },
     validate::CoinSet,
 };
@@ -64,6 +65,26 @@ impl UserCoinStore for FailingStore {
     fn kind(&self) -> &'static str {
         "failing-embedded"
     }
+
+    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError> {
+        self.inner.put_pending(pending).await
+    }
+
+    async fn take_pending(
+        &self,
+        user: &str,
+        only: Option<&PendingSwitch>,
+    ) -> Result<bool, StoreError> {
+        self.inner.take_pending(user, only).await
+    }
+
+    async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {
+        self.inner.pending(user).await
+    }
+
+    async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError> {
+        self.inner.all_pending().await
+    }
 }
 
 /// The switch API served on loopback over a core of its own.
@@ -89,6 +110,7 @@ impl Api {
             coins: CoinSet::new(TEST_COINS).expect("test coins are valid"),
             case_insensitive,
             max_batch,
+            safety: None,
         };
         let dyn_store: Arc<dyn UserCoinStore> = store.clone();
         let shutdown = CancellationToken::new();

@@ -43,6 +43,11 @@ fn to_pb(record: UserCoinRecord) -> UserCoin {
     }
 }
 
+/// Unix seconds as the proto's `int64`, 0 for none.
+fn unix_i64(t: Option<u64>) -> i64 {
+    t.map_or(0, |t| i64::try_from(t).unwrap_or(i64::MAX))
+}
+
 fn unix_seconds(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -65,6 +70,7 @@ impl SwitcherAdmin for AdminService {
             "switched user"
         );
         Ok(Response::new(SwitchCoinResponse {
+            pending_applies_at_unix: unix_i64(outcome.pending_until),
             previous_coin: outcome.previous_coin.unwrap_or_default(),
             user_coin: Some(to_pb(outcome.record)),
         }))
@@ -91,6 +97,7 @@ impl SwitcherAdmin for AdminService {
                 Ok(o) => SwitchCoinResult {
                     user,
                     coin,
+                    pending_applies_at_unix: unix_i64(o.pending_until),
                     applied: Some(to_pb(o.record)),
                     error: None,
                 },
@@ -100,6 +107,7 @@ impl SwitcherAdmin for AdminService {
                         user,
                         coin,
                         applied: None,
+                        pending_applies_at_unix: 0,
                         error: Some(PbSwitchError {
                             code: status.code() as i32,
                             message: status.message().to_owned(),
@@ -117,13 +125,14 @@ impl SwitcherAdmin for AdminService {
     ) -> Result<Response<GetUserCoinResponse>, Status> {
         let user = request.into_inner().user;
         match self.core.user_coin(&user)? {
-            Some(record) => Ok(Response::new(GetUserCoinResponse {
-                user_coin: Some(to_pb(record)),
-                // Safety-period switches (SPEC §6) are not deferred by this version: every
-                // accepted switch is written at once, so none is ever pending.
-                pending_coin: String::new(),
-                pending_applies_at_unix: 0,
-            })),
+            Some(record) => {
+                let pending = self.core.pending_switch(&user).await?;
+                Ok(Response::new(GetUserCoinResponse {
+                    user_coin: Some(to_pb(record)),
+                    pending_applies_at_unix: unix_i64(pending.as_ref().map(|p| p.apply_at)),
+                    pending_coin: pending.map(|p| p.coin).unwrap_or_default(),
+                }))
+            }
             None => Err(Status::not_found(format!(
                 "user {user:?} has no coin record"
             ))),

@@ -11,13 +11,18 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite, UserCoinStore};
+use super::{
+    PendingSwitch, Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite,
+    UserCoinStore,
+};
 use crate::index::UserCoinIndex;
 
 /// user name → (revision, coin)
 const USERS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("users");
 /// lowercase name → (revision, canonical name)
 const CASE_INDEX: TableDefinition<&str, (u64, &str)> = TableDefinition::new("case_index");
+/// user name → (apply at, coin): switches waiting for their safety period.
+const PENDING: TableDefinition<&str, (u64, &str)> = TableDefinition::new("pending");
 /// "revision" → the highest revision handed out.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// "store_id" → the random identity made when the database was created.
@@ -63,6 +68,7 @@ impl EmbeddedStore {
         {
             txn.open_table(USERS).map_err(unavailable)?;
             txn.open_table(CASE_INDEX).map_err(unavailable)?;
+            txn.open_table(PENDING).map_err(unavailable)?;
             txn.open_table(COUNTERS).map_err(unavailable)?;
             let mut identity = txn.open_table(IDENTITY).map_err(unavailable)?;
             if identity.get(STORE_ID_KEY).map_err(unavailable)?.is_none() {
@@ -171,8 +177,101 @@ impl EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// Runs `f` on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(unavailable)?
+    }
+}
+
 #[async_trait]
 impl UserCoinStore for EmbeddedStore {
+    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError> {
+        let p = pending.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(PENDING)
+                .map_err(unavailable)?
+                .insert(p.user.as_str(), (p.apply_at, p.coin.as_str()))
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn take_pending(
+        &self,
+        user: &str,
+        only: Option<&PendingSwitch>,
+    ) -> Result<bool, StoreError> {
+        let user = user.to_owned();
+        let only = only.cloned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let removed = {
+                let mut table = txn.open_table(PENDING).map_err(unavailable)?;
+                let current = table.get(user.as_str()).map_err(unavailable)?.map(|v| {
+                    let (apply_at, coin) = v.value();
+                    (apply_at, coin.to_owned())
+                });
+                let matches = match (&current, &only) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some((at, coin)), Some(p)) => *at == p.apply_at && *coin == p.coin,
+                };
+                if matches {
+                    table.remove(user.as_str()).map_err(unavailable)?;
+                }
+                matches
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(PENDING).map_err(unavailable)?;
+            Ok(table.get(user.as_str()).map_err(unavailable)?.map(|v| {
+                let (apply_at, coin) = v.value();
+                PendingSwitch {
+                    user: user.clone(),
+                    coin: coin.to_owned(),
+                    apply_at,
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(PENDING).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(unavailable)? {
+                let (user, value) = row.map_err(unavailable)?;
+                let (apply_at, coin) = value.value();
+                out.push(PendingSwitch {
+                    user: user.value().to_owned(),
+                    coin: coin.to_owned(),
+                    apply_at,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn load(&self) -> Result<StoreContents, StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.load_blocking())

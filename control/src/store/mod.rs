@@ -74,6 +74,18 @@ pub struct StoreContents {
     pub store_id: String,
 }
 
+/// A switch accepted but held back until the target coin's safety period has passed (SPEC §6).
+/// Kept in the store so that a restart does not lose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSwitch {
+    /// The user, as stored.
+    pub user: String,
+    /// The coin the switch will write.
+    pub coin: String,
+    /// When it is due, in Unix seconds.
+    pub apply_at: u64,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
@@ -114,4 +126,21 @@ pub trait UserCoinStore: Send + Sync + 'static {
 
     /// A short name of the implementation for logs and metrics, e.g. `"embedded"`.
     fn kind(&self) -> &'static str;
+
+    /// Records a pending switch, replacing the user's previous one.
+    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError>;
+
+    /// Removes the user's pending switch; with `only`, only when it is still that one.
+    /// Answers whether one was removed.
+    async fn take_pending(
+        &self,
+        user: &str,
+        only: Option<&PendingSwitch>,
+    ) -> Result<bool, StoreError>;
+
+    /// The user's pending switch, if any.
+    async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError>;
+
+    /// Every pending switch.
+    async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError>;
 }

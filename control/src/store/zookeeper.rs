@@ -40,7 +40,10 @@ use zookeeper_async::{
     Acl, CreateMode, Stat, WatchedEvent, WatchedEventType, ZkError, ZkState, ZooKeeper,
 };
 
-use super::{Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite, UserCoinStore};
+use super::{
+    PendingSwitch, Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite,
+    UserCoinStore,
+};
 use crate::{index::UserCoinIndex, validate::validate_user};
 
 /// Watch events buffered between ZooKeeper's client and the feed. Past this, events are dropped
@@ -238,6 +241,7 @@ impl ZooKeeperStore {
         let mut dirs = vec![
             settings.switcher_dir.clone(),
             format!("{}barriers/", settings.switchyard_dir),
+            format!("{}pending/", settings.switchyard_dir),
         ];
         dirs.extend(settings.case_index_dir.clone());
         for dir in &dirs {
@@ -269,6 +273,10 @@ impl ZooKeeperStore {
             available,
             feed: Mutex::new(Some(FeedInputs { events, overflow })),
         })
+    }
+
+    fn pending_path(&self, user: &str) -> String {
+        format!("{}pending/{user}", self.settings.switchyard_dir)
     }
 
     /// The ZooKeeper session, for other users of the same ensemble (server-ID leases).
@@ -383,6 +391,114 @@ impl UserCoinStore for ZooKeeperStore {
 
     fn kind(&self) -> &'static str {
         "zookeeper"
+    }
+
+    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError> {
+        let data = serde_json::to_vec(&PendingNode {
+            coin: pending.coin.clone(),
+            apply_at: pending.apply_at,
+        })
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.put(&self.pending_path(&pending.user), &data)
+            .await
+            .map(|_| ())
+    }
+
+    async fn take_pending(
+        &self,
+        user: &str,
+        only: Option<&PendingSwitch>,
+    ) -> Result<bool, StoreError> {
+        let path = self.pending_path(user);
+        let timeout = self.settings.request_timeout;
+        let version = match only {
+            None => None,
+            Some(expected) => match self.read_pending(user).await? {
+                Some((current, version))
+                    if current.coin == expected.coin && current.apply_at == expected.apply_at =>
+                {
+                    Some(version)
+                }
+                _ => return Ok(false),
+            },
+        };
+        match timed(timeout, self.zk.delete(&path, version)).await {
+            Ok(()) => Ok(true),
+            Err(ZkError::NoNode | ZkError::BadVersion) => Ok(false),
+            Err(e) => Err(zk_error("delete", &path, e)),
+        }
+    }
+
+    async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {
+        Ok(self.read_pending(user).await?.map(|(p, _)| p))
+    }
+
+    async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError> {
+        let dir = format!("{}pending", self.settings.switchyard_dir);
+        let names = timed(
+            self.settings.request_timeout,
+            self.zk.get_children(&dir, false),
+        )
+        .await
+        .map_err(|e| zk_error("list", &dir, e))?;
+        let names: Vec<String> = names
+            .into_iter()
+            .filter(|n| validate_user(n).is_ok())
+            .collect();
+        let read: Vec<Result<Option<(PendingSwitch, i32)>, StoreError>> = stream::iter(names)
+            .map(|name| async move { self.read_pending(&name).await })
+            .buffered(MAX_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(read.len());
+        for r in read {
+            if let Some((p, _)) = r? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A pending switch's node (`ZKSwitchyardDir/pending/<user>`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PendingNode {
+    #[serde(rename = "Coin")]
+    coin: String,
+    #[serde(rename = "ApplyAt")]
+    apply_at: u64,
+}
+
+impl ZooKeeperStore {
+    /// A pending switch and its node's version; `None` when absent or unreadable (logged).
+    async fn read_pending(&self, user: &str) -> Result<Option<(PendingSwitch, i32)>, StoreError> {
+        let path = self.pending_path(user);
+        match timed(
+            self.settings.request_timeout,
+            self.zk.get_data(&path, false),
+        )
+        .await
+        {
+            Ok((data, stat)) => match serde_json::from_slice::<PendingNode>(&data) {
+                Ok(node) if parse_value(node.coin.as_bytes()).is_some() => Ok(Some((
+                    PendingSwitch {
+                        user: user.to_owned(),
+                        coin: node.coin,
+                        apply_at: node.apply_at,
+                    },
+                    stat.version,
+                ))),
+                _ => {
+                    warn!(
+                        path,
+                        "ignoring a pending switch node that is not the expected JSON"
+                    );
+                    Ok(None)
+                }
+            },
+            Err(ZkError::NoNode) => Ok(None),
+            Err(e) => Err(zk_error("get", &path, e)),
+        }
     }
 }
 

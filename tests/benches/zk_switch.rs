@@ -1,0 +1,517 @@
+//! Benchmark: switching 10,000 users into ZooKeeper through Switchyard, against the Go
+//! switcher's way of writing the same nodes.
+//!
+//! - **Switchyard**: a control service runs in-process on a private ZooKeeper (the same settings
+//!   as `zk_config` in `tests/tests/zookeeper_store.rs`); one gRPC `SwitchCoins` call carries all
+//!   users. The clock runs from the call to its answer, which only comes once the index (and so
+//!   every WatchSwitches subscriber) has the writes; that is checked after each call.
+//! - **Baseline**: a plain zookeeper-async client, one user at a time, every request awaited
+//!   before the next: `exists`, then `create` (new user) or `set_data` (existing user).
+//!
+//! Each method does two rounds per repetition: the users are new (round 1, nodes created), then
+//! switched to another coin (round 2, nodes exist). Every repetition works under its own
+//! `unique_root`. Repetitions alternate the order (Switchyard, baseline, baseline, Switchyard,
+//! ...) so machine noise hits both; an untimed warm-up of both methods comes first, so the
+//! first measurement does not pay for the ZooKeeper JVM's JIT alone.
+//!
+//! Run with `cargo bench -p switchyard-tests --bench zk_switch`. Without `--bench` on the command
+//! line (as under `cargo test --benches`) it does nothing.
+
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream};
+use switchyard_control::config::ControlConfig;
+use switchyard_proto::v1::{
+    ListUserCoinsRequest, SwitchCoinRequest, SwitchCoinsRequest,
+    switcher_admin_client::SwitcherAdminClient,
+};
+use switchyard_tests::{
+    control::InProcessControl,
+    zookeeper::{ZooKeeperServer, unique_root},
+};
+use tonic::transport::Channel;
+use zookeeper_async::{Acl, CreateMode, ZkError, ZooKeeper};
+
+/// Users switched per round.
+const USERS: usize = 10_000;
+/// Users per round of the untimed warm-up.
+const WARMUP_USERS: usize = 1_000;
+/// Measurements of each method.
+const REPETITIONS: usize = 3;
+/// The coin of round 1 (new users) and of round 2 (existing users).
+const COINS: [&str; 2] = ["btc", "bch"];
+/// ZooKeeper session timeout, as in `zk_config`.
+const SESSION: Duration = Duration::from_secs(4);
+/// The most one repetition of one method (both rounds, setup and checks) may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+/// The most the whole benchmark may take once ZooKeeper is up.
+const TOTAL_TIMEOUT: Duration = Duration::from_secs(270);
+/// Reads in flight while checking what ZooKeeper holds (untimed).
+const CHECK_IN_FLIGHT: usize = 500;
+
+/// The control service's ZooKeeper settings, as `zk_config` in `tests/tests/zookeeper_store.rs`.
+fn zk_config(c: &mut ControlConfig, connect: &str, root: &str) {
+    c.zk_broker = vec![connect.to_owned()];
+    c.zk_switcher_watch_dir = format!("{root}/switcher/");
+    c.zk_switchyard_dir = format!("{root}/switchyard/");
+    c.zk_session_timeout_seconds = SESSION.as_secs();
+    c.zk_request_timeout_seconds = 5;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Switchyard,
+    Baseline,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Switchyard => "Switchyard (1 SwitchCoins call)",
+            Method::Baseline => "baseline (exists + create/set)",
+        }
+    }
+}
+
+/// One repetition of one method: how long each round took.
+#[derive(Debug, Clone, Copy)]
+struct Rounds {
+    new: Duration,
+    existing: Duration,
+}
+
+fn main() -> ExitCode {
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!(
+            "zk_switch: skipped (run it with `cargo bench -p switchyard-tests --bench zk_switch`)"
+        );
+        return ExitCode::SUCCESS;
+    }
+    let zk = match ZooKeeperServer::start() {
+        Ok(zk) => zk,
+        Err(e) => {
+            eprintln!("zk_switch: cannot start ZooKeeper: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let version = zk
+        .four_letter_word("srvr")
+        .ok()
+        .and_then(|srvr| {
+            srvr.lines()
+                .find(|l| l.starts_with("Zookeeper version"))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "Zookeeper version: unknown (`srvr` gave no version line)".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let outcome = runtime.block_on(async {
+        tokio::time::timeout(TOTAL_TIMEOUT, run(&zk, &version))
+            .await
+            .unwrap_or_else(|_| Err(format!("the benchmark took longer than {TOTAL_TIMEOUT:?}")))
+    });
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    let code = match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zk_switch: FAILED: {e}");
+            eprintln!("--- ZooKeeper log tail ---\n{}", zk.log_tail());
+            ExitCode::FAILURE
+        }
+    };
+    drop(zk); // kills the JVM, removes its directory
+    code
+}
+
+async fn run(zk: &ZooKeeperServer, version: &str) -> Result<(), String> {
+    let users: Vec<String> = (0..USERS).map(|i| format!("bench-u{i:05}")).collect();
+    let checker = zk
+        .connect(SESSION)
+        .await
+        .map_err(|e| format!("checker client: {e}"))?;
+
+    eprintln!("zk_switch: warm-up ({WARMUP_USERS} users per round, untimed)");
+    let warmup = &users[..WARMUP_USERS];
+    measure(Method::Switchyard, zk, &checker, warmup).await?;
+    measure(Method::Baseline, zk, &checker, warmup).await?;
+
+    let mut times: Vec<(Method, Rounds)> = Vec::new();
+    let mut order = Vec::new();
+    for rep in 0..REPETITIONS {
+        let pair = if rep % 2 == 0 {
+            [Method::Switchyard, Method::Baseline]
+        } else {
+            [Method::Baseline, Method::Switchyard]
+        };
+        for method in pair {
+            let rounds = measure(method, zk, &checker, &users).await?;
+            eprintln!(
+                "zk_switch: rep {} {:<32} new {:>8.3} s, existing {:>8.3} s",
+                rep + 1,
+                method.name(),
+                rounds.new.as_secs_f64(),
+                rounds.existing.as_secs_f64()
+            );
+            order.push(match method {
+                Method::Switchyard => "S",
+                Method::Baseline => "B",
+            });
+            times.push((method, rounds));
+        }
+    }
+    // Best effort: the fixture removes everything with the server anyway.
+    if let Err(e) = checker.close().await {
+        eprintln!("zk_switch: closing the checker client: {e:?}");
+    }
+
+    print_report(version, &order, &times);
+    Ok(())
+}
+
+/// One repetition of `method` over `users`, both rounds, under a fresh root, bounded in time.
+async fn measure(
+    method: Method,
+    zk: &ZooKeeperServer,
+    checker: &ZooKeeper,
+    users: &[String],
+) -> Result<Rounds, String> {
+    let run = async {
+        match method {
+            Method::Switchyard => switchyard_run(zk, checker, users).await,
+            Method::Baseline => baseline_run(zk, checker, users).await,
+        }
+    };
+    tokio::time::timeout(RUN_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{} over {} users took longer than {RUN_TIMEOUT:?}",
+                method.name(),
+                users.len()
+            ))
+        })
+}
+
+async fn switchyard_run(
+    zk: &ZooKeeperServer,
+    checker: &ZooKeeper,
+    users: &[String],
+) -> Result<Rounds, String> {
+    let root = unique_root("bench-switchyard");
+    let control = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .map_err(|e| format!("starting the control service on ZooKeeper: {e}"))?;
+    let mut admin = control.admin();
+    // Connect the channel before the clock runs.
+    admin
+        .list_user_coins(ListUserCoinsRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .map_err(|e| format!("first ListUserCoins: {e}"))?;
+    let dir = format!("{root}/switcher");
+    let mut rounds = [Duration::ZERO; 2];
+    for (round, coin) in COINS.iter().enumerate() {
+        rounds[round] = switchyard_round(&mut admin, users, coin).await?;
+        check_nodes(checker, &dir, users, coin).await?;
+    }
+    control
+        .shutdown()
+        .await
+        .map_err(|e| format!("stopping the control service: {e}"))?;
+    Ok(Rounds {
+        new: rounds[0],
+        existing: rounds[1],
+    })
+}
+
+/// One SwitchCoins call switching every user to `coin`; checks that every entry was applied and
+/// that the index had them all when the call answered. Returns the call's duration.
+async fn switchyard_round(
+    admin: &mut SwitcherAdminClient<Channel>,
+    users: &[String],
+    coin: &str,
+) -> Result<Duration, String> {
+    let request = SwitchCoinsRequest {
+        switches: users
+            .iter()
+            .map(|user| SwitchCoinRequest {
+                user: user.clone(),
+                coin: coin.to_owned(),
+            })
+            .collect(),
+    };
+    let start = Instant::now();
+    let answer = admin.switch_coins(request).await;
+    let elapsed = start.elapsed();
+    let results = answer
+        .map_err(|e| format!("SwitchCoins of {} users: {e}", users.len()))?
+        .into_inner()
+        .results;
+    if results.len() != users.len() {
+        return Err(format!(
+            "SwitchCoins answered {} results for {} switches",
+            results.len(),
+            users.len()
+        ));
+    }
+    let mut highest = 0;
+    for (result, user) in results.iter().zip(users) {
+        match &result.applied {
+            Some(applied) if applied.user == *user && applied.coin == coin => {
+                highest = highest.max(applied.revision);
+            }
+            other => {
+                return Err(format!(
+                    "SwitchCoins did not apply {user} -> {coin}: applied {other:?}, error {:?}",
+                    result.error
+                ));
+            }
+        }
+    }
+    let page_size = u32::try_from(users.len()).map_err(|e| format!("page size: {e}"))?;
+    let listed = admin
+        .list_user_coins(ListUserCoinsRequest {
+            page_size,
+            page_token: String::new(),
+        })
+        .await
+        .map_err(|e| format!("ListUserCoins: {e}"))?
+        .into_inner();
+    if listed.revision < highest {
+        return Err(format!(
+            "SwitchCoins answered after {elapsed:?} but the index was at revision {} below its \
+             writes' {highest} (the write-visible timeout ran out?)",
+            listed.revision
+        ));
+    }
+    let in_index = listed.users.iter().filter(|u| u.coin == coin).count();
+    if in_index != users.len() {
+        return Err(format!(
+            "after SwitchCoins the index lists {in_index} of {} users on {coin}",
+            users.len()
+        ));
+    }
+    Ok(elapsed)
+}
+
+async fn baseline_run(
+    zk: &ZooKeeperServer,
+    checker: &ZooKeeper,
+    users: &[String],
+) -> Result<Rounds, String> {
+    let root = unique_root("bench-baseline");
+    let dir = format!("{root}/switcher");
+    let client = zk
+        .connect(SESSION)
+        .await
+        .map_err(|e| format!("baseline client: {e}"))?;
+    for path in [root.as_str(), dir.as_str()] {
+        match client
+            .create(
+                path,
+                Vec::new(),
+                Acl::open_unsafe().clone(),
+                CreateMode::Persistent,
+            )
+            .await
+        {
+            Ok(_) | Err(ZkError::NodeExists) => {}
+            Err(e) => return Err(format!("creating {path}: {e:?}")),
+        }
+    }
+    let paths: Vec<String> = users.iter().map(|u| format!("{dir}/{u}")).collect();
+    let mut rounds = [Duration::ZERO; 2];
+    for (round, coin) in COINS.iter().enumerate() {
+        rounds[round] = baseline_round(&client, &paths, coin, round > 0).await?;
+        check_nodes(checker, &dir, users, coin).await?;
+    }
+    if let Err(e) = client.close().await {
+        eprintln!("zk_switch: closing the baseline client: {e:?}");
+    }
+    Ok(Rounds {
+        new: rounds[0],
+        existing: rounds[1],
+    })
+}
+
+/// The Go switcher's way: for each node, `exists`, then `create` or `set_data`, every request
+/// awaited before the next. Checks that every node was found as `existing` says.
+async fn baseline_round(
+    client: &ZooKeeper,
+    paths: &[String],
+    coin: &str,
+    existing: bool,
+) -> Result<Duration, String> {
+    let mut unexpected = 0_usize;
+    let start = Instant::now();
+    for path in paths {
+        let data = coin.as_bytes().to_vec();
+        let written = match client.exists(path, false).await {
+            Ok(None) => {
+                unexpected += usize::from(existing);
+                client
+                    .create(
+                        path,
+                        data,
+                        Acl::open_unsafe().clone(),
+                        CreateMode::Persistent,
+                    )
+                    .await
+                    .map(drop)
+            }
+            Ok(Some(_)) => {
+                unexpected += usize::from(!existing);
+                client.set_data(path, data, None).await.map(drop)
+            }
+            Err(e) => Err(e),
+        };
+        written.map_err(|e| format!("baseline write of {path}: {e:?}"))?;
+    }
+    let elapsed = start.elapsed();
+    if unexpected > 0 {
+        return Err(format!(
+            "baseline: {unexpected} nodes were {} when they should not have been",
+            if existing { "missing" } else { "present" }
+        ));
+    }
+    Ok(elapsed)
+}
+
+/// Untimed: checks that ZooKeeper holds `dir/user` = `coin` for every user, and nothing else.
+async fn check_nodes(
+    checker: &ZooKeeper,
+    dir: &str,
+    users: &[String],
+    coin: &str,
+) -> Result<(), String> {
+    let children = checker
+        .get_children(dir, false)
+        .await
+        .map_err(|e| format!("listing {dir}: {e:?}"))?;
+    if children.len() != users.len() {
+        return Err(format!(
+            "{dir} has {} children, expected {}",
+            children.len(),
+            users.len()
+        ));
+    }
+    let wrong: Vec<String> = stream::iter(users)
+        .map(|user| async move {
+            let path = format!("{dir}/{user}");
+            match checker.get_data(&path, false).await {
+                Ok((data, _)) if data == coin.as_bytes() => None,
+                Ok((data, _)) => Some(format!("{path} = {:?}", String::from_utf8_lossy(&data))),
+                Err(e) => Some(format!("{path}: {e:?}")),
+            }
+        })
+        .buffer_unordered(CHECK_IN_FLIGHT)
+        .filter_map(|wrong| async move { wrong })
+        .collect()
+        .await;
+    match wrong.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "{} of {} nodes under {dir} do not hold {coin}, e.g. {first}",
+            wrong.len(),
+            users.len()
+        )),
+    }
+}
+
+/// Median, min and max of some durations.
+fn stats(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
+    samples.sort_unstable();
+    let min = samples.first().copied().unwrap_or_default();
+    let max = samples.last().copied().unwrap_or_default();
+    let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
+    (median, min, max)
+}
+
+fn per_second(count: usize, time: Duration) -> f64 {
+    let secs = time.as_secs_f64();
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        f64::INFINITY
+    }
+}
+
+fn nproc() -> String {
+    std::process::Command::new("nproc")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| format!("{n} (available_parallelism; `nproc` did not run)"))
+                .unwrap_or_else(|_| "unknown".into())
+        })
+}
+
+fn print_report(version: &str, order: &[&str], times: &[(Method, Rounds)]) {
+    println!();
+    println!("zk_switch: SwitchCoins of {USERS} users into ZooKeeper");
+    println!("{version}");
+    println!("nproc: {}", nproc());
+    println!(
+        "repetitions: {REPETITIONS} per method, order {} (after an untimed warm-up of \
+         {WARMUP_USERS} users)",
+        order.join(" ")
+    );
+    println!();
+    println!(
+        "| round              | method                          | median s | min s    | max s    | switches/s (median) | switches/s (min..max)   |"
+    );
+    println!(
+        "|--------------------|---------------------------------|----------|----------|----------|---------------------|-------------------------|"
+    );
+    let mut ratios = Vec::new();
+    for (label, pick) in [
+        (
+            "1: new users",
+            (|r: &Rounds| r.new) as fn(&Rounds) -> Duration,
+        ),
+        ("2: existing users", |r: &Rounds| r.existing),
+    ] {
+        let mut medians = [Duration::ZERO; 2];
+        for (i, method) in [Method::Switchyard, Method::Baseline]
+            .into_iter()
+            .enumerate()
+        {
+            let samples: Vec<Duration> = times
+                .iter()
+                .filter(|(m, _)| *m == method)
+                .map(|(_, r)| pick(r))
+                .collect();
+            let (median, min, max) = stats(samples);
+            medians[i] = median;
+            println!(
+                "| {label:<18} | {:<31} | {:>8.3} | {:>8.3} | {:>8.3} | {:>19.0} | {:>10.0}..{:<12.0} |",
+                method.name(),
+                median.as_secs_f64(),
+                min.as_secs_f64(),
+                max.as_secs_f64(),
+                per_second(USERS, median),
+                per_second(USERS, max),
+                per_second(USERS, min),
+            );
+        }
+        let ratio = per_second(USERS, medians[0]) / per_second(USERS, medians[1]);
+        ratios.push((label, ratio));
+    }
+    println!();
+    for (label, ratio) in ratios {
+        println!(
+            "ratio of medians, round {label}: Switchyard is {ratio:.1}x the baseline's switches/s"
+        );
+    }
+}
