@@ -568,3 +568,83 @@ async fn proxies_on_two_replicas_get_distinct_ids_and_respect_go_proxies() {
         .server_id;
     assert_eq!(again, ids[3]);
 }
+
+#[tokio::test]
+async fn the_http_switch_api_writes_the_nodes_the_go_tools_read() {
+    use switchyard_tests::control::{ControlProcess, free_port};
+
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("http");
+    let http_port = free_port().expect("port");
+    let connect = zk.connect_string();
+    let _control = ControlProcess::start_with(
+        |c| {
+            c["ZKBroker"] = serde_json::json!([connect]);
+            c["ZKSwitcherWatchDir"] = format!("{root}/switcher/").into();
+            c["ZKSwitchyardDir"] = format!("{root}/switchyard/").into();
+            c["ZKServerIDAssignDir"] = format!("{root}/swid/").into();
+            c["EnableAPIServer"] = true.into();
+            c["ListenAddr"] = format!("127.0.0.1:{http_port}").into();
+            c["APIUser"] = "backend".into();
+            c["APIPassword"] = "pw".into();
+        },
+        vec![],
+    )
+    .await
+    .expect("the control binary on ZooKeeper");
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{http_port}");
+    let answer: serde_json::Value = http
+        .post(format!("{base}/switch"))
+        .basic_auth("backend", Some("pw"))
+        .form(&[("puname", "frank"), ("coin", "bch")])
+        .send()
+        .await
+        .expect("HTTP")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(answer["err_no"], 0, "{answer}");
+    let client = outside_client(zk).await;
+    let (data, _) = client
+        .get_data(&format!("{root}/switcher/frank"), false)
+        .await
+        .expect("frank's node");
+    assert_eq!(data, b"bch");
+
+    // 1,000 users in one multi-user call, over two coins.
+    let btc: Vec<String> = (0..500).map(|i| format!("m{i}")).collect();
+    let ltc: Vec<String> = (500..1000).map(|i| format!("m{i}")).collect();
+    let answer: serde_json::Value = http
+        .post(format!("{base}/switch/multi-user"))
+        .basic_auth("backend", Some("pw"))
+        .json(&serde_json::json!({"usercoins": [
+            {"coin": "btc", "punames": btc},
+            {"coin": "ltc", "punames": ltc},
+        ]}))
+        .send()
+        .await
+        .expect("HTTP")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(answer["err_no"], 0, "{answer}");
+    let mut children = client
+        .get_children(&format!("{root}/switcher"), false)
+        .await
+        .expect("list");
+    children.sort();
+    assert_eq!(children.len(), 1001, "frank and the thousand");
+    for (user, coin) in [
+        ("m0", "btc"),
+        ("m499", "btc"),
+        ("m500", "ltc"),
+        ("m999", "ltc"),
+    ] {
+        let (data, _) = client
+            .get_data(&format!("{root}/switcher/{user}"), false)
+            .await
+            .expect("node");
+        assert_eq!(data, coin.as_bytes(), "{user}");
+    }
+}
