@@ -76,11 +76,114 @@ impl Method {
     }
 }
 
-/// One repetition of one method: how long each round took.
+/// One measured round: its wall time, and what it cost around it (untimed probes).
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    /// From the first request to the last answer.
+    wall: Duration,
+    /// CPU time the ZooKeeper JVM spent meanwhile, if it could be read.
+    zk_cpu: Option<Duration>,
+    /// CPU time this process (control service, gRPC and ZooKeeper clients) spent meanwhile.
+    bench_cpu: Option<Duration>,
+    /// Requests the ZooKeeper server received meanwhile (`mntr` `zk_packets_received`, from
+    /// every client: the writer, the control service's feed, pings).
+    zk_requests: Option<u64>,
+}
+
+/// One repetition of one method: both rounds.
 #[derive(Debug, Clone, Copy)]
 struct Rounds {
-    new: Duration,
-    existing: Duration,
+    new: Sample,
+    existing: Sample,
+}
+
+/// What the probes read at one instant.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    zk_cpu: Option<Duration>,
+    bench_cpu: Option<Duration>,
+    zk_packets: Option<u64>,
+}
+
+/// Reads the costs the report shows next to wall times: the JVM's and this process's CPU time
+/// (from `/proc`) and the server's request counter (from `mntr`).
+#[derive(Debug, Clone, Copy)]
+struct Probe<'a> {
+    zk: &'a ZooKeeperServer,
+    jvm_pid: Option<u32>,
+}
+
+impl<'a> Probe<'a> {
+    fn new(zk: &'a ZooKeeperServer) -> Self {
+        Self {
+            zk,
+            jvm_pid: jvm_pid(zk),
+        }
+    }
+
+    /// Blocks the thread for one `mntr` exchange on loopback; call it outside timed sections.
+    fn snapshot(&self) -> Snapshot {
+        let zk_packets = tokio::task::block_in_place(|| self.zk.four_letter_word("mntr"))
+            .ok()
+            .and_then(|mntr| {
+                mntr.lines().find_map(|line| {
+                    let rest = line.strip_prefix("zk_packets_received")?;
+                    rest.trim().parse().ok()
+                })
+            });
+        Snapshot {
+            zk_cpu: self
+                .jvm_pid
+                .and_then(|pid| process_cpu(&format!("/proc/{pid}/stat"))),
+            bench_cpu: process_cpu("/proc/self/stat"),
+            zk_packets,
+        }
+    }
+
+    /// A sample of `wall` between `before` and now.
+    fn sample(&self, wall: Duration, before: Snapshot) -> Sample {
+        let after = self.snapshot();
+        Sample {
+            wall,
+            zk_cpu: after
+                .zk_cpu
+                .zip(before.zk_cpu)
+                .map(|(a, b)| a.saturating_sub(b)),
+            bench_cpu: after
+                .bench_cpu
+                .zip(before.bench_cpu)
+                .map(|(a, b)| a.saturating_sub(b)),
+            zk_requests: after
+                .zk_packets
+                .zip(before.zk_packets)
+                .map(|(a, b)| a.saturating_sub(b)),
+        }
+    }
+}
+
+/// The pid of the fixture's JVM: the process whose command line names this server's `zoo.cfg`.
+fn jvm_pid(zk: &ZooKeeperServer) -> Option<u32> {
+    let config = zk.data_dir().parent()?.join("zoo.cfg");
+    let config = config.to_str()?.as_bytes().to_vec();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        let is_java = args.next().is_some_and(|exe| exe.ends_with(b"java"));
+        (is_java && args.any(|arg| arg == config.as_slice())).then_some(pid)
+    })
+}
+
+/// User plus system CPU time of every thread of a process, from its `/proc/PID/stat`
+/// (in clock ticks of 1/100 s, Linux's USER_HZ).
+fn process_cpu(stat_path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the parenthesized command name, which may itself hold spaces.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    // utime and stime are fields 14 and 15; the slice starts at field 3.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 fn main() -> ExitCode {
