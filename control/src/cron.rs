@@ -473,14 +473,7 @@ fn request_error(e: reqwest::Error, timeout: Duration) -> PullError {
 
 /// At most [`MAX_EXCERPT_BYTES`] of `s`, cut on a character boundary.
 fn excerpt(s: &str) -> String {
-    if s.len() <= MAX_EXCERPT_BYTES {
-        return s.to_owned();
-    }
-    let mut end = MAX_EXCERPT_BYTES;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
+    crate::validate::excerpt(s, MAX_EXCERPT_BYTES)
 }
 
 /// A checked page: the valid pairs in document order, and what was skipped.

@@ -101,7 +101,7 @@ impl CoinSet {
         if self.coins.iter().any(|c| c == coin) {
             Ok(())
         } else {
-            Err(InvalidInput::UnknownCoin(truncate_for_message(coin)))
+            Err(InvalidInput::UnknownCoin(excerpt(coin, 64)))
         }
     }
 
@@ -116,13 +116,13 @@ impl CoinSet {
     }
 }
 
-/// Keeps error messages bounded when a caller sends a huge value.
-fn truncate_for_message(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.len() <= MAX {
+/// At most `max` bytes of `s`, cut on a character boundary and marked with `…` when cut: keeps
+/// messages and logs bounded when a caller sends a huge value.
+pub fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

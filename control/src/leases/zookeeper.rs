@@ -17,7 +17,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    future::Future,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -29,6 +28,8 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use zookeeper_async::{Acl, CreateMode, ZkError, ZkState, ZooKeeper};
+
+use crate::store::zookeeper::{create_path, timed};
 
 use super::{
     CHAIN_TYPES, LeaseError, ProxyDescription, ProxyLease, ServerIdLeases, check_request,
@@ -106,15 +107,6 @@ fn unavailable(op: &str, path: &str, e: ZkError) -> LeaseError {
     LeaseError::Unavailable(format!("ZooKeeper {op} {path}: {e:?}"))
 }
 
-async fn timed<T>(
-    timeout: Duration,
-    request: impl Future<Output = Result<T, ZkError>>,
-) -> Result<T, ZkError> {
-    tokio::time::timeout(timeout, request)
-        .await
-        .unwrap_or(Err(ZkError::OperationTimeout))
-}
-
 impl ZkLeases {
     /// Leases in `dirs` (chain type → directory with a trailing `/`, one for each of
     /// [`CHAIN_TYPES`]) on the session of `zk`, which must be connected. Creates the directories,
@@ -131,21 +123,9 @@ impl ZkLeases {
             let dir = dirs.get(chain).ok_or_else(|| {
                 LeaseError::Invalid(format!("no lease directory for chain type {chain}"))
             })?;
-            let mut prefix = String::new();
-            for segment in dir.trim_matches('/').split('/') {
-                prefix.push('/');
-                prefix.push_str(segment);
-                let created = zk.create(
-                    &prefix,
-                    Vec::new(),
-                    Acl::open_unsafe().clone(),
-                    CreateMode::Persistent,
-                );
-                match timed(request_timeout, created).await {
-                    Ok(_) | Err(ZkError::NodeExists) => {}
-                    Err(e) => return Err(unavailable("create", &prefix, e)),
-                }
-            }
+            create_path(&zk, dir, request_timeout)
+                .await
+                .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
         }
         let inner = Arc::new(Inner {
             zk,

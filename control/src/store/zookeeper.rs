@@ -137,7 +137,7 @@ fn zk_error(op: &str, path: &str, e: ZkError) -> StoreError {
 }
 
 /// Runs one request with a timeout, which counts as ZooKeeper's own `OperationTimeout`.
-async fn timed<T>(
+pub(crate) async fn timed<T>(
     timeout: Duration,
     request: impl Future<Output = Result<T, ZkError>>,
 ) -> Result<T, ZkError> {
@@ -147,7 +147,7 @@ async fn timed<T>(
 }
 
 /// Creates a node, treating "it already exists" as success.
-async fn create_if_absent(
+pub(crate) async fn create_if_absent(
     zk: &ZooKeeper,
     path: &str,
     mode: CreateMode,
@@ -165,7 +165,11 @@ async fn create_if_absent(
 }
 
 /// Creates `path` and its parents as persistent nodes, tolerating concurrent creators.
-async fn create_path(zk: &ZooKeeper, path: &str, timeout: Duration) -> Result<(), StoreError> {
+pub(crate) async fn create_path(
+    zk: &ZooKeeper,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), StoreError> {
     let mut prefix = String::new();
     for segment in path.trim_matches('/').split('/') {
         prefix.push('/');
