@@ -85,6 +85,10 @@ struct Sample {
     zk_cpu: Option<Duration>,
     /// CPU time this process (control service, gRPC and ZooKeeper clients) spent meanwhile.
     bench_cpu: Option<Duration>,
+    /// CPU time every other process on the machine spent meanwhile (noise), in milliseconds:
+    /// the machine's busy time less the JVM's and this process's. The two sources account a
+    /// little differently, so it may come out slightly negative.
+    other_cpu_ms: Option<i64>,
     /// Requests the ZooKeeper server received meanwhile (`mntr` `zk_packets_received`, from
     /// every client: the writer, the control service's feed, pings).
     zk_requests: Option<u64>,
@@ -102,6 +106,7 @@ struct Rounds {
 struct Snapshot {
     zk_cpu: Option<Duration>,
     bench_cpu: Option<Duration>,
+    machine_cpu: Option<Duration>,
     zk_packets: Option<u64>,
 }
 
@@ -136,6 +141,7 @@ impl<'a> Probe<'a> {
                 .jvm_pid
                 .and_then(|pid| process_cpu(&format!("/proc/{pid}/stat"))),
             bench_cpu: process_cpu("/proc/self/stat"),
+            machine_cpu: machine_cpu(),
             zk_packets,
         }
     }
@@ -153,6 +159,12 @@ impl<'a> Probe<'a> {
                 .bench_cpu
                 .zip(before.bench_cpu)
                 .map(|(a, b)| a.saturating_sub(b)),
+            other_cpu_ms: delta(after.machine_cpu, before.machine_cpu).and_then(|machine| {
+                let ours =
+                    delta(after.zk_cpu, before.zk_cpu)? + delta(after.bench_cpu, before.bench_cpu)?;
+                let ms = |d: Duration| i64::try_from(d.as_millis()).ok();
+                Some(ms(machine)? - ms(ours)?)
+            }),
             zk_requests: after
                 .zk_packets
                 .zip(before.zk_packets)
@@ -165,13 +177,42 @@ impl<'a> Probe<'a> {
 fn jvm_pid(zk: &ZooKeeperServer) -> Option<u32> {
     let config = zk.data_dir().parent()?.join("zoo.cfg");
     let config = config.to_str()?.as_bytes().to_vec();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        let mut args = cmdline.split(|b| *b == 0);
-        let is_java = args.next().is_some_and(|exe| exe.ends_with(b"java"));
-        (is_java && args.any(|arg| arg == config.as_slice())).then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|b| *b == 0);
+            let is_java = args.next().is_some_and(|exe| exe.ends_with(b"java"));
+            (is_java && args.any(|arg| arg == config.as_slice())).then_some(pid)
+        })
+}
+
+fn delta(after: Option<Duration>, before: Option<Duration>) -> Option<Duration> {
+    after.zip(before).map(|(a, b)| a.saturating_sub(b))
+}
+
+/// CPU time the whole machine spent busy (every CPU, every state but idle and iowait), from the
+/// first line of `/proc/stat` (in clock ticks of 1/100 s).
+fn machine_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    let busy: u64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Some(Duration::from_millis(busy * 10))
 }
 
 /// User plus system CPU time of every thread of a process, from its `/proc/PID/stat`
@@ -231,17 +272,30 @@ fn main() -> ExitCode {
     code
 }
 
+/// What every measurement uses: the server, a plain client that checks the results, and the
+/// probes.
+struct Bench<'a> {
+    zk: &'a ZooKeeperServer,
+    checker: ZooKeeper,
+    probe: Probe<'a>,
+}
+
 async fn run(zk: &ZooKeeperServer, version: &str) -> Result<(), String> {
     let users: Vec<String> = (0..USERS).map(|i| format!("bench-u{i:05}")).collect();
     let checker = zk
         .connect(SESSION)
         .await
         .map_err(|e| format!("checker client: {e}"))?;
+    let bench = Bench {
+        zk,
+        checker,
+        probe: Probe::new(zk),
+    };
 
     eprintln!("zk_switch: warm-up ({WARMUP_USERS} users per round, untimed)");
     let warmup = &users[..WARMUP_USERS];
-    measure(Method::Switchyard, zk, &checker, warmup).await?;
-    measure(Method::Baseline, zk, &checker, warmup).await?;
+    bench.measure(Method::Switchyard, warmup).await?;
+    bench.measure(Method::Baseline, warmup).await?;
 
     let mut times: Vec<(Method, Rounds)> = Vec::new();
     let mut order = Vec::new();
@@ -252,13 +306,13 @@ async fn run(zk: &ZooKeeperServer, version: &str) -> Result<(), String> {
             [Method::Baseline, Method::Switchyard]
         };
         for method in pair {
-            let rounds = measure(method, zk, &checker, &users).await?;
+            let rounds = bench.measure(method, &users).await?;
             eprintln!(
-                "zk_switch: rep {} {:<32} new {:>8.3} s, existing {:>8.3} s",
+                "zk_switch: rep {} {:<32} new {:>7.3} s, existing {:>7.3} s",
                 rep + 1,
                 method.name(),
-                rounds.new.as_secs_f64(),
-                rounds.existing.as_secs_f64()
+                rounds.new.wall.as_secs_f64(),
+                rounds.existing.wall.as_secs_f64()
             );
             order.push(match method {
                 Method::Switchyard => "S",
@@ -268,223 +322,223 @@ async fn run(zk: &ZooKeeperServer, version: &str) -> Result<(), String> {
         }
     }
     // Best effort: the fixture removes everything with the server anyway.
-    if let Err(e) = checker.close().await {
+    if let Err(e) = bench.checker.close().await {
         eprintln!("zk_switch: closing the checker client: {e:?}");
     }
 
-    print_report(version, &order, &times);
+    print_report(version, &order, &times, bench.probe.jvm_pid.is_some());
     Ok(())
 }
 
-/// One repetition of `method` over `users`, both rounds, under a fresh root, bounded in time.
-async fn measure(
-    method: Method,
-    zk: &ZooKeeperServer,
-    checker: &ZooKeeper,
-    users: &[String],
-) -> Result<Rounds, String> {
-    let run = async {
-        match method {
-            Method::Switchyard => switchyard_run(zk, checker, users).await,
-            Method::Baseline => baseline_run(zk, checker, users).await,
-        }
-    };
-    tokio::time::timeout(RUN_TIMEOUT, run)
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "{} over {} users took longer than {RUN_TIMEOUT:?}",
-                method.name(),
-                users.len()
-            ))
-        })
-}
-
-async fn switchyard_run(
-    zk: &ZooKeeperServer,
-    checker: &ZooKeeper,
-    users: &[String],
-) -> Result<Rounds, String> {
-    let root = unique_root("bench-switchyard");
-    let control = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
-        .await
-        .map_err(|e| format!("starting the control service on ZooKeeper: {e}"))?;
-    let mut admin = control.admin();
-    // Connect the channel before the clock runs.
-    admin
-        .list_user_coins(ListUserCoinsRequest {
-            page_size: 1,
-            page_token: String::new(),
-        })
-        .await
-        .map_err(|e| format!("first ListUserCoins: {e}"))?;
-    let dir = format!("{root}/switcher");
-    let mut rounds = [Duration::ZERO; 2];
-    for (round, coin) in COINS.iter().enumerate() {
-        rounds[round] = switchyard_round(&mut admin, users, coin).await?;
-        check_nodes(checker, &dir, users, coin).await?;
-    }
-    control
-        .shutdown()
-        .await
-        .map_err(|e| format!("stopping the control service: {e}"))?;
-    Ok(Rounds {
-        new: rounds[0],
-        existing: rounds[1],
-    })
-}
-
-/// One SwitchCoins call switching every user to `coin`; checks that every entry was applied and
-/// that the index had them all when the call answered. Returns the call's duration.
-async fn switchyard_round(
-    admin: &mut SwitcherAdminClient<Channel>,
-    users: &[String],
-    coin: &str,
-) -> Result<Duration, String> {
-    let request = SwitchCoinsRequest {
-        switches: users
-            .iter()
-            .map(|user| SwitchCoinRequest {
-                user: user.clone(),
-                coin: coin.to_owned(),
-            })
-            .collect(),
-    };
-    let start = Instant::now();
-    let answer = admin.switch_coins(request).await;
-    let elapsed = start.elapsed();
-    let results = answer
-        .map_err(|e| format!("SwitchCoins of {} users: {e}", users.len()))?
-        .into_inner()
-        .results;
-    if results.len() != users.len() {
-        return Err(format!(
-            "SwitchCoins answered {} results for {} switches",
-            results.len(),
-            users.len()
-        ));
-    }
-    let mut highest = 0;
-    for (result, user) in results.iter().zip(users) {
-        match &result.applied {
-            Some(applied) if applied.user == *user && applied.coin == coin => {
-                highest = highest.max(applied.revision);
+impl Bench<'_> {
+    /// One repetition of `method` over `users`, both rounds, under a fresh root, bounded in
+    /// time.
+    async fn measure(&self, method: Method, users: &[String]) -> Result<Rounds, String> {
+        let run = async {
+            match method {
+                Method::Switchyard => self.switchyard_run(users).await,
+                Method::Baseline => self.baseline_run(users).await,
             }
-            other => {
-                return Err(format!(
-                    "SwitchCoins did not apply {user} -> {coin}: applied {other:?}, error {:?}",
-                    result.error
-                ));
-            }
-        }
-    }
-    let page_size = u32::try_from(users.len()).map_err(|e| format!("page size: {e}"))?;
-    let listed = admin
-        .list_user_coins(ListUserCoinsRequest {
-            page_size,
-            page_token: String::new(),
-        })
-        .await
-        .map_err(|e| format!("ListUserCoins: {e}"))?
-        .into_inner();
-    if listed.revision < highest {
-        return Err(format!(
-            "SwitchCoins answered after {elapsed:?} but the index was at revision {} below its \
-             writes' {highest} (the write-visible timeout ran out?)",
-            listed.revision
-        ));
-    }
-    let in_index = listed.users.iter().filter(|u| u.coin == coin).count();
-    if in_index != users.len() {
-        return Err(format!(
-            "after SwitchCoins the index lists {in_index} of {} users on {coin}",
-            users.len()
-        ));
-    }
-    Ok(elapsed)
-}
-
-async fn baseline_run(
-    zk: &ZooKeeperServer,
-    checker: &ZooKeeper,
-    users: &[String],
-) -> Result<Rounds, String> {
-    let root = unique_root("bench-baseline");
-    let dir = format!("{root}/switcher");
-    let client = zk
-        .connect(SESSION)
-        .await
-        .map_err(|e| format!("baseline client: {e}"))?;
-    for path in [root.as_str(), dir.as_str()] {
-        match client
-            .create(
-                path,
-                Vec::new(),
-                Acl::open_unsafe().clone(),
-                CreateMode::Persistent,
-            )
-            .await
-        {
-            Ok(_) | Err(ZkError::NodeExists) => {}
-            Err(e) => return Err(format!("creating {path}: {e:?}")),
-        }
-    }
-    let paths: Vec<String> = users.iter().map(|u| format!("{dir}/{u}")).collect();
-    let mut rounds = [Duration::ZERO; 2];
-    for (round, coin) in COINS.iter().enumerate() {
-        rounds[round] = baseline_round(&client, &paths, coin, round > 0).await?;
-        check_nodes(checker, &dir, users, coin).await?;
-    }
-    if let Err(e) = client.close().await {
-        eprintln!("zk_switch: closing the baseline client: {e:?}");
-    }
-    Ok(Rounds {
-        new: rounds[0],
-        existing: rounds[1],
-    })
-}
-
-/// The Go switcher's way: for each node, `exists`, then `create` or `set_data`, every request
-/// awaited before the next. Checks that every node was found as `existing` says.
-async fn baseline_round(
-    client: &ZooKeeper,
-    paths: &[String],
-    coin: &str,
-    existing: bool,
-) -> Result<Duration, String> {
-    let mut unexpected = 0_usize;
-    let start = Instant::now();
-    for path in paths {
-        let data = coin.as_bytes().to_vec();
-        let written = match client.exists(path, false).await {
-            Ok(None) => {
-                unexpected += usize::from(existing);
-                client
-                    .create(
-                        path,
-                        data,
-                        Acl::open_unsafe().clone(),
-                        CreateMode::Persistent,
-                    )
-                    .await
-                    .map(drop)
-            }
-            Ok(Some(_)) => {
-                unexpected += usize::from(!existing);
-                client.set_data(path, data, None).await.map(drop)
-            }
-            Err(e) => Err(e),
         };
-        written.map_err(|e| format!("baseline write of {path}: {e:?}"))?;
+        tokio::time::timeout(RUN_TIMEOUT, run)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "{} over {} users took longer than {RUN_TIMEOUT:?}",
+                    method.name(),
+                    users.len()
+                ))
+            })
     }
-    let elapsed = start.elapsed();
-    if unexpected > 0 {
-        return Err(format!(
-            "baseline: {unexpected} nodes were {} when they should not have been",
-            if existing { "missing" } else { "present" }
-        ));
+
+    async fn switchyard_run(&self, users: &[String]) -> Result<Rounds, String> {
+        let root = unique_root("bench-switchyard");
+        let connect = self.zk.connect_string();
+        let control = InProcessControl::start_with(|c| zk_config(c, &connect, &root))
+            .await
+            .map_err(|e| format!("starting the control service on ZooKeeper: {e}"))?;
+        let mut admin = control.admin();
+        // Connect the channel before the clock runs.
+        admin
+            .list_user_coins(ListUserCoinsRequest {
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await
+            .map_err(|e| format!("first ListUserCoins: {e}"))?;
+        let dir = format!("{root}/switcher");
+        let mut rounds = [Sample::default(); 2];
+        for (round, coin) in COINS.iter().enumerate() {
+            rounds[round] = self.switchyard_round(&mut admin, users, coin).await?;
+            check_nodes(&self.checker, &dir, users, coin).await?;
+        }
+        control
+            .shutdown()
+            .await
+            .map_err(|e| format!("stopping the control service: {e}"))?;
+        Ok(Rounds {
+            new: rounds[0],
+            existing: rounds[1],
+        })
     }
-    Ok(elapsed)
+
+    /// One SwitchCoins call switching every user to `coin`; checks that every entry was applied
+    /// and that the index had them all when the call answered. Times the call.
+    async fn switchyard_round(
+        &self,
+        admin: &mut SwitcherAdminClient<Channel>,
+        users: &[String],
+        coin: &str,
+    ) -> Result<Sample, String> {
+        let request = SwitchCoinsRequest {
+            switches: users
+                .iter()
+                .map(|user| SwitchCoinRequest {
+                    user: user.clone(),
+                    coin: coin.to_owned(),
+                })
+                .collect(),
+        };
+        let before = self.probe.snapshot();
+        let start = Instant::now();
+        let answer = admin.switch_coins(request).await;
+        let elapsed = start.elapsed();
+        let sample = self.probe.sample(elapsed, before);
+        let results = answer
+            .map_err(|e| format!("SwitchCoins of {} users: {e}", users.len()))?
+            .into_inner()
+            .results;
+        if results.len() != users.len() {
+            return Err(format!(
+                "SwitchCoins answered {} results for {} switches",
+                results.len(),
+                users.len()
+            ));
+        }
+        let mut highest = 0;
+        for (result, user) in results.iter().zip(users) {
+            match &result.applied {
+                Some(applied) if applied.user == *user && applied.coin == coin => {
+                    highest = highest.max(applied.revision);
+                }
+                other => {
+                    return Err(format!(
+                        "SwitchCoins did not apply {user} -> {coin}: applied {other:?}, \
+                         error {:?}",
+                        result.error
+                    ));
+                }
+            }
+        }
+        let page_size = u32::try_from(users.len()).map_err(|e| format!("page size: {e}"))?;
+        let listed = admin
+            .list_user_coins(ListUserCoinsRequest {
+                page_size,
+                page_token: String::new(),
+            })
+            .await
+            .map_err(|e| format!("ListUserCoins: {e}"))?
+            .into_inner();
+        if listed.revision < highest {
+            return Err(format!(
+                "SwitchCoins answered after {elapsed:?} but the index was at revision {} below \
+                 its writes' {highest} (the write-visible timeout ran out?)",
+                listed.revision
+            ));
+        }
+        let in_index = listed.users.iter().filter(|u| u.coin == coin).count();
+        if in_index != users.len() {
+            return Err(format!(
+                "after SwitchCoins the index lists {in_index} of {} users on {coin}",
+                users.len()
+            ));
+        }
+        Ok(sample)
+    }
+
+    async fn baseline_run(&self, users: &[String]) -> Result<Rounds, String> {
+        let root = unique_root("bench-baseline");
+        let dir = format!("{root}/switcher");
+        let client = self
+            .zk
+            .connect(SESSION)
+            .await
+            .map_err(|e| format!("baseline client: {e}"))?;
+        for path in [root.as_str(), dir.as_str()] {
+            match client
+                .create(
+                    path,
+                    Vec::new(),
+                    Acl::open_unsafe().clone(),
+                    CreateMode::Persistent,
+                )
+                .await
+            {
+                Ok(_) | Err(ZkError::NodeExists) => {}
+                Err(e) => return Err(format!("creating {path}: {e:?}")),
+            }
+        }
+        let paths: Vec<String> = users.iter().map(|u| format!("{dir}/{u}")).collect();
+        let mut rounds = [Sample::default(); 2];
+        for (round, coin) in COINS.iter().enumerate() {
+            rounds[round] = self
+                .baseline_round(&client, &paths, coin, round > 0)
+                .await?;
+            check_nodes(&self.checker, &dir, users, coin).await?;
+        }
+        if let Err(e) = client.close().await {
+            eprintln!("zk_switch: closing the baseline client: {e:?}");
+        }
+        Ok(Rounds {
+            new: rounds[0],
+            existing: rounds[1],
+        })
+    }
+
+    /// The Go switcher's way: for each node, `exists`, then `create` or `set_data`, every
+    /// request awaited before the next. Checks that every node was found as `existing` says.
+    async fn baseline_round(
+        &self,
+        client: &ZooKeeper,
+        paths: &[String],
+        coin: &str,
+        existing: bool,
+    ) -> Result<Sample, String> {
+        let mut unexpected = 0_usize;
+        let before = self.probe.snapshot();
+        let start = Instant::now();
+        for path in paths {
+            let data = coin.as_bytes().to_vec();
+            let written = match client.exists(path, false).await {
+                Ok(None) => {
+                    unexpected += usize::from(existing);
+                    client
+                        .create(
+                            path,
+                            data,
+                            Acl::open_unsafe().clone(),
+                            CreateMode::Persistent,
+                        )
+                        .await
+                        .map(drop)
+                }
+                Ok(Some(_)) => {
+                    unexpected += usize::from(!existing);
+                    client.set_data(path, data, None).await.map(drop)
+                }
+                Err(e) => Err(e),
+            };
+            written.map_err(|e| format!("baseline write of {path}: {e:?}"))?;
+        }
+        let sample = self.probe.sample(start.elapsed(), before);
+        if unexpected > 0 {
+            return Err(format!(
+                "baseline: {unexpected} nodes were {} when they should not have been",
+                if existing { "missing" } else { "present" }
+            ));
+        }
+        Ok(sample)
+    }
 }
 
 /// Untimed: checks that ZooKeeper holds `dir/user` = `coin` for every user, and nothing else.
@@ -560,7 +614,16 @@ fn nproc() -> String {
         })
 }
 
-fn print_report(version: &str, order: &[&str], times: &[(Method, Rounds)]) {
+/// Picks one round's sample out of a repetition.
+type RoundPick = fn(&Rounds) -> Sample;
+
+/// The median of some values (the upper one of an even count), if any.
+fn median<T: Copy + Ord>(mut values: Vec<T>) -> Option<T> {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied()
+}
+
+fn print_report(version: &str, order: &[&str], times: &[(Method, Rounds)], jvm_found: bool) {
     println!();
     println!("zk_switch: SwitchCoins of {USERS} users into ZooKeeper");
     println!("{version}");
@@ -572,49 +635,93 @@ fn print_report(version: &str, order: &[&str], times: &[(Method, Rounds)]) {
     );
     println!();
     println!(
-        "| round              | method                          | median s | min s    | max s    | switches/s (median) | switches/s (min..max)   |"
+        "| round             | method                          | median s | min s | max s | switches/s median (min..max) |"
     );
     println!(
-        "|--------------------|---------------------------------|----------|----------|----------|---------------------|-------------------------|"
+        "|-------------------|---------------------------------|----------|-------|-------|------------------------------|"
     );
+    let picks: [(&str, RoundPick); 2] = [
+        ("1: new users", |r| r.new),
+        ("2: existing users", |r| r.existing),
+    ];
+    let methods = [Method::Switchyard, Method::Baseline];
+    let samples_of = |method: Method, pick: RoundPick| -> Vec<Sample> {
+        times
+            .iter()
+            .filter(|(m, _)| *m == method)
+            .map(|(_, r)| pick(r))
+            .collect()
+    };
     let mut ratios = Vec::new();
-    for (label, pick) in [
-        (
-            "1: new users",
-            (|r: &Rounds| r.new) as fn(&Rounds) -> Duration,
-        ),
-        ("2: existing users", |r: &Rounds| r.existing),
-    ] {
+    for (label, pick) in picks {
         let mut medians = [Duration::ZERO; 2];
-        for (i, method) in [Method::Switchyard, Method::Baseline]
-            .into_iter()
-            .enumerate()
-        {
-            let samples: Vec<Duration> = times
-                .iter()
-                .filter(|(m, _)| *m == method)
-                .map(|(_, r)| pick(r))
-                .collect();
-            let (median, min, max) = stats(samples);
+        for (i, method) in methods.into_iter().enumerate() {
+            let walls = samples_of(method, pick).iter().map(|s| s.wall).collect();
+            let (median, min, max) = stats(walls);
             medians[i] = median;
-            println!(
-                "| {label:<18} | {:<31} | {:>8.3} | {:>8.3} | {:>8.3} | {:>19.0} | {:>10.0}..{:<12.0} |",
-                method.name(),
-                median.as_secs_f64(),
-                min.as_secs_f64(),
-                max.as_secs_f64(),
+            let rate = format!(
+                "{:.0} ({:.0}..{:.0})",
                 per_second(USERS, median),
                 per_second(USERS, max),
                 per_second(USERS, min),
             );
+            println!(
+                "| {label:<17} | {:<31} | {:>8.3} | {:>5.2} | {:>5.2} | {rate:>28} |",
+                method.name(),
+                median.as_secs_f64(),
+                min.as_secs_f64(),
+                max.as_secs_f64(),
+            );
         }
-        let ratio = per_second(USERS, medians[0]) / per_second(USERS, medians[1]);
-        ratios.push((label, ratio));
+        ratios.push((label, medians[1].as_secs_f64() / medians[0].as_secs_f64()));
     }
     println!();
     for (label, ratio) in ratios {
         println!(
-            "ratio of medians, round {label}: Switchyard is {ratio:.1}x the baseline's switches/s"
+            "ratio of medians, round {label}: Switchyard makes {ratio:.2}x the baseline's switches/s"
         );
     }
+
+    println!();
+    println!(
+        "where the time goes (medians over the repetitions, measured around each timed round):"
+    );
+    println!(
+        "| round             | method                          | ZK requests/switch | ZK JVM CPU s | this process CPU s | other processes CPU s |"
+    );
+    println!(
+        "|-------------------|---------------------------------|--------------------|--------------|--------------------|-----------------------|"
+    );
+    let show = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    for (label, pick) in picks {
+        for method in methods {
+            let samples = samples_of(method, pick);
+            let requests = median(samples.iter().filter_map(|s| s.zk_requests).collect())
+                .map(|n| format!("{:.2}", n as f64 / USERS as f64));
+            let zk_cpu = median(samples.iter().filter_map(|s| s.zk_cpu).collect())
+                .map(|d| format!("{:.2}", d.as_secs_f64()));
+            let bench_cpu = median(samples.iter().filter_map(|s| s.bench_cpu).collect())
+                .map(|d| format!("{:.2}", d.as_secs_f64()));
+            let other_cpu = median(samples.iter().filter_map(|s| s.other_cpu_ms).collect())
+                .map(|ms| format!("{:.2}", ms as f64 / 1000.0));
+            println!(
+                "| {label:<17} | {:<31} | {:>18} | {:>12} | {:>18} | {:>21} |",
+                method.name(),
+                show(requests),
+                show(zk_cpu),
+                show(bench_cpu),
+                show(other_cpu),
+            );
+        }
+    }
+    println!(
+        "(ZK requests: `mntr` zk_packets_received, from all clients incl. Switchyard's feed; \
+         CPU from /proc; other processes = the machine's tick-sampled busy time less the two, \
+         good to about +-1 s: large positive values mean something else was running{})",
+        if jvm_found {
+            ""
+        } else {
+            "; the ZooKeeper JVM was not found"
+        }
+    );
 }
