@@ -121,6 +121,9 @@ pub struct ZooKeeperStore {
     barrier_path: String,
     available: watch::Receiver<bool>,
     feed: Mutex<Option<FeedInputs>>,
+    /// The index the store feeds, once followed: tells whether a node is likely to exist, so
+    /// that a write to a new user creates at once instead of failing a set first.
+    index: std::sync::OnceLock<Arc<UserCoinIndex>>,
 }
 
 impl std::fmt::Debug for ZooKeeperStore {
@@ -276,6 +279,7 @@ impl ZooKeeperStore {
             barrier_path,
             available,
             feed: Mutex::new(Some(FeedInputs { events, overflow })),
+            index: std::sync::OnceLock::new(),
         })
     }
 
@@ -300,16 +304,23 @@ impl ZooKeeperStore {
     }
 
     /// Sets a node's value, creating it when absent; answers the node's new modification zxid.
-    async fn put(&self, path: &str, value: &[u8]) -> Result<Revision, StoreError> {
+    /// `likely_new` tries the creation first.
+    async fn put(
+        &self,
+        path: &str,
+        value: &[u8],
+        likely_new: bool,
+    ) -> Result<Revision, StoreError> {
         let timeout = self.settings.request_timeout;
         let zk = &self.zk;
-        // Set, else create, else (a concurrent creator won) set again.
-        for _ in 0..2 {
+        let set = || async {
             match timed(timeout, zk.set_data(path, value.to_vec(), None)).await {
-                Ok(stat) => return Ok(stat.mzxid as Revision),
-                Err(ZkError::NoNode) => {}
-                Err(e) => return Err(zk_error("set", path, e)),
+                Ok(stat) => Ok(Some(stat.mzxid as Revision)),
+                Err(ZkError::NoNode) => Ok(None),
+                Err(e) => Err(zk_error("set", path, e)),
             }
+        };
+        let create = || async {
             let created = zk.create2(
                 path,
                 value.to_vec(),
@@ -317,9 +328,21 @@ impl ZooKeeperStore {
                 CreateMode::Persistent,
             );
             match timed(timeout, created).await {
-                Ok((_, stat)) => return Ok(stat.mzxid as Revision),
-                Err(ZkError::NodeExists) => {}
-                Err(e) => return Err(zk_error("create", path, e)),
+                Ok((_, stat)) => Ok(Some(stat.mzxid as Revision)),
+                Err(ZkError::NodeExists) => Ok(None),
+                Err(e) => Err(zk_error("create", path, e)),
+            }
+        };
+        // Set, else create, else (a concurrent writer won the race) set again; or the other
+        // way round for a node that is likely new.
+        for attempt in 0..3 {
+            let result = if (attempt % 2 == 0) != likely_new {
+                set().await?
+            } else {
+                create().await?
+            };
+            if let Some(revision) = result {
+                return Ok(revision);
             }
         }
         Err(StoreError::Unavailable(format!(
@@ -338,7 +361,11 @@ impl ZooKeeperStore {
         let path = self.path_of(&key).ok_or_else(|| {
             StoreError::Unavailable("no ZKUserCaseInsensitiveIndex is configured".into())
         })?;
-        let revision = self.put(&path, value.as_bytes()).await?;
+        let likely_new = match (&key, self.index.get()) {
+            (RecordKey::User(user), Some(index)) => index.user_coin(user).is_none(),
+            _ => false,
+        };
+        let revision = self.put(&path, value.as_bytes(), likely_new).await?;
         Ok(Record {
             key,
             value: Some(value),
@@ -369,6 +396,7 @@ impl UserCoinStore for ZooKeeperStore {
 
     fn follow(&self, index: Arc<UserCoinIndex>, shutdown: CancellationToken) -> bool {
         let inputs = self.feed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let _ = self.index.set(Arc::clone(&index));
         let Some(FeedInputs { events, overflow }) = inputs else {
             warn!("the ZooKeeper store is already followed");
             return true;
@@ -403,7 +431,7 @@ impl UserCoinStore for ZooKeeperStore {
             apply_at: pending.apply_at,
         })
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.put(&self.pending_path(&pending.user), &data)
+        self.put(&self.pending_path(&pending.user), &data, false)
             .await
             .map(|_| ())
     }
