@@ -413,6 +413,7 @@ impl ControlConfig {
             })
         };
         Ok(CoreSettings {
+            case_index: !self.case_insensitive && !self.zk_case_index_dir.is_empty(),
             safety,
             coins,
             case_insensitive: self.case_insensitive,

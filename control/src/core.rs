@@ -86,6 +86,18 @@ pub struct CoreSettings {
     pub max_batch: usize,
     /// The safety period of SPEC §6, when user lists are ingested.
     pub safety: Option<SafetyPeriod>,
+    /// Keep a case index (lowercase name → name) of ingested users
+    /// (`ZKUserCaseInsensitiveIndex` set, outside case-insensitive mode).
+    pub case_index: bool,
+}
+
+/// What ingestion did with one listed user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    /// The user did not exist and was created with the list's coin.
+    Created(UserCoinRecord),
+    /// The user existed; its record was kept as it is.
+    Existed,
 }
 
 /// The safety period (SPEC §6): a switch of an existing user to a coin whose user list is
@@ -428,6 +440,95 @@ impl SwitchCore {
         }
     }
 
+    /// Gets written records into the index: applies them (a store the core applies its own
+    /// writes to; the caller holds `write_order`), or waits until the store's feed has.
+    async fn publish(&self, written: Vec<Record>) {
+        let highest = written.iter().map(|r| r.revision).max().unwrap_or(0);
+        if self.followed {
+            if !self.index.wait_for(highest, WRITE_VISIBLE_TIMEOUT).await {
+                warn!(
+                    revision = highest,
+                    "a write did not come back through the store's feed in time"
+                );
+            }
+        } else if !written.is_empty() {
+            self.index.apply(written, highest);
+        }
+    }
+
+    /// Ingests users listed in `coin`'s user list (SPEC §7): creates each absent user with
+    /// `coin` (an existing user keeps its coin: its later switches survive re-reads), writes
+    /// its case-index entry when one is kept, and records when it was first seen in the list
+    /// (`seen_at`, Unix seconds) for the safety period. One result per user, in order; a coin
+    /// that is not available fails the whole call.
+    pub async fn create_users_if_absent(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+        seen_at: u64,
+    ) -> Result<Vec<Result<Listed, SwitchError>>, InvalidInput> {
+        self.settings.coins.check(coin)?;
+        let checked: Vec<Result<String, InvalidInput>> =
+            users.iter().map(|u| self.normalize_user(u)).collect();
+        let valid: Vec<&String> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
+        self.record_first_seen(coin, valid.iter().map(|u| u.as_str()), seen_at);
+        let mut writes: Vec<StoreWrite> = valid
+            .iter()
+            .map(|user| StoreWrite::SetUserCoin {
+                user: (*user).clone(),
+                coin: coin.to_owned(),
+            })
+            .collect();
+        let users_written = writes.len();
+        if self.settings.case_index {
+            writes.extend(valid.iter().map(|user| StoreWrite::SetCaseIndex {
+                lowercase_name: user.to_lowercase(),
+                name: (*user).clone(),
+            }));
+        }
+        let results = {
+            let _order = if self.followed {
+                None
+            } else {
+                Some(self.write_order.lock().await)
+            };
+            let mut results = self.store.create_if_absent(writes).await;
+            let created: Vec<Record> = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok().and_then(|r| r.clone()))
+                .collect();
+            self.publish(created).await;
+            results.truncate(users_written);
+            results
+        };
+        let mut results = results.into_iter();
+        Ok(checked
+            .into_iter()
+            .map(|c| {
+                c?;
+                match results.next() {
+                    Some(Ok(Some(Record {
+                        key: RecordKey::User(user),
+                        value: Some(coin),
+                        revision,
+                    }))) => Ok(Listed::Created(UserCoinRecord {
+                        user,
+                        coin,
+                        revision,
+                    })),
+                    Some(Ok(None)) => Ok(Listed::Existed),
+                    Some(Ok(Some(other))) => Err(SwitchError::Store(StoreError::Corrupt(format!(
+                        "a user creation produced {other:?}"
+                    )))),
+                    Some(Err(e)) => Err(SwitchError::Store(e)),
+                    None => Err(SwitchError::Store(StoreError::Unavailable(
+                        "the store acknowledged fewer writes".into(),
+                    ))),
+                }
+            })
+            .collect())
+    }
+
     /// Writes validated switches and gets them into the index; one result per switch.
     async fn write_switches(
         &self,
@@ -473,17 +574,7 @@ impl SwitchCore {
             .iter()
             .filter_map(|r| r.as_ref().ok().cloned())
             .collect();
-        let highest = written.iter().map(|r| r.revision).max().unwrap_or(0);
-        if self.followed {
-            if !self.index.wait_for(highest, WRITE_VISIBLE_TIMEOUT).await {
-                warn!(
-                    revision = highest,
-                    "a write did not come back through the store's feed in time"
-                );
-            }
-        } else if !written.is_empty() {
-            self.index.apply(written, highest);
-        }
+        self.publish(written).await;
         results
             .into_iter()
             .zip(previous)

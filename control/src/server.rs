@@ -11,6 +11,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
@@ -23,6 +24,9 @@ use crate::{
     leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
 };
+
+/// The largest SwitcherAdmin request: 100,000 users of 128 bytes with room to spare.
+const MAX_ADMIN_MESSAGE: usize = 32 * 1024 * 1024;
 
 /// The names the health service reports, besides the whole server ("").
 const SERVICE_NAMES: [&str; 2] = ["switchyard.v1.SwitcherAdmin", "switchyard.v1.ProxyControl"];
@@ -195,8 +199,13 @@ impl ControlPlane {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let admin = SwitcherAdminServer::with_interceptor(
-            AdminService::new(Arc::clone(&self.core), Arc::clone(&self.leases)),
+        // Large batches (SwitchCoins, IngestUserList) need more than gRPC's default 4 MiB.
+        let admin = InterceptedService::new(
+            SwitcherAdminServer::new(AdminService::new(
+                Arc::clone(&self.core),
+                Arc::clone(&self.leases),
+            ))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE),
             BearerAuth::new(self.admin_token.clone()),
         );
         let proxy_control = ProxyControlServer::with_interceptor(

@@ -619,3 +619,94 @@ async fn next_reflection(
         other => panic!("reflection answer expected, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn ingesting_a_user_list_creates_only_absent_users() {
+    use switchyard_proto::v1::{IngestOutcome, IngestUserListRequest};
+
+    let control = InProcessControl::start_with(|c| {
+        c.zk_case_index_dir = "/stratumSwitcher/bitcoin_case/".into();
+    })
+    .await
+    .expect("control starts");
+    let mut admin = control.admin();
+    let ingest = |coin: &str, users: &[&str]| IngestUserListRequest {
+        coin: coin.into(),
+        users: users.iter().map(|u| (*u).to_owned()).collect(),
+    };
+    let outcomes = |r: switchyard_proto::v1::IngestUserListResponse| {
+        r.results.iter().map(|r| r.outcome).collect::<Vec<_>>()
+    };
+    let first = admin
+        .ingest_user_list(ingest("btc", &["Alice", "bob", "bad/name"]))
+        .await
+        .expect("ingest")
+        .into_inner();
+    assert_eq!(
+        outcomes(first),
+        vec![
+            IngestOutcome::Created as i32,
+            IngestOutcome::Created as i32,
+            IngestOutcome::Invalid as i32
+        ]
+    );
+    admin
+        .switch_coin(switch("Alice", "bch"))
+        .await
+        .expect("switch");
+    // The same list again, and bob in another coin's list: nothing is overwritten.
+    let again = admin
+        .ingest_user_list(ingest("btc", &["Alice", "bob"]))
+        .await
+        .expect("ingest")
+        .into_inner();
+    assert_eq!(outcomes(again), vec![IngestOutcome::Existed as i32; 2]);
+    let other = admin
+        .ingest_user_list(ingest("ltc", &["bob"]))
+        .await
+        .expect("ingest")
+        .into_inner();
+    assert_eq!(outcomes(other), vec![IngestOutcome::Existed as i32]);
+    for (user, coin) in [("Alice", "bch"), ("bob", "btc")] {
+        let got = admin
+            .get_user_coin(GetUserCoinRequest { user: user.into() })
+            .await
+            .expect("get")
+            .into_inner()
+            .user_coin
+            .expect("record");
+        assert_eq!(got.coin, coin, "{user}");
+    }
+    // The case index reaches the proxies' stream.
+    let mut watch = control
+        .proxy_control()
+        .watch_switches(WatchSwitchesRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut index = BTreeMap::new();
+    loop {
+        let msg = next(&mut watch).await;
+        index.extend(
+            msg.case_index
+                .iter()
+                .map(|e| (e.lowercase_name.clone(), e.name.clone())),
+        );
+        if msg.snapshot_complete {
+            break;
+        }
+    }
+    assert_eq!(index.get("alice").map(String::as_str), Some("Alice"));
+    assert_eq!(index.get("bob").map(String::as_str), Some("bob"));
+
+    let bad = admin
+        .ingest_user_list(ingest("doge", &["x"]))
+        .await
+        .expect_err("unknown coin");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let empty = admin
+        .ingest_user_list(ingest("btc", &[]))
+        .await
+        .expect_err("empty batch");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+}

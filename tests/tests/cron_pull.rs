@@ -196,6 +196,7 @@ impl Core {
             case_insensitive: false,
             max_batch,
             safety: None,
+            case_index: false,
         };
         let shutdown = CancellationToken::new();
         let core = SwitchCore::open(store, settings, shutdown.clone())

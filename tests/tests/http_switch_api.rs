@@ -66,6 +66,13 @@ impl UserCoinStore for FailingStore {
         "failing-embedded"
     }
 
+    async fn create_if_absent(
+        &self,
+        writes: Vec<StoreWrite>,
+    ) -> Vec<Result<Option<Record>, StoreError>> {
+        self.inner.create_if_absent(writes).await
+    }
+
     async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError> {
         self.inner.put_pending(pending).await
     }
@@ -111,6 +118,7 @@ impl Api {
             case_insensitive,
             max_batch,
             safety: None,
+            case_index: false,
         };
         let dyn_store: Arc<dyn UserCoinStore> = store.clone();
         let shutdown = CancellationToken::new();

@@ -3,19 +3,23 @@
 use std::sync::Arc;
 
 use switchyard_proto::v1::{
-    GetUserCoinRequest, GetUserCoinResponse, ListProxiesRequest, ListProxiesResponse,
-    ListUserCoinsRequest, ListUserCoinsResponse, ProxyInfo, SwitchCoinRequest, SwitchCoinResponse,
-    SwitchCoinResult, SwitchCoinsRequest, SwitchCoinsResponse, SwitchError as PbSwitchError,
-    UserCoin, switcher_admin_server::SwitcherAdmin,
+    GetUserCoinRequest, GetUserCoinResponse, IngestOutcome, IngestResult, IngestUserListRequest,
+    IngestUserListResponse, ListProxiesRequest, ListProxiesResponse, ListUserCoinsRequest,
+    ListUserCoinsResponse, ProxyInfo, SwitchCoinRequest, SwitchCoinResponse, SwitchCoinResult,
+    SwitchCoinsRequest, SwitchCoinsResponse, SwitchError as PbSwitchError, UserCoin,
+    switcher_admin_server::SwitcherAdmin,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
-    core::{SwitchCore, UserCoinRecord},
+    core::{Listed, SwitchCore, SwitchError, UserCoinRecord},
     leases::ServerIdLeases,
     validate::validate_user,
 };
+
+/// The most users one IngestUserList call may carry.
+const MAX_INGEST_BATCH: usize = 100_000;
 
 /// The default and largest page of ListUserCoins.
 const DEFAULT_PAGE_SIZE: usize = 1_000;
@@ -169,6 +173,50 @@ impl SwitcherAdmin for AdminService {
             next_page_token,
             revision,
         }))
+    }
+
+    async fn ingest_user_list(
+        &self,
+        request: Request<IngestUserListRequest>,
+    ) -> Result<Response<IngestUserListResponse>, Status> {
+        let IngestUserListRequest { coin, users } = request.into_inner();
+        if users.is_empty() {
+            return Err(Status::invalid_argument("the batch is empty"));
+        }
+        if users.len() > MAX_INGEST_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "the batch has {} users; at most {MAX_INGEST_BATCH} are allowed",
+                users.len()
+            )));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let outcomes = self
+            .core
+            .create_users_if_absent(&coin, users.clone(), now)
+            .await?;
+        let results = users
+            .into_iter()
+            .zip(outcomes)
+            .map(|(user, outcome)| {
+                let (outcome, revision, error) = match outcome {
+                    Ok(Listed::Created(record)) => {
+                        (IngestOutcome::Created, record.revision, String::new())
+                    }
+                    Ok(Listed::Existed) => (IngestOutcome::Existed, 0, String::new()),
+                    Err(SwitchError::Invalid(e)) => (IngestOutcome::Invalid, 0, e.to_string()),
+                    Err(SwitchError::Store(e)) => (IngestOutcome::Failed, 0, e.to_string()),
+                };
+                IngestResult {
+                    user,
+                    outcome: outcome as i32,
+                    revision,
+                    error,
+                }
+            })
+            .collect();
+        Ok(Response::new(IngestUserListResponse { results }))
     }
 
     async fn list_proxies(

@@ -131,6 +131,58 @@ impl EmbeddedStore {
         })
     }
 
+    fn create_blocking(&self, writes: Vec<StoreWrite>) -> Result<Vec<Option<Record>>, StoreError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        let mut out = Vec::with_capacity(writes.len());
+        {
+            let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
+            let mut revision: Revision = counters
+                .get(REVISION_KEY)
+                .map_err(unavailable)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let mut users = txn.open_table(USERS).map_err(unavailable)?;
+            let mut case_index = txn.open_table(CASE_INDEX).map_err(unavailable)?;
+            for write in writes {
+                let (table, key, value, make_key) = match write {
+                    StoreWrite::SetUserCoin { user, coin } => (
+                        &mut users,
+                        user,
+                        coin,
+                        RecordKey::User as fn(String) -> RecordKey,
+                    ),
+                    StoreWrite::SetCaseIndex {
+                        lowercase_name,
+                        name,
+                    } => (
+                        &mut case_index,
+                        lowercase_name,
+                        name,
+                        RecordKey::CaseIndex as _,
+                    ),
+                };
+                if table.get(key.as_str()).map_err(unavailable)?.is_some() {
+                    out.push(None);
+                    continue;
+                }
+                revision += 1;
+                table
+                    .insert(key.as_str(), (revision, value.as_str()))
+                    .map_err(unavailable)?;
+                out.push(Some(Record {
+                    key: make_key(key),
+                    value: Some(value),
+                    revision,
+                }));
+            }
+            counters
+                .insert(REVISION_KEY, revision)
+                .map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(out)
+    }
+
     fn write_blocking(&self, writes: Vec<StoreWrite>) -> Result<Vec<Record>, StoreError> {
         let txn = self.db.begin_write().map_err(unavailable)?;
         let mut out = Vec::with_capacity(writes.len());
@@ -287,6 +339,26 @@ impl UserCoinStore for EmbeddedStore {
         let this = self.clone();
         // One transaction: every write is made, or none.
         let result = tokio::task::spawn_blocking(move || this.write_blocking(writes))
+            .await
+            .map_err(unavailable)
+            .and_then(|r| r);
+        match result {
+            Ok(records) => records.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); count],
+        }
+    }
+
+    async fn create_if_absent(
+        &self,
+        writes: Vec<StoreWrite>,
+    ) -> Vec<Result<Option<Record>, StoreError>> {
+        if writes.is_empty() {
+            return Vec::new();
+        }
+        let count = writes.len();
+        let this = self.clone();
+        // One transaction: every absent record is created, or none.
+        let result = tokio::task::spawn_blocking(move || this.create_blocking(writes))
             .await
             .map_err(unavailable)
             .and_then(|r| r);

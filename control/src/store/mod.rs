@@ -115,6 +115,14 @@ pub trait UserCoinStore: Send + Sync + 'static {
     /// be in flight together; each has its own result.
     async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>>;
 
+    /// Creates the records of `writes` that do not exist yet; an existing record is kept as it
+    /// is (a user's later switch is never overwritten). One result per write, in order: the
+    /// record created, or `None` when one already existed. Writes may be in flight together.
+    async fn create_if_absent(
+        &self,
+        writes: Vec<StoreWrite>,
+    ) -> Vec<Result<Option<Record>, StoreError>>;
+
     /// Starts feeding every change of the store, whoever made it, into `index` until
     /// `shutdown`; returns `false` when the store has no outside writers and the caller applies
     /// its own writes.

@@ -350,6 +350,34 @@ impl ZooKeeperStore {
         )))
     }
 
+    async fn create_one(&self, write: StoreWrite) -> Result<Option<Record>, StoreError> {
+        let (key, value) = match write {
+            StoreWrite::SetUserCoin { user, coin } => (RecordKey::User(user), coin),
+            StoreWrite::SetCaseIndex {
+                lowercase_name,
+                name,
+            } => (RecordKey::CaseIndex(lowercase_name), name),
+        };
+        let path = self.path_of(&key).ok_or_else(|| {
+            StoreError::Unavailable("no ZKUserCaseInsensitiveIndex is configured".into())
+        })?;
+        let created = self.zk.create2(
+            &path,
+            value.as_bytes().to_vec(),
+            Acl::open_unsafe().clone(),
+            CreateMode::Persistent,
+        );
+        match timed(self.settings.request_timeout, created).await {
+            Ok((_, stat)) => Ok(Some(Record {
+                key,
+                value: Some(value),
+                revision: stat.mzxid as Revision,
+            })),
+            Err(ZkError::NodeExists) => Ok(None),
+            Err(e) => Err(zk_error("create", &path, e)),
+        }
+    }
+
     async fn write_one(&self, write: StoreWrite) -> Result<Record, StoreError> {
         let (key, value) = match write {
             StoreWrite::SetUserCoin { user, coin } => (RecordKey::User(user), coin),
@@ -389,6 +417,17 @@ impl UserCoinStore for ZooKeeperStore {
     async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>> {
         stream::iter(writes)
             .map(|w| self.write_one(w))
+            .buffered(MAX_IN_FLIGHT)
+            .collect()
+            .await
+    }
+
+    async fn create_if_absent(
+        &self,
+        writes: Vec<StoreWrite>,
+    ) -> Vec<Result<Option<Record>, StoreError>> {
+        stream::iter(writes)
+            .map(|w| self.create_one(w))
             .buffered(MAX_IN_FLIGHT)
             .collect()
             .await
