@@ -10,6 +10,7 @@ use std::{
 };
 
 use serde::Deserialize;
+use switchyard_initializer::puller::PullerSettings;
 use thiserror::Error;
 
 use crate::{
@@ -52,6 +53,11 @@ Switchyard's own settings:
                       How long one ZooKeeper request may take. Default 10.
   ZKReconcileSeconds  How often the whole ZooKeeper state is re-read as a backstop to
                       watches (it is also re-read after every reconnect). Default 300.
+  AutoRegMaxPending   The most auto-registrations pending at once; beyond it a proxy's
+                      request is refused (RESOURCE_EXHAUSTED). Default 1000.
+  AutoRegTimeoutSeconds
+                      The bound on one exchange with UserAutoRegAPI.URL, answer included.
+                      Default 10.
 
 Original keys (switcherAPIServer / initUserCoin):
   AvailableCoins      Coins a user may be switched to, e.g. [\"btc\",\"bch\"]. Required.
@@ -65,15 +71,27 @@ Original keys (switcherAPIServer / initUserCoin):
                       Default \"/stratumSwitcher/btcbcc/\".
   EnableUserAutoReg, ZKAutoRegWatchDir, UserAutoRegAPI {IntervalSeconds, URL, User,
   Password, DefaultCoin, PostData}
-                      Auto-registration of unknown users (SPEC section 7).
-  UserListAPI         {coin: url} user lists to ingest; IntervalSeconds between pulls.
+                      Auto-registration of unknown users (SPEC section 7): for each name a
+                      proxy asks for, POST PostData (every {sub_name} in its values replaced
+                      by the name; basic auth when User is set) to URL (http or https); on
+                      an answer with data.puid > 0, wait IntervalSeconds (0: no wait), then
+                      create the user with DefaultCoin (one of AvailableCoins) unless it has
+                      a coin by then. On ZooKeeper, pending requests are the nodes of
+                      ZKAutoRegWatchDir (required there), shared with the Go proxies.
+  UserListAPI         {coin: url} user lists to ingest (SPEC section 7): each coin's list
+                      is pulled every IntervalSeconds (default 10) with ?last_id=, and
+                      absent users are created with that coin (existing ones are kept).
+  UserListTimeoutSeconds
+                      How long one user-list request may take. Default 60.
                       A switch of an existing user to one of these coins waits until the
                       user has been in that coin's list for 1.5 x IntervalSeconds (the
                       safety period of SPEC section 6); the wait survives restarts.
   EnableAPIServer, ListenAddr, APIUser, APIPassword
                       The HTTP switch API for pool backends (SPEC section 6): /switch,
                       /switch/multi-user, /switch-multi-user on ListenAddr, behind basic
-                      auth with APIUser/APIPassword (both required).
+                      auth with APIUser/APIPassword (both required); and on the same
+                      listener, without auth, the user-list API for sservers:
+                      GET /?coin=&last_id= (SPEC section 7).
   EnableCronJob, CronIntervalSeconds, UserCoinMapURL
                       The scheduled user->coin pull (SPEC section 6): every
                       CronIntervalSeconds (default 60), GET UserCoinMapURL (with
@@ -130,6 +148,8 @@ pub struct ControlConfig {
     pub log_format: String,
     #[serde(rename = "ZKSwitchyardDir")]
     pub zk_switchyard_dir: String,
+    #[serde(rename = "UserListTimeoutSeconds")]
+    pub user_list_timeout_seconds: u64,
     #[serde(rename = "ZKServerIDAssignDir")]
     pub zk_server_id_assign_dir: String,
     #[serde(rename = "ZKServerIDAssignDirs")]
@@ -140,6 +160,10 @@ pub struct ControlConfig {
     pub zk_request_timeout_seconds: u64,
     #[serde(rename = "ZKReconcileSeconds")]
     pub zk_reconcile_seconds: u64,
+    #[serde(rename = "AutoRegMaxPending")]
+    pub auto_reg_max_pending: usize,
+    #[serde(rename = "AutoRegTimeoutSeconds")]
+    pub auto_reg_timeout_seconds: u64,
 
     // The Go programs' keys.
     #[serde(rename = "AvailableCoins")]
@@ -194,11 +218,14 @@ impl Default for ControlConfig {
             max_switch_batch: 10_000,
             log_format: "text".into(),
             zk_switchyard_dir: "/switchyard/".into(),
+            user_list_timeout_seconds: 60,
             zk_server_id_assign_dir: String::new(),
             zk_server_id_assign_dirs: BTreeMap::new(),
             zk_session_timeout_seconds: 15,
             zk_request_timeout_seconds: 10,
             zk_reconcile_seconds: 300,
+            auto_reg_max_pending: crate::autoreg::DEFAULT_MAX_PENDING,
+            auto_reg_timeout_seconds: crate::autoreg::DEFAULT_TIMEOUT.as_secs(),
             available_coins: Vec::new(),
             case_insensitive: false,
             zk_case_index_dir: String::new(),
@@ -286,11 +313,14 @@ const KNOWN_KEYS: &[&str] = &[
     "MaxSwitchBatch",
     "LogFormat",
     "ZKSwitchyardDir",
+    "UserListTimeoutSeconds",
     "ZKServerIDAssignDir",
     "ZKServerIDAssignDirs",
     "ZKSessionTimeoutSeconds",
     "ZKRequestTimeoutSeconds",
     "ZKReconcileSeconds",
+    "AutoRegMaxPending",
+    "AutoRegTimeoutSeconds",
     "AvailableCoins",
     "StratumServerCaseInsensitive",
     "ZKUserCaseInsensitiveIndex",
@@ -488,6 +518,86 @@ impl ControlConfig {
         Ok(dirs)
     }
 
+    /// The user-list pullers' settings, one per coin of `UserListAPI`.
+    pub fn user_list_pullers(&self) -> Result<Vec<PullerSettings>, ConfigError> {
+        let interval = Duration::from_secs(self.interval_seconds);
+        self.user_list_api
+            .iter()
+            .map(|(coin, url)| {
+                if !self.available_coins.contains(coin) {
+                    return Err(invalid(
+                        "UserListAPI",
+                        format!("{coin:?} is not one of AvailableCoins"),
+                    ));
+                }
+                let valid = url.starts_with("http://") || url.starts_with("https://");
+                if !valid {
+                    return Err(invalid(
+                        "UserListAPI",
+                        format!("{coin}: {url:?} is not an http(s) URL"),
+                    ));
+                }
+                if interval.is_zero() {
+                    return Err(invalid("IntervalSeconds", "must be at least 1"));
+                }
+                if self.user_list_timeout_seconds == 0 {
+                    return Err(invalid("UserListTimeoutSeconds", "must be at least 1"));
+                }
+                let mut settings = PullerSettings::new(coin.clone(), url.clone(), interval);
+                settings.timeout = Duration::from_secs(self.user_list_timeout_seconds);
+                Ok(settings)
+            })
+            .collect()
+    }
+
+    /// Auto-registration's settings (`EnableUserAutoReg`, `ZKAutoRegWatchDir`,
+    /// `UserAutoRegAPI`, `AutoRegMaxPending`, `AutoRegTimeoutSeconds`); `None` when disabled.
+    pub fn auto_reg(&self) -> Result<Option<crate::autoreg::AutoRegSettings>, ConfigError> {
+        if !self.enable_user_auto_reg {
+            return Ok(None);
+        }
+        let api = &self.user_auto_reg_api;
+        if !self.available_coins.contains(&api.default_coin) {
+            return Err(invalid(
+                "UserAutoRegAPI.DefaultCoin",
+                format!(
+                    "{:?} is not one of AvailableCoins {:?}",
+                    api.default_coin, self.available_coins
+                ),
+            ));
+        }
+        if self.auto_reg_max_pending == 0 {
+            return Err(invalid("AutoRegMaxPending", "must be at least 1"));
+        }
+        if self.auto_reg_timeout_seconds == 0 {
+            return Err(invalid("AutoRegTimeoutSeconds", "must be at least 1"));
+        }
+        let watch_dir = if self.store_choice()? == StoreChoice::ZooKeeper
+            || !self.zk_auto_reg_watch_dir.is_empty()
+        {
+            Some(
+                normalize_dir(&self.zk_auto_reg_watch_dir)
+                    .map_err(|m| invalid("ZKAutoRegWatchDir", m))?,
+            )
+        } else {
+            None
+        };
+        let settings = crate::autoreg::AutoRegSettings {
+            user: api.user.clone(),
+            password: api.password.clone(),
+            post_data: api.post_data.clone(),
+            interval: Duration::from_secs(api.interval_seconds),
+            timeout: Duration::from_secs(self.auto_reg_timeout_seconds),
+            max_pending: self.auto_reg_max_pending,
+            watch_dir,
+            ..crate::autoreg::AutoRegSettings::new(api.url.clone(), api.default_coin.clone())
+        };
+        settings
+            .validate()
+            .map_err(|e| invalid("UserAutoRegAPI.URL", e.to_string()))?;
+        Ok(Some(settings))
+    }
+
     /// The scheduled user->coin pull's settings (`EnableCronJob`).
     pub fn user_coin_map_pull(&self) -> Result<UserCoinMapPull, ConfigError> {
         let pull = UserCoinMapPull::new(
@@ -563,9 +673,13 @@ impl ControlConfig {
         }
         self.log_format()?;
         self.http_api()?;
+        if self.enable_user_auto_reg {
+            self.auto_reg()?;
+        }
         if self.enable_cron_job {
             self.user_coin_map_pull()?;
         }
+        self.user_list_pullers()?;
         self.core_settings()?;
         self.lease_ttl()?;
         Ok(())

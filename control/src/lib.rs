@@ -6,20 +6,26 @@
 //! - [`index`]: the in-memory index with revisions, fanned out to watchers.
 //! - [`core`]: the switching core every API adapter calls; [`validate`] checks outside input.
 //! - [`leases`]: proxy server-ID leases.
+//! - [`ingest`]: user-list ingestion (the initializer's pullers) into the core.
 //! - [`grpc`]: the `switchyard.v1` services as thin adapters over the core.
 //! - [`http`]: the HTTP switch API of SPEC §6 for pool backends, a thin adapter over the core.
+//! - [`autoreg`]: auto-registration of unknown users (SPEC §7, `EnableUserAutoReg`): one
+//!   pending request per name across replicas, POSTed to the pool backend once, the user then
+//!   created with `DefaultCoin` through the core.
 //! - [`cron`]: the scheduled user→coin pull of SPEC §6 (`EnableCronJob`), applied through the
 //!   core.
 //! - [`config`] and [`server`]: the configuration file and the assembly of the service.
 
 #![warn(clippy::unwrap_used)]
 
+pub mod autoreg;
 pub mod config;
 pub mod core;
 pub mod cron;
 pub mod grpc;
 pub mod http;
 pub mod index;
+pub mod ingest;
 pub mod leases;
 pub mod server;
 pub mod store;

@@ -4,6 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use switchyard_initializer::{listed::ListedUsers, puller::UserListPuller, sink::ListedUserSink};
 use switchyard_proto::v1::{
     proxy_control_server::ProxyControlServer, switcher_admin_server::SwitcherAdminServer,
 };
@@ -16,11 +17,15 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::{
+    autoreg::{
+        AutoRegError, LocalRegistrations, Registrar, UserRegistrations, zookeeper::ZkRegistrations,
+    },
     config::{ConfigError, ControlConfig, StoreChoice},
     core::SwitchCore,
     cron,
     grpc::{BearerAuth, admin::AdminService, proxy_control::ProxyControlService},
     http::{self, SwitchApiAuth},
+    ingest::CoreSink,
     leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
 };
@@ -40,9 +45,15 @@ pub enum ControlError {
     /// The store could not be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// User-list ingestion could not be set up.
+    #[error("user-list ingestion: {0}")]
+    Ingestion(String),
     /// The server-ID lease registry could not be set up.
     #[error(transparent)]
     Leases(#[from] LeaseError),
+    /// Auto-registration could not be set up.
+    #[error(transparent)]
+    AutoReg(#[from] AutoRegError),
     /// An address could not be listened on.
     #[error("cannot listen on {what} {addr}: {source}")]
     Listen {
@@ -65,11 +76,15 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct ControlPlane {
     core: Arc<SwitchCore>,
+    /// The users seen in the ingested user lists, served by the user-list API.
+    listed: Arc<ListedUsers>,
     /// The HTTP switch API's address and credentials, when enabled.
     http_api: Option<(std::net::SocketAddr, SwitchApiAuth)>,
     /// Whether the store can be reached: the health status follows it.
     available: tokio::sync::watch::Receiver<bool>,
     leases: Arc<dyn ServerIdLeases>,
+    /// Auto-registration, when enabled.
+    registrations: Option<Arc<dyn UserRegistrations>>,
     admin_token: Option<String>,
     proxy_token: Option<String>,
 }
@@ -82,6 +97,7 @@ impl ControlPlane {
         shutdown: CancellationToken,
     ) -> Result<Self, ControlError> {
         config.validate()?;
+        let mut zk_client = None;
         let (store, leases): (Arc<dyn UserCoinStore>, Arc<dyn ServerIdLeases>) =
             match config.store_choice()? {
                 StoreChoice::Embedded => (
@@ -100,24 +116,10 @@ impl ControlPlane {
                         shutdown.clone(),
                     )
                     .await?;
+                    zk_client = Some(store.client());
                     (Arc::new(store), Arc::new(leases))
                 }
             };
-        for (enabled, what) in [
-            (
-                config.enable_user_auto_reg,
-                "EnableUserAutoReg (auto-registration)",
-            ),
-            (
-                !config.user_list_api.is_empty(),
-                "UserListAPI (user-list ingestion; until it is available, switches of existing \
-                 users to these coins wait the whole safety period)",
-            ),
-        ] {
-            if enabled {
-                warn!("{what} is configured but not available in this version; ignored");
-            }
-        }
         let core = Arc::new(
             SwitchCore::open(
                 Arc::clone(&store),
@@ -127,6 +129,38 @@ impl ControlPlane {
             .await?,
         );
         tokio::spawn(Arc::clone(&core).run_pending(shutdown.clone()));
+        // Auto-registration: in the process on the embedded store, in ZKAutoRegWatchDir on
+        // ZooKeeper (shared with the other replicas and the Go proxies).
+        let registrations: Option<Arc<dyn UserRegistrations>> = match config.auto_reg()? {
+            None => None,
+            Some(settings) => {
+                let registrar = Arc::new(Registrar::new(Arc::clone(&core), settings)?);
+                Some(match zk_client {
+                    None => Arc::new(LocalRegistrations::new(registrar, shutdown.clone())),
+                    Some(zk) => {
+                        let zk_settings = config.zk_settings()?;
+                        Arc::new(
+                            ZkRegistrations::start(
+                                zk,
+                                registrar,
+                                &zk_settings.switchyard_dir,
+                                zk_settings.request_timeout,
+                                shutdown.clone(),
+                            )
+                            .await?,
+                        )
+                    }
+                })
+            }
+        };
+        // User-list ingestion: one puller per coin, writing through the core.
+        let listed = Arc::new(ListedUsers::new());
+        let sink: Arc<dyn ListedUserSink> = Arc::new(CoreSink::new(Arc::clone(&core)));
+        for settings in config.user_list_pullers()? {
+            let puller = UserListPuller::new(settings, Arc::clone(&sink), Arc::clone(&listed))
+                .map_err(|e| ControlError::Ingestion(e.to_string()))?;
+            tokio::spawn(puller.run(shutdown.clone()));
+        }
         if config.enable_cron_job {
             let pull = config.user_coin_map_pull()?;
             let core = Arc::clone(&core);
@@ -148,10 +182,12 @@ impl ControlPlane {
             .http_api()?
             .map(|(addr, user, password)| (addr, SwitchApiAuth::new(user, password)));
         Ok(Self {
+            listed,
             http_api,
             available: store.available(),
             core,
             leases,
+            registrations,
             admin_token: config.admin_token(),
             proxy_token: config.proxy_token(),
         })
@@ -180,7 +216,10 @@ impl ControlPlane {
                             addr,
                             source,
                         })?;
-                let router = http::router(Arc::clone(&self.core), auth);
+                // The switch API and the user-list API share ListenAddr, as in the Go programs.
+                let router = http::router(Arc::clone(&self.core), auth).merge(
+                    switchyard_initializer::api::router(Arc::clone(&self.listed)),
+                );
                 Some(tokio::spawn(http::serve(
                     http_listener,
                     router,
@@ -213,7 +252,8 @@ impl ControlPlane {
                 Arc::clone(self.core.index()),
                 Arc::clone(&self.leases),
                 shutdown.clone(),
-            ),
+            )
+            .with_registrations(self.registrations.clone()),
             BearerAuth::new(self.proxy_token.clone()),
         );
 

@@ -1,6 +1,14 @@
-//! User-list ingestion (SPEC §7): the per-coin pullers of the pool backend's user lists, the
-//! user-list HTTP API for sservers, and auto-registration of unknown users.
+//! User-list ingestion (SPEC §7): the per-coin pullers of the pool backend's user lists
+//! ([`puller`]), the list of users seen that sservers read ([`listed`], served by [`api`]), and
+//! the [`sink`] the pullers write to.
 //!
-//! The control service runs this code in-process; the `switchyard-init` binary runs it against
-//! a remote control service over gRPC. Nothing is implemented here yet: ingestion is the
-//! subject of its own issue, and until it lands the crate exports nothing.
+//! The control service runs the pullers in-process, with a sink over its switching core; the
+//! `switchyard-init` binary runs the same pullers against a remote control service, with a sink
+//! that calls `SwitcherAdmin.IngestUserList` over gRPC.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod api;
+pub mod listed;
+pub mod puller;
+pub mod sink;

@@ -5,8 +5,10 @@
 //! - [`control`]: the control service, in-process or as its real binary.
 //! - [`wait`]: waiting for conditions with a deadline.
 //! - [`relay`]: a TCP relay a test can cut, to cut a client off a real server.
+//! - [`userlist`]: a pool backend's user-list API with scripted answers.
 
 pub mod control;
 pub mod relay;
+pub mod userlist;
 pub mod wait;
 pub mod zookeeper;

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
+    autoreg::UserRegistrations,
     index::{ChangeBatch, UserCoinIndex, WatchStart},
     leases::{ProxyDescription, ServerIdLeases},
     store::{Record, RecordKey, Revision},
@@ -37,6 +38,8 @@ const WATCH_BUFFER: usize = 16;
 pub struct ProxyControlService {
     index: Arc<UserCoinIndex>,
     leases: Arc<dyn ServerIdLeases>,
+    /// Auto-registration, when enabled (`EnableUserAutoReg`).
+    registrations: Option<Arc<dyn UserRegistrations>>,
     shutdown: CancellationToken,
 }
 
@@ -50,8 +53,16 @@ impl ProxyControlService {
         Self {
             index,
             leases,
+            registrations: None,
             shutdown,
         }
+    }
+
+    /// The service with auto-registration (`None`: RequestUserRegistration answers
+    /// FAILED_PRECONDITION).
+    pub fn with_registrations(mut self, registrations: Option<Arc<dyn UserRegistrations>>) -> Self {
+        self.registrations = registrations;
+        self
     }
 }
 
@@ -307,11 +318,21 @@ impl ProxyControl for ProxyControlService {
 
     async fn request_user_registration(
         &self,
-        _request: Request<RequestUserRegistrationRequest>,
+        request: Request<RequestUserRegistrationRequest>,
     ) -> Result<Response<RequestUserRegistrationResponse>, Status> {
-        Err(Status::unimplemented(
-            "auto-registration is not available in this version of the control service",
-        ))
+        let Some(registrations) = &self.registrations else {
+            return Err(Status::failed_precondition(
+                "auto-registration is not enabled on this control service (EnableUserAutoReg)",
+            ));
+        };
+        let r = request.into_inner();
+        let created = registrations
+            .request(&r.user, &r.worker, r.session_id)
+            .await
+            .inspect_err(
+                |e| debug!(error = %e, session_id = r.session_id, "registration request refused"),
+            )?;
+        Ok(Response::new(RequestUserRegistrationResponse { created }))
     }
 }
 

@@ -1,0 +1,57 @@
+//! The user-list HTTP API (SPEC §7, `EnableAPIServer`): `GET /?coin=COIN&last_id=N` answers
+//! `{"err_no":0,"err_msg":null,"data":{"name":puid,...}}` with the users seen for that coin (all
+//! coins for an empty or missing coin) whose puid is above N, in ascending puid; `"data":{}`
+//! when there are none. Names are JSON-escaped (the Go server wrote them raw). No auth, like the
+//! original. A `last_id` that is not a non-negative integer is HTTP 400.
+
+use std::{collections::HashMap, fmt::Write as _, sync::Arc};
+
+use axum::{
+    Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+
+use crate::listed::ListedUsers;
+
+/// The router of the user-list API: `GET /`. It can be merged with the switch API's router.
+pub fn router(listed: Arc<ListedUsers>) -> Router {
+    Router::new().route("/", get(user_list)).with_state(listed)
+}
+
+async fn user_list(
+    State(listed): State<Arc<ListedUsers>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let coin = params.get("coin").filter(|c| !c.is_empty()).cloned();
+    let last_id = match params.get("last_id").map(|s| s.trim()) {
+        None | Some("") => 0,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    r#"{"err_no":400,"err_msg":"last_id must be a non-negative integer","data":{}}"#,
+                )
+                    .into_response();
+            }
+        },
+    };
+    let entries = tokio::task::spawn_blocking(move || listed.after(coin.as_deref(), last_id))
+        .await
+        .unwrap_or_default();
+    let mut body = String::with_capacity(64 + entries.len() * 24);
+    body.push_str(r#"{"err_no":0,"err_msg":null,"data":{"#);
+    for (i, (name, puid)) in entries.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        let name = serde_json::to_string(name).unwrap_or_else(|_| "\"\"".into());
+        let _ = write!(body, "{name}:{puid}");
+    }
+    body.push_str("}}");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
