@@ -1,0 +1,108 @@
+//! `switchyard-init`: user-list ingestion run apart from the control service. It pulls each
+//! coin's user list and sends the users to the control service over gRPC
+//! (`SwitcherAdmin.IngestUserList`), and serves the user-list API for sservers when enabled.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::Parser;
+use switchyard_initializer::{
+    api,
+    config::{InitConfig, SETTINGS_HELP},
+    listed::ListedUsers,
+    puller::UserListPuller,
+    sink::{GrpcSink, ListedUserSink},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// Switchyard's user-list ingestion, run apart from the control service.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-init", version, after_long_help = SETTINGS_HELP)]
+struct Args {
+    /// The JSON config file (the Go initUserCoin's keys plus ControlEndpoints).
+    #[arg(short, long, env = "SWITCHYARD_INIT_CONFIG")]
+    config: PathBuf,
+
+    /// Overrides AdminToken (prefer the environment variable to keep it out of `ps`).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (mut config, ignored) = InitConfig::from_file(&args.config)?;
+    if let Some(token) = args.admin_token {
+        config.admin_token = Some(token);
+    }
+    config.validate()?;
+    if args.check_config {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    for key in ignored {
+        warn!(
+            key,
+            "config key ignored by switchyard-init (the control service owns it)"
+        );
+    }
+
+    let shutdown = CancellationToken::new();
+    let token = config.admin_token.as_deref().filter(|t| !t.is_empty());
+    let sink: Arc<dyn ListedUserSink> = Arc::new(GrpcSink::new(&config.control_endpoints, token)?);
+    let listed = Arc::new(ListedUsers::new());
+    let mut tasks = Vec::new();
+    for settings in config.pullers()? {
+        info!(coin = %settings.coin, url = %settings.url, "pulling user list");
+        let puller = UserListPuller::new(settings, Arc::clone(&sink), Arc::clone(&listed))?;
+        tasks.push(tokio::spawn(puller.run(shutdown.clone())));
+    }
+    if let Some(addr) = config.api_addr()? {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding ListenAddr {addr}"))?;
+        info!(%addr, "user-list API listening");
+        let router = api::router(Arc::clone(&listed));
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "the user-list API failed");
+            }
+        }));
+    }
+    shutdown_signal().await?;
+    info!("signal received; stopping");
+    shutdown.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(())
+}
