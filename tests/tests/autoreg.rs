@@ -301,11 +301,24 @@ async fn fifty_requests_for_ten_names(controls: &[&InProcessControl], backend: &
     tokio::time::timeout(DEADLINE, sub.until_all(&names, DEFAULT_COIN))
         .await
         .expect("every registered user reaches the subscriber with the default coin");
+    // Every replica's index follows (the other replica's feed may lag a little).
     for control in controls {
-        for name in &names {
-            let record = control.core.user_coin(name).expect("valid").map(|r| r.coin);
-            assert_eq!(record.as_deref(), Some(DEFAULT_COIN), "{name}");
-        }
+        wait_until(DEADLINE, "every replica to know the new users", || async {
+            let missing: Vec<&String> = names
+                .iter()
+                .filter(|name| {
+                    let record = control.core.user_coin(name).expect("valid");
+                    record.map(|r| r.coin).as_deref() != Some(DEFAULT_COIN)
+                })
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?}"))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 
     // The pending requests are gone: 10 more fit under AutoRegMaxPending = 10.
