@@ -56,20 +56,34 @@ struct BackendState {
     next_puid: Mutex<i64>,
 }
 
-async fn register(State(state): State<Arc<BackendState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn register(
+    State(state): State<Arc<BackendState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let problem = |p: String| {
         state.problems.lock().expect("problems").push(p.clone());
         (StatusCode::BAD_REQUEST, p).into_response()
     };
-    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(EXPECTED_AUTH) {
-        return problem(format!("bad basic auth: {:?}", headers.get(header::AUTHORIZATION)));
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        != Some(EXPECTED_AUTH)
+    {
+        return problem(format!(
+            "bad basic auth: {:?}",
+            headers.get(header::AUTHORIZATION)
+        ));
     }
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if !is_json {
-        return problem(format!("bad content type: {:?}", headers.get(header::CONTENT_TYPE)));
+        return problem(format!(
+            "bad content type: {:?}",
+            headers.get(header::CONTENT_TYPE)
+        ));
     }
     let body: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -94,7 +108,11 @@ async fn register(State(state): State<Arc<BackendState>>, headers: HeaderMap, bo
         .or_default() += 1;
     let json = [(header::CONTENT_TYPE, "application/json")];
     if name.starts_with("zero-") {
-        (json, r#"{"data":{"puid":0},"status":"failed","message":"name taken"}"#).into_response()
+        (
+            json,
+            r#"{"data":{"puid":0},"status":"failed","message":"name taken"}"#,
+        )
+            .into_response()
     } else if name.starts_with("fail-") {
         (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -149,7 +167,10 @@ impl Backend {
 
     fn assert_no_problems(&self) {
         let problems = self.state.problems.lock().expect("problems").clone();
-        assert!(problems.is_empty(), "the backend saw bad requests: {problems:?}");
+        assert!(
+            problems.is_empty(),
+            "the backend saw bad requests: {problems:?}"
+        );
     }
 }
 
@@ -232,6 +253,11 @@ impl Subscriber {
             Ok(Some(Ok(msg))) => msg,
             other => panic!("a stream message was expected, got {other:?}"),
         };
+        self.apply(&msg);
+        msg
+    }
+
+    fn apply(&mut self, msg: &WatchSwitchesResponse) {
         if msg.reset {
             self.users.clear();
         }
@@ -242,35 +268,51 @@ impl Subscriber {
                 self.users.insert(u.user.clone(), u.coin.clone());
             }
         }
-        msg
     }
 
-    /// Reads until every one of `users` has `coin`.
+    /// Reads until every one of `users` has `coin`; panics after [`DEADLINE`] naming the
+    /// users still missing.
     async fn until_all(&mut self, users: &[String], coin: &str) {
-        while !users
-            .iter()
-            .all(|u| self.users.get(u).map(String::as_str) == Some(coin))
-        {
-            self.next().await;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let missing: Vec<&String> = users
+                .iter()
+                .filter(|u| self.users.get(*u).map(String::as_str) != Some(coin))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(msg))) => self.apply(&msg),
+                Ok(other) => panic!("the stream ended: {other:?}"),
+                Err(_) => panic!("after {DEADLINE:?}, still no {coin:?} for {missing:?}"),
+            }
         }
     }
 }
 
 async fn children(client: &ZooKeeper, path: &str) -> Vec<String> {
-    client.get_children(path, false).await.unwrap_or_else(|e| panic!("list {path}: {e:?}"))
+    client
+        .get_children(path, false)
+        .await
+        .unwrap_or_else(|e| panic!("list {path}: {e:?}"))
 }
 
 /// Waits until the pending and claim directories of `root` are empty.
 async fn until_nothing_pending(client: &ZooKeeper, root: &str) {
-    wait_until(DEADLINE, "no pending auto-registration and no claim", || async {
-        let pending = children(client, &format!("{root}/autoreg")).await;
-        let claims = children(client, &format!("{root}/switchyard/autoreg-claims")).await;
-        if pending.is_empty() && claims.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("pending {pending:?}, claims {claims:?}"))
-        }
-    })
+    wait_until(
+        DEADLINE,
+        "no pending auto-registration and no claim",
+        || async {
+            let pending = children(client, &format!("{root}/autoreg")).await;
+            let claims = children(client, &format!("{root}/switchyard/autoreg-claims")).await;
+            if pending.is_empty() && claims.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("pending {pending:?}, claims {claims:?}"))
+            }
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -298,9 +340,8 @@ async fn fifty_requests_for_ten_names(controls: &[&InProcessControl], backend: &
         names.iter().map(|n| (n.clone(), 1)).collect(),
         "exactly one request per name records a pending registration"
     );
-    tokio::time::timeout(DEADLINE, sub.until_all(&names, DEFAULT_COIN))
-        .await
-        .expect("every registered user reaches the subscriber with the default coin");
+    // Every registered user reaches the subscriber with the default coin.
+    sub.until_all(&names, DEFAULT_COIN).await;
     // Every replica's index follows (the other replica's feed may lag a little).
     for control in controls {
         wait_until(DEADLINE, "every replica to know the new users", || async {
@@ -325,18 +366,20 @@ async fn fifty_requests_for_ten_names(controls: &[&InProcessControl], backend: &
     let more: Vec<String> = (0..10).map(|i| format!("more{i}")).collect();
     for (i, name) in more.iter().enumerate() {
         let control = controls[i % controls.len()];
-        wait_until(DEADLINE, &format!("a request for {name} to be accepted"), || async move {
-            match ask(control, name, 1000).await {
-                Ok(true) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
+        wait_until(
+            DEADLINE,
+            &format!("a request for {name} to be accepted"),
+            || async move {
+                match ask(control, name, 1000).await {
+                    Ok(true) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     }
-    tokio::time::timeout(DEADLINE, sub.until_all(&more, DEFAULT_COIN))
-        .await
-        .expect("the next users are registered too");
+    sub.until_all(&more, DEFAULT_COIN).await;
     let expected: BTreeMap<String, usize> =
         names.iter().chain(&more).map(|n| (n.clone(), 1)).collect();
     assert_eq!(backend.posts(), expected, "exactly one POST per name");
@@ -396,19 +439,27 @@ async fn two_replicas_post_once_per_name() {
 async fn failures_leave_nothing_behind(control: &InProcessControl, backend: &Backend) {
     let names = ["zero-a", "fail-b", "hang-c", "garbage-d"];
     for name in names {
-        assert_eq!(ask(control, name, 1).await.expect("request"), true, "{name}");
+        assert!(ask(control, name, 1).await.expect("request"), "{name}");
     }
     for name in names {
-        wait_until(DEADLINE, &format!("{name}'s request to be removed"), || async move {
-            match ask(control, name, 2).await {
-                Ok(true) => Ok(()),
-                other => Err(format!("{other:?}; posts {}", backend.posts_for(name))),
-            }
-        })
+        wait_until(
+            DEADLINE,
+            &format!("{name}'s request to be removed"),
+            || async move {
+                match ask(control, name, 2).await {
+                    Ok(true) => Ok(()),
+                    other => Err(format!("{other:?}; posts {}", backend.posts_for(name))),
+                }
+            },
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(backend.posts_for(name) >= 1, "{name} was POSTed");
-        assert_eq!(control.core.user_coin(name).expect("valid"), None, "{name} not created");
+        assert_eq!(
+            control.core.user_coin(name).expect("valid"),
+            None,
+            "{name} not created"
+        );
     }
     backend.assert_no_problems();
 }
@@ -465,7 +516,10 @@ async fn nodes_written_by_a_go_proxy_are_processed() {
         .expect("switch");
     let client = zk.connect(SESSION).await.expect("client");
     for (name, data) in [
-        ("gouser", &br#"{"SessionID":4242,"Worker":"gouser.rig1"}"#[..]),
+        (
+            "gouser",
+            &br#"{"SessionID":4242,"Worker":"gouser.rig1"}"#[..],
+        ),
         ("gojunk", b"not json"),
         ("gohas", br#"{"SessionID":1,"Worker":"gohas.x"}"#),
     ] {
@@ -480,9 +534,8 @@ async fn nodes_written_by_a_go_proxy_are_processed() {
             .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
     }
     let registered = ["gouser".to_owned(), "gojunk".to_owned()];
-    tokio::time::timeout(DEADLINE, sub.until_all(&registered, DEFAULT_COIN))
-        .await
-        .expect("the Go proxy's requests are registered");
+    // The Go proxy's requests are registered.
+    sub.until_all(&registered, DEFAULT_COIN).await;
     until_nothing_pending(&client, &root).await;
     assert_eq!(
         backend.posts(),
@@ -538,7 +591,9 @@ async fn requests_are_checked_and_bounded() {
     // request for a pending name is still answered.
     assert!(ask(&control, "hang-1", 1).await.expect("first"));
     assert!(ask(&control, "hang-2", 2).await.expect("second"));
-    let err = ask(&control, "hang-3", 3).await.expect_err("over the bound");
+    let err = ask(&control, "hang-3", 3)
+        .await
+        .expect_err("over the bound");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(!ask(&control, "hang-1", 4).await.expect("already pending"));
     wait_until(DEADLINE, "both hanging requests POSTed", || async {
@@ -609,7 +664,12 @@ fn settings_are_validated() {
     assert_eq!(config_error_key(c.clone()), None);
     let (config, _) = ControlConfig::from_json(&c.to_string()).expect("parses");
     assert_eq!(
-        config.auto_reg().expect("valid").expect("enabled").watch_dir.as_deref(),
+        config
+            .auto_reg()
+            .expect("valid")
+            .expect("enabled")
+            .watch_dir
+            .as_deref(),
         Some("/stratumSwitcher/bitcoin_autoreg/")
     );
     // Disabled: nothing is checked.

@@ -59,7 +59,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{core::SwitchCore, validate::excerpt};
+use crate::{
+    core::{Listed, SwitchCore},
+    validate::excerpt,
+};
 
 /// The default bound on pending requests (`AutoRegMaxPending`).
 pub const DEFAULT_MAX_PENDING: usize = 1000;
@@ -415,36 +418,38 @@ impl Registrar {
         self.create_if_absent(&user, puid).await
     }
 
-    /// Creates `user` with the default coin unless it has a coin by now.
+    /// Creates `user` with the default coin unless it has a coin by now (the core's
+    /// create-if-absent write: a coin set meanwhile by anyone is never overwritten). The user
+    /// counts as seen in the default coin's list from now on, and gets its case-index entry.
     async fn create_if_absent(&self, user: &str, puid: i64) -> Outcome {
         let failed = |error: String| Outcome::Failed {
             puid: Some(puid),
             error,
         };
-        match self.core.user_coin(user) {
-            Ok(Some(record)) => {
-                return Outcome::Registered {
-                    puid,
-                    coin: record.coin,
-                    created: false,
-                };
-            }
-            Ok(None) => {}
-            Err(e) => return failed(format!("invalid user name: {e}")),
-        }
-        // TODO(create-if-absent): check-then-write leaves a window in which a coin set by
-        // someone else meanwhile is overwritten; switch to the core's create-if-absent write.
         let coin = self.settings.default_coin.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         match self
             .core
-            .switch_coins(vec![(user.to_owned(), coin.clone())])
+            .create_users_if_absent(&coin, vec![user.to_owned()], now)
             .await
         {
             Ok(results) => match results.into_iter().next() {
-                Some(Ok(outcome)) => Outcome::Registered {
+                Some(Ok(Listed::Created(record))) => Outcome::Registered {
                     puid,
-                    coin: outcome.record.coin,
+                    coin: record.coin,
                     created: true,
+                },
+                Some(Ok(Listed::Existed)) => Outcome::Registered {
+                    puid,
+                    coin: self
+                        .core
+                        .user_coin(user)
+                        .ok()
+                        .flatten()
+                        .map_or(coin, |r| r.coin),
+                    created: false,
                 },
                 Some(Err(e)) => failed(format!("cannot create the user: {e}")),
                 None => failed("the core answered no result".into()),
