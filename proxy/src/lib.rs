@@ -2,5 +2,11 @@
 //! lookups from a local cache fed by the control plane's WatchSwitches stream, and moves each
 //! miner to its user's coin's sserver without dropping it.
 //!
-//! Nothing is implemented here yet: the data plane is the subject of its own issue, and until
-//! it lands the crate exports nothing.
+//! Built so far (the proxy itself is the subject of its own issue):
+//! - [`framing`]: whole lines with a bounded length.
+//! - [`session_id`]: session IDs (extranonce1) under a server ID.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod framing;
+pub mod session_id;
