@@ -6,9 +6,11 @@
 //! - [`wait`]: waiting for conditions with a deadline.
 //! - [`relay`]: a TCP relay a test can cut, to cut a client off a real server.
 //! - [`userlist`]: a pool backend's user-list API with scripted answers.
+//! - [`sserver`]: a simulated switcher-aware sserver (one coin's pool Stratum server).
 
 pub mod control;
 pub mod relay;
+pub mod sserver;
 pub mod userlist;
 pub mod wait;
 pub mod zookeeper;
