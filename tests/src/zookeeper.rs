@@ -22,6 +22,12 @@
 //! kills the JVM and removes the server's directory. [`ZooKeeperServer::stop`] and `Drop` kill the
 //! watchdog first and then the JVM itself, and reap both.
 //!
+//! [`ZooKeeperServer::start`] runs the JVM tuned for quick start-up on small CI machines (C1 JIT
+//! only, serial GC, a small heap), which makes ZooKeeper itself several times slower than in
+//! production. Benchmarks that measure against ZooKeeper start it with
+//! [`ZooKeeperServer::start_with`] and [`ServerOptions::production_jvm`] instead: the JVM the way
+//! operators run it (full tiered JIT, G1, a fixed 1 GiB heap).
+//!
 //! The methods that start and stop servers block the calling thread (for up to
 //! [`STARTUP_TIMEOUT`]); that is fine in `#[tokio::test]` functions, which own their runtime.
 //! [`ZooKeeperServer::connect`] and [`connect_client`] are async and return a connected
@@ -60,7 +66,7 @@ pub const LOGGING_CLASSPATH: [&str; 3] = [
 const MAIN_CLASS: &str = "org.apache.zookeeper.server.ZooKeeperServerMain";
 
 /// JVM options: small heap and a quick-starting JIT, as tests run several servers on 2 cores.
-const JVM_OPTIONS: &[&str] = &[
+const TEST_JVM_OPTIONS: &[&str] = &[
     "-Xms16m",
     "-Xmx256m",
     "-XX:+UseSerialGC",
@@ -70,6 +76,41 @@ const JVM_OPTIONS: &[&str] = &[
     "-Dzookeeper.root.logger=INFO,CONSOLE",
     "-Dzookeeper.jmx.log4j.disable=true",
 ];
+
+/// JVM options with [`ServerOptions::production_jvm`]: as operators run ZooKeeper (its
+/// `zkServer.sh` sets a heap of about 1 GiB and leaves the JIT and the JVM's default collector,
+/// G1, alone), with the heap fixed so that it does not grow during a measurement.
+const PRODUCTION_JVM_OPTIONS: &[&str] = &[
+    "-Xms1g",
+    "-Xmx1g",
+    "-XX:+UseG1GC",
+    "-Djava.net.preferIPv4Stack=true",
+    "-Dzookeeper.root.logger=INFO,CONSOLE",
+    "-Dzookeeper.jmx.log4j.disable=true",
+];
+
+/// How a server started by [`ZooKeeperServer::start_with`] runs. The default is what
+/// [`ZooKeeperServer::start`] (and so every test) uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Run the JVM as in production (full tiered JIT, G1, `-Xms1g -Xmx1g`) rather than tuned
+    /// for quick start-up (`-XX:TieredStopAtLevel=1`, serial GC, at most 256 MiB of heap).
+    /// For benchmarks: the test JVM makes ZooKeeper several times slower per request. It
+    /// reserves 1 GiB per server and starts a little slower, so tests should leave it off.
+    /// The server's `zoo.cfg` is the same either way (notably `forceSync=no`).
+    pub production_jvm: bool,
+}
+
+impl ServerOptions {
+    /// The JVM options these settings stand for.
+    pub fn jvm_options(&self) -> &'static [&'static str] {
+        if self.production_jvm {
+            PRODUCTION_JVM_OPTIONS
+        } else {
+            TEST_JVM_OPTIONS
+        }
+    }
+}
 
 /// How long a start or restart may take until the server answers `ruok` with `imok`.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -302,6 +343,7 @@ pub struct ZooKeeperServer {
     config_path: PathBuf,
     data_dir: PathBuf,
     log_path: PathBuf,
+    options: ServerOptions,
     process: Option<Running>,
 }
 
@@ -318,6 +360,12 @@ impl ZooKeeperServer {
     /// If the chosen port is taken before the server binds it, retries on a fresh port a few
     /// times. Blocks the calling thread.
     pub fn start() -> Result<Self, ZkFixtureError> {
+        Self::start_with(ServerOptions::default())
+    }
+
+    /// Starts a new server as [`start`](Self::start) does, with its JVM run as `options` say;
+    /// [`restart`](Self::restart)s keep them.
+    pub fn start_with(options: ServerOptions) -> Result<Self, ZkFixtureError> {
         check_installed()?;
         let dir = tempfile::Builder::new()
             .prefix("switchyard-zk-")
@@ -336,6 +384,7 @@ impl ZooKeeperServer {
             log_path: dir.path().join("zookeeper.log"),
             data_dir,
             dir,
+            options,
             process: None,
         };
 
@@ -400,6 +449,11 @@ impl ZooKeeperServer {
     /// The last lines of the server log (for failure messages).
     pub fn log_tail(&self) -> String {
         log_tail(&self.log_path)
+    }
+
+    /// How the server's JVM runs.
+    pub fn options(&self) -> ServerOptions {
+        self.options
     }
 
     /// Whether the server's JVM was started and has not been stopped (it may have crashed).
@@ -526,7 +580,7 @@ impl ZooKeeperServer {
         )))?;
 
         let java = Command::new("java")
-            .args(JVM_OPTIONS)
+            .args(self.options.jvm_options())
             .arg(format!("-Dzookeeper.log.dir={}", self.dir.path().display()))
             .arg("-cp")
             .arg(classpath())
