@@ -56,6 +56,7 @@ use std::{
 
 use futures::{StreamExt, stream};
 use switchyard_tests::{
+    bench::{delta, jvm_pid, nproc, per_second, process_cpu, stat_cpu, stats},
     control::{InProcessControl, test_config},
     userlist::{Answer, UserListBackend},
     zookeeper::{ServerOptions, ZooKeeperServer, unique_root},
@@ -231,26 +232,6 @@ impl<'a> Probe<'a> {
     }
 }
 
-/// The pid of the fixture's JVM: the process whose command line names this server's `zoo.cfg`.
-fn jvm_pid(zk: &ZooKeeperServer) -> Option<u32> {
-    let config = zk.data_dir().parent()?.join("zoo.cfg");
-    let config = config.to_str()?.as_bytes().to_vec();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let mut args = cmdline.split(|b| *b == 0);
-            let is_java = args.next().is_some_and(|exe| exe.ends_with(b"java"));
-            (is_java && args.any(|arg| arg == config.as_slice())).then_some(pid)
-        })
-}
-
-fn delta(after: Option<Duration>, before: Option<Duration>) -> Option<Duration> {
-    after.zip(before).map(|(a, b)| a.saturating_sub(b))
-}
-
 /// CPU time the machine (every CPU) spent serving interrupts and softirqs, from the first line
 /// of `/proc/stat` (in clock ticks of 1/100 s).
 fn irq_cpu() -> Option<Duration> {
@@ -265,30 +246,6 @@ fn irq_cpu() -> Option<Duration> {
     // user nice system idle iowait irq softirq steal [guest guest_nice]
     let ticks: u64 = fields.get(5..7)?.iter().sum();
     Some(Duration::from_millis(ticks * 10))
-}
-
-/// CPU time of a process from its `/proc/PID/stat` (in clock ticks of 1/100 s, Linux's
-/// USER_HZ): user plus system time of every thread, and with `children` that of its children
-/// that ended and were reaped.
-fn stat_cpu(stat_path: &str, children: bool) -> Option<Duration> {
-    let stat = std::fs::read_to_string(stat_path).ok()?;
-    // Fields after the parenthesized command name, which may itself hold spaces.
-    let fields: Vec<&str> = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .collect();
-    // utime, stime, cutime and cstime are fields 14 to 17; the slice starts at field 3.
-    let take = if children { 4 } else { 2 };
-    let mut ticks = 0_u64;
-    for field in fields.get(11..11 + take)? {
-        ticks += field.parse::<u64>().ok()?;
-    }
-    Some(Duration::from_millis(ticks * 10))
-}
-
-/// User plus system CPU time of every thread of a process.
-fn process_cpu(stat_path: &str) -> Option<Duration> {
-    stat_cpu(stat_path, false)
 }
 
 /// CPU time of every process and kernel thread but this process and the JVM, with their
@@ -834,42 +791,10 @@ async fn remove_tree(checker: &ZooKeeper, root: &str, leaf_dirs: &[String]) -> R
     Ok(())
 }
 
-/// Median, min and max of some durations.
-fn stats(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
-    samples.sort_unstable();
-    let min = samples.first().copied().unwrap_or_default();
-    let max = samples.last().copied().unwrap_or_default();
-    let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
-    (median, min, max)
-}
-
 /// The median of some values (the upper one of an even count), if any.
 fn median<T: Copy + PartialOrd>(mut values: Vec<T>) -> Option<T> {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     values.get(values.len() / 2).copied()
-}
-
-fn per_second(count: usize, time: Duration) -> f64 {
-    let secs = time.as_secs_f64();
-    if secs > 0.0 {
-        count as f64 / secs
-    } else {
-        f64::INFINITY
-    }
-}
-
-fn nproc() -> String {
-    std::process::Command::new("nproc")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| format!("{n} (available_parallelism; `nproc` did not run)"))
-                .unwrap_or_else(|_| "unknown".into())
-        })
 }
 
 impl Series {

@@ -29,6 +29,7 @@ use switchyard_proto::v1::{
     switcher_admin_client::SwitcherAdminClient,
 };
 use switchyard_tests::{
+    bench::{delta, jvm_pid, nproc, per_second, process_cpu, stats},
     control::InProcessControl,
     zookeeper::{ZooKeeperServer, unique_root},
 };
@@ -173,26 +174,6 @@ impl<'a> Probe<'a> {
     }
 }
 
-/// The pid of the fixture's JVM: the process whose command line names this server's `zoo.cfg`.
-fn jvm_pid(zk: &ZooKeeperServer) -> Option<u32> {
-    let config = zk.data_dir().parent()?.join("zoo.cfg");
-    let config = config.to_str()?.as_bytes().to_vec();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let mut args = cmdline.split(|b| *b == 0);
-            let is_java = args.next().is_some_and(|exe| exe.ends_with(b"java"));
-            (is_java && args.any(|arg| arg == config.as_slice())).then_some(pid)
-        })
-}
-
-fn delta(after: Option<Duration>, before: Option<Duration>) -> Option<Duration> {
-    after.zip(before).map(|(a, b)| a.saturating_sub(b))
-}
-
 /// CPU time the whole machine spent busy (every CPU, every state but idle and iowait), from the
 /// first line of `/proc/stat` (in clock ticks of 1/100 s).
 fn machine_cpu() -> Option<Duration> {
@@ -213,18 +194,6 @@ fn machine_cpu() -> Option<Duration> {
         .map(|(_, v)| v)
         .sum();
     Some(Duration::from_millis(busy * 10))
-}
-
-/// User plus system CPU time of every thread of a process, from its `/proc/PID/stat`
-/// (in clock ticks of 1/100 s, Linux's USER_HZ).
-fn process_cpu(stat_path: &str) -> Option<Duration> {
-    let stat = std::fs::read_to_string(stat_path).ok()?;
-    // Fields after the parenthesized command name, which may itself hold spaces.
-    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
-    // utime and stime are fields 14 and 15; the slice starts at field 3.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 fn main() -> ExitCode {
@@ -580,38 +549,6 @@ async fn check_nodes(
             users.len()
         )),
     }
-}
-
-/// Median, min and max of some durations.
-fn stats(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
-    samples.sort_unstable();
-    let min = samples.first().copied().unwrap_or_default();
-    let max = samples.last().copied().unwrap_or_default();
-    let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
-    (median, min, max)
-}
-
-fn per_second(count: usize, time: Duration) -> f64 {
-    let secs = time.as_secs_f64();
-    if secs > 0.0 {
-        count as f64 / secs
-    } else {
-        f64::INFINITY
-    }
-}
-
-fn nproc() -> String {
-    std::process::Command::new("nproc")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| format!("{n} (available_parallelism; `nproc` did not run)"))
-                .unwrap_or_else(|_| "unknown".into())
-        })
 }
 
 /// Picks one round's sample out of a repetition.

@@ -2,12 +2,14 @@
 //! started on free ports and private data directories, and killed on drop.
 //!
 //! - [`zookeeper`]: a real ZooKeeper server from Debian's `zookeeper` package.
+//! - [`bench`]: measurement helpers shared by the benchmarks.
 //! - [`control`]: the control service, in-process or as its real binary.
 //! - [`wait`]: waiting for conditions with a deadline.
 //! - [`relay`]: a TCP relay a test can cut, to cut a client off a real server.
 //! - [`userlist`]: a pool backend's user-list API with scripted answers.
 //! - [`sserver`]: a simulated switcher-aware sserver (one coin's pool Stratum server).
 
+pub mod bench;
 pub mod control;
 pub mod relay;
 pub mod sserver;
