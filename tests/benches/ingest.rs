@@ -56,7 +56,7 @@ use std::{
 
 use futures::{StreamExt, stream};
 use switchyard_tests::{
-    bench::{delta, jvm_pid, nproc, per_second, process_cpu, stat_cpu, stats},
+    bench::{delta, jvm_pid, nproc, per_second, process_cpu, stat_cpu, stats, zk_packets_received},
     control::{InProcessControl, test_config},
     userlist::{Answer, UserListBackend},
     zookeeper::{ServerOptions, ZooKeeperServer, unique_root},
@@ -193,14 +193,7 @@ impl<'a> Probe<'a> {
     /// Blocks the thread for one `mntr` exchange on loopback and a scan of `/proc` (a few
     /// milliseconds).
     fn snapshot(&self) -> Snapshot {
-        let zk_packets = tokio::task::block_in_place(|| self.zk.four_letter_word("mntr"))
-            .ok()
-            .and_then(|mntr| {
-                mntr.lines().find_map(|line| {
-                    let rest = line.strip_prefix("zk_packets_received")?;
-                    rest.trim().parse().ok()
-                })
-            });
+        let zk_packets = zk_packets_received(self.zk);
         Snapshot {
             zk_cpu: self
                 .jvm_pid

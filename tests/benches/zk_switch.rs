@@ -29,7 +29,7 @@ use switchyard_proto::v1::{
     switcher_admin_client::SwitcherAdminClient,
 };
 use switchyard_tests::{
-    bench::{delta, jvm_pid, nproc, per_second, process_cpu, stats},
+    bench::{delta, jvm_pid, nproc, per_second, process_cpu, stats, zk_packets_received},
     control::InProcessControl,
     zookeeper::{ZooKeeperServer, unique_root},
 };
@@ -129,14 +129,7 @@ impl<'a> Probe<'a> {
 
     /// Blocks the thread for one `mntr` exchange on loopback; call it outside timed sections.
     fn snapshot(&self) -> Snapshot {
-        let zk_packets = tokio::task::block_in_place(|| self.zk.four_letter_word("mntr"))
-            .ok()
-            .and_then(|mntr| {
-                mntr.lines().find_map(|line| {
-                    let rest = line.strip_prefix("zk_packets_received")?;
-                    rest.trim().parse().ok()
-                })
-            });
+        let zk_packets = zk_packets_received(self.zk);
         Snapshot {
             zk_cpu: self
                 .jvm_pid

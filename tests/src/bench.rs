@@ -83,3 +83,17 @@ pub fn nproc() -> String {
                 .unwrap_or_else(|_| "unknown".into())
         })
 }
+
+/// The requests the server has received (`mntr`'s `zk_packets_received`). Blocks the thread for
+/// one exchange on loopback: call it outside timed sections.
+pub fn zk_packets_received(zk: &ZooKeeperServer) -> Option<u64> {
+    tokio::task::block_in_place(|| zk.four_letter_word("mntr"))
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("zk_packets_received")?
+                .trim()
+                .parse()
+                .ok()
+        })
+}

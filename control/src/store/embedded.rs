@@ -131,7 +131,13 @@ impl EmbeddedStore {
         })
     }
 
-    fn create_blocking(&self, writes: Vec<StoreWrite>) -> Result<Vec<Option<Record>>, StoreError> {
+    /// Makes `writes` in one transaction, each with the next revision. With `only_absent`, a
+    /// record that exists is kept and its entry is `None`.
+    fn write_blocking(
+        &self,
+        writes: Vec<StoreWrite>,
+        only_absent: bool,
+    ) -> Result<Vec<Option<Record>>, StoreError> {
         let txn = self.db.begin_write().map_err(unavailable)?;
         let mut out = Vec::with_capacity(writes.len());
         {
@@ -161,7 +167,7 @@ impl EmbeddedStore {
                         RecordKey::CaseIndex as _,
                     ),
                 };
-                if table.get(key.as_str()).map_err(unavailable)?.is_some() {
+                if only_absent && table.get(key.as_str()).map_err(unavailable)?.is_some() {
                     out.push(None);
                     continue;
                 }
@@ -183,49 +189,26 @@ impl EmbeddedStore {
         Ok(out)
     }
 
-    fn write_blocking(&self, writes: Vec<StoreWrite>) -> Result<Vec<Record>, StoreError> {
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        let mut out = Vec::with_capacity(writes.len());
-        {
-            let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
-            let mut revision: Revision = counters
-                .get(REVISION_KEY)
-                .map_err(unavailable)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            let mut users = txn.open_table(USERS).map_err(unavailable)?;
-            let mut case_index = txn.open_table(CASE_INDEX).map_err(unavailable)?;
-            for write in writes {
-                revision += 1;
-                let (key, value) = match write {
-                    StoreWrite::SetUserCoin { user, coin } => {
-                        users
-                            .insert(user.as_str(), (revision, coin.as_str()))
-                            .map_err(unavailable)?;
-                        (RecordKey::User(user), coin)
-                    }
-                    StoreWrite::SetCaseIndex {
-                        lowercase_name,
-                        name,
-                    } => {
-                        case_index
-                            .insert(lowercase_name.as_str(), (revision, name.as_str()))
-                            .map_err(unavailable)?;
-                        (RecordKey::CaseIndex(lowercase_name), name)
-                    }
-                };
-                out.push(Record {
-                    key,
-                    value: Some(value),
-                    revision,
-                });
-            }
-            counters
-                .insert(REVISION_KEY, revision)
-                .map_err(unavailable)?;
+    /// Runs [`Self::write_blocking`] off the async threads; every write is made, or none (then
+    /// every entry carries the error).
+    async fn write_all(
+        &self,
+        writes: Vec<StoreWrite>,
+        only_absent: bool,
+    ) -> Vec<Result<Option<Record>, StoreError>> {
+        if writes.is_empty() {
+            return Vec::new();
         }
-        txn.commit().map_err(unavailable)?;
-        Ok(out)
+        let count = writes.len();
+        let this = self.clone();
+        let result = tokio::task::spawn_blocking(move || this.write_blocking(writes, only_absent))
+            .await
+            .map_err(unavailable)
+            .and_then(|r| r);
+        match result {
+            Ok(records) => records.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); count],
+        }
     }
 }
 
@@ -332,40 +315,22 @@ impl UserCoinStore for EmbeddedStore {
     }
 
     async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>> {
-        if writes.is_empty() {
-            return Vec::new();
-        }
-        let count = writes.len();
-        let this = self.clone();
-        // One transaction: every write is made, or none.
-        let result = tokio::task::spawn_blocking(move || this.write_blocking(writes))
+        self.write_all(writes, false)
             .await
-            .map_err(unavailable)
-            .and_then(|r| r);
-        match result {
-            Ok(records) => records.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e); count],
-        }
+            .into_iter()
+            .map(|r| {
+                r.and_then(|record| {
+                    record.ok_or_else(|| StoreError::Corrupt("a write made no record".into()))
+                })
+            })
+            .collect()
     }
 
     async fn create_if_absent(
         &self,
         writes: Vec<StoreWrite>,
     ) -> Vec<Result<Option<Record>, StoreError>> {
-        if writes.is_empty() {
-            return Vec::new();
-        }
-        let count = writes.len();
-        let this = self.clone();
-        // One transaction: every absent record is created, or none.
-        let result = tokio::task::spawn_blocking(move || this.create_blocking(writes))
-            .await
-            .map_err(unavailable)
-            .and_then(|r| r);
-        match result {
-            Ok(records) => records.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e); count],
-        }
+        self.write_all(writes, true).await
     }
 
     fn follow(&self, _index: Arc<UserCoinIndex>, _shutdown: CancellationToken) -> bool {

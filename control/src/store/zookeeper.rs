@@ -350,7 +350,8 @@ impl ZooKeeperStore {
         )))
     }
 
-    async fn create_one(&self, write: StoreWrite) -> Result<Option<Record>, StoreError> {
+    /// The record a write is about, its value, and its node's path.
+    fn target(&self, write: StoreWrite) -> Result<(RecordKey, String, String), StoreError> {
         let (key, value) = match write {
             StoreWrite::SetUserCoin { user, coin } => (RecordKey::User(user), coin),
             StoreWrite::SetCaseIndex {
@@ -361,6 +362,11 @@ impl ZooKeeperStore {
         let path = self.path_of(&key).ok_or_else(|| {
             StoreError::Unavailable("no ZKUserCaseInsensitiveIndex is configured".into())
         })?;
+        Ok((key, value, path))
+    }
+
+    async fn create_one(&self, write: StoreWrite) -> Result<Option<Record>, StoreError> {
+        let (key, value, path) = self.target(write)?;
         let created = self.zk.create2(
             &path,
             value.as_bytes().to_vec(),
@@ -379,16 +385,7 @@ impl ZooKeeperStore {
     }
 
     async fn write_one(&self, write: StoreWrite) -> Result<Record, StoreError> {
-        let (key, value) = match write {
-            StoreWrite::SetUserCoin { user, coin } => (RecordKey::User(user), coin),
-            StoreWrite::SetCaseIndex {
-                lowercase_name,
-                name,
-            } => (RecordKey::CaseIndex(lowercase_name), name),
-        };
-        let path = self.path_of(&key).ok_or_else(|| {
-            StoreError::Unavailable("no ZKUserCaseInsensitiveIndex is configured".into())
-        })?;
+        let (key, value, path) = self.target(write)?;
         let likely_new = match (&key, self.index.get()) {
             (RecordKey::User(user), Some(index)) => index.user_coin(user).is_none(),
             _ => false,
