@@ -46,8 +46,18 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     /// The next line, without its `\n` (and without a `\r` before it); `None` at a clean end of
     /// stream. A partial line at the end of the stream is dropped: it is not a message.
     pub async fn read_line(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.read(false).await
+    }
+
+    /// The next line with its `\n` (and any `\r` before it) kept, ready to relay as it is;
+    /// `None` at a clean end of stream. Cancel-safe: a partial line stays buffered.
+    pub async fn read_raw_line(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.read(true).await
+    }
+
+    async fn read(&mut self, raw: bool) -> Result<Option<Bytes>, FrameError> {
         loop {
-            if let Some(line) = self.take_line()? {
+            if let Some(line) = self.take_line(raw)? {
                 return Ok(Some(line));
             }
             let want = (self.max_line + 1 - self.buffer.len()).clamp(1, 8 * 1024);
@@ -63,7 +73,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 
     /// A complete line from the buffer, if there is one.
-    fn take_line(&mut self) -> Result<Option<Bytes>, FrameError> {
+    fn take_line(&mut self, raw: bool) -> Result<Option<Bytes>, FrameError> {
         match self.buffer[self.scanned..].iter().position(|&b| b == b'\n') {
             Some(i) => {
                 let end = self.scanned + i;
@@ -71,11 +81,14 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                     return Err(FrameError::TooLong(self.max_line));
                 }
                 let mut line = self.buffer.split_to(end + 1);
+                self.scanned = 0;
+                if raw {
+                    return Ok(Some(line.freeze()));
+                }
                 line.truncate(end);
                 if line.last() == Some(&b'\r') {
                     line.truncate(end - 1);
                 }
-                self.scanned = 0;
                 Ok(Some(line.freeze()))
             }
             None => {

@@ -8,11 +8,22 @@
 //! - [`cache`]: the local user→coin cache and its per-user index of live sessions.
 //! - [`control`]: the proxy's gRPC client of the control plane: the WatchSwitches feed of the
 //!   cache, server-ID leases, auto-registration requests.
+//! - [`handshake`]: the miner side before the upstream (SPEC §1): dialects, answers, errors,
+//!   worker names.
+//! - [`session`]: one task per miner session: handshake, lookup, relay, switch, reconnect.
+//! - [`server`]: the listener, limits, lease and shutdown: the proxy as a whole.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`config`]: the Go stratumSwitcher's JSON config plus Switchyard's settings.
 
 #![warn(clippy::unwrap_used)]
 
 pub mod cache;
+pub mod config;
 pub mod control;
 pub mod framing;
+pub mod handshake;
+pub mod metrics;
+pub mod server;
+pub mod session;
 pub mod session_id;
 pub mod upstream;

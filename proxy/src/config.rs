@@ -1,0 +1,505 @@
+//! The proxy's configuration: the Go stratumSwitcher's JSON file with its original keys
+//! (SPEC §8), plus Switchyard's own settings beside them (the control endpoints, limits,
+//! metrics). [`SETTINGS_HELP`] documents every key; `switchyard-proxy --help` prints it.
+//! [`ProxyConfig::settings`] validates the file into [`ProxySettings`], the values the proxy
+//! runs on.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{
+    session_id::ChainType,
+    upstream::{UpstreamLimits, UpstreamTarget},
+};
+
+/// Every setting, as printed by `--help` and mirrored in docs/operations.md.
+pub const SETTINGS_HELP: &str = "\
+CONFIG FILE KEYS (JSON; the Go stratumSwitcher's file is accepted as it is)
+
+Switchyard's own settings:
+  ControlEndpoints    The control replicas, e.g. [\"http://10.0.0.5:50051\"]. Required.
+                      The proxy follows the first that answers and fails over to the next.
+  ProxyToken          Sent as \"authorization: Bearer <ProxyToken>\" to the control plane
+                      (its ProxyToken). Default: none.
+  MetricsListenAddr   Prometheus endpoint (GET /metrics). Default: HTTPDebugListenAddr
+                      when EnableHTTPDebug is true, else off.
+  MaxSessions         The most miner connections at once; beyond it new ones are closed at
+                      once. Default 50000 (each session holds two file descriptors).
+  MaxLineBytes        The longest line a miner or sserver may send. Default 16384.
+  FirstByteTimeoutSeconds
+                      A miner must send its first byte (\"{\") within this. Default 15.
+  HandshakeTimeoutSeconds
+                      A miner must be logged in within this. Default 60.
+  UpstreamTimeoutSeconds
+                      The sserver's answers to subscribe and authorize within this.
+                      Default 10.
+  ReconnectTries      A lost sserver is tried again this many times, about a second apart,
+                      before the miner is closed. Default 3.
+  WriteTimeoutSeconds A miner or sserver that does not take a line within this is closed
+                      (nothing is buffered without end). Default 30.
+  LogFormat           \"text\" or \"json\". Default \"text\".
+
+Original keys (stratumSwitcher):
+  ServerID            The proxy's server ID, 1..255; 0 (the default) leases one from the
+                      control plane.
+  ChainType           \"bitcoin\", \"decred-normal\", \"decred-gominer\" or \"ethereum\".
+                      Default \"bitcoin\".
+  ListenAddr          Where miners connect. Default \"0.0.0.0:1800\".
+  StratumServerMap    The sservers by coin: {\"btc\": {\"URL\": \"10.0.0.2:1800\",
+                      \"UserSuffix\": \"btc\"}}. UserSuffix defaults to the coin. Required.
+  EnableUserAutoReg   Unknown users are registered through the control plane; their
+                      sessions wait (at most AutoRegMaxWaitUsers at once). Default false.
+  AutoRegMaxWaitUsers Default 500.
+  StratumServerCaseInsensitive
+                      Sub-account names are lowercased. Default false.
+  ZKUserCaseInsensitiveIndex
+                      When set, a sub-account is replaced by its case-index entry (which the
+                      control plane streams). Only whether it is set matters here.
+  EnableHTTPDebug, HTTPDebugListenAddr
+                      Serve the metrics on HTTPDebugListenAddr (see MetricsListenAddr).
+  ZKBroker, ZKServerIDAssignDir, ZKSwitcherWatchDir, ZKAutoRegWatchDir
+                      Accepted and ignored: the proxy never talks to ZooKeeper, the control
+                      plane does (set them there).
+";
+
+/// One sserver of `StratumServerMap`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct StratumServer {
+    /// `host:port` of the coin's sserver.
+    #[serde(rename = "URL")]
+    pub url: String,
+    /// The suffix of the authorize retry `sub_SUFFIX.miner`; the coin when empty.
+    #[serde(rename = "UserSuffix")]
+    pub user_suffix: String,
+}
+
+/// The configuration file, key for key; see [`SETTINGS_HELP`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)]
+pub struct ProxyConfig {
+    #[serde(rename = "ControlEndpoints")]
+    pub control_endpoints: Vec<String>,
+    #[serde(rename = "ProxyToken")]
+    pub proxy_token: Option<String>,
+    #[serde(rename = "MetricsListenAddr")]
+    pub metrics_listen_addr: Option<String>,
+    #[serde(rename = "MaxSessions")]
+    pub max_sessions: Option<usize>,
+    #[serde(rename = "MaxLineBytes")]
+    pub max_line_bytes: Option<usize>,
+    #[serde(rename = "FirstByteTimeoutSeconds")]
+    pub first_byte_timeout_seconds: Option<u64>,
+    #[serde(rename = "HandshakeTimeoutSeconds")]
+    pub handshake_timeout_seconds: Option<u64>,
+    #[serde(rename = "UpstreamTimeoutSeconds")]
+    pub upstream_timeout_seconds: Option<u64>,
+    #[serde(rename = "ReconnectTries")]
+    pub reconnect_tries: Option<u32>,
+    #[serde(rename = "WriteTimeoutSeconds")]
+    pub write_timeout_seconds: Option<u64>,
+    #[serde(rename = "LogFormat")]
+    pub log_format: Option<String>,
+
+    #[serde(rename = "ServerID")]
+    pub server_id: u32,
+    #[serde(rename = "ChainType")]
+    pub chain_type: Option<String>,
+    #[serde(rename = "ListenAddr")]
+    pub listen_addr: Option<String>,
+    #[serde(rename = "StratumServerMap")]
+    pub stratum_server_map: BTreeMap<String, StratumServer>,
+    #[serde(rename = "EnableUserAutoReg")]
+    pub enable_user_auto_reg: bool,
+    #[serde(rename = "AutoRegMaxWaitUsers")]
+    pub auto_reg_max_wait_users: Option<usize>,
+    #[serde(rename = "StratumServerCaseInsensitive")]
+    pub case_insensitive: bool,
+    #[serde(rename = "ZKUserCaseInsensitiveIndex")]
+    pub zk_case_index_dir: String,
+    #[serde(rename = "EnableHTTPDebug")]
+    pub enable_http_debug: bool,
+    #[serde(rename = "HTTPDebugListenAddr")]
+    pub http_debug_listen_addr: String,
+    #[serde(rename = "ZKBroker")]
+    pub zk_broker: Vec<String>,
+    #[serde(rename = "ZKServerIDAssignDir")]
+    pub zk_server_id_assign_dir: String,
+    #[serde(rename = "ZKSwitcherWatchDir")]
+    pub zk_switcher_watch_dir: String,
+    #[serde(rename = "ZKAutoRegWatchDir")]
+    pub zk_auto_reg_watch_dir: String,
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "ControlEndpoints",
+    "ProxyToken",
+    "MetricsListenAddr",
+    "MaxSessions",
+    "MaxLineBytes",
+    "FirstByteTimeoutSeconds",
+    "HandshakeTimeoutSeconds",
+    "UpstreamTimeoutSeconds",
+    "ReconnectTries",
+    "WriteTimeoutSeconds",
+    "LogFormat",
+    "ServerID",
+    "ChainType",
+    "ListenAddr",
+    "StratumServerMap",
+    "EnableUserAutoReg",
+    "AutoRegMaxWaitUsers",
+    "StratumServerCaseInsensitive",
+    "ZKUserCaseInsensitiveIndex",
+    "EnableHTTPDebug",
+    "HTTPDebugListenAddr",
+    "ZKBroker",
+    "ZKServerIDAssignDir",
+    "ZKSwitcherWatchDir",
+    "ZKAutoRegWatchDir",
+];
+
+/// A configuration that cannot work.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not the expected JSON.
+    #[error("cannot parse {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// A setting is invalid.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Text or JSON logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated settings the proxy runs on.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// The chain type.
+    pub chain: ChainType,
+    /// The fixed server ID, or `None` to lease one.
+    pub server_id: Option<u8>,
+    /// Where miners connect.
+    pub listen_addr: SocketAddr,
+    /// The sservers by coin.
+    pub upstreams: BTreeMap<String, UpstreamTarget>,
+    /// The control replicas.
+    pub control_endpoints: Vec<String>,
+    /// The control plane's ProxyToken.
+    pub proxy_token: Option<String>,
+    /// The Prometheus endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Auto-registration of unknown users.
+    pub auto_reg: bool,
+    /// The most sessions waiting for an auto-registration.
+    pub auto_reg_max_wait: usize,
+    /// Lowercase sub-accounts.
+    pub case_insensitive: bool,
+    /// Apply the case index to sub-accounts.
+    pub case_index: bool,
+    /// The most sessions.
+    pub max_sessions: usize,
+    /// The longest line.
+    pub max_line: usize,
+    /// The first byte's deadline.
+    pub first_byte_timeout: Duration,
+    /// The login's deadline.
+    pub handshake_timeout: Duration,
+    /// The sserver contract's limits.
+    pub upstream_limits: UpstreamLimits,
+    /// Tries after a lost upstream.
+    pub reconnect_tries: u32,
+    /// The deadline of one write to a peer.
+    pub write_timeout: Duration,
+    /// The log format.
+    pub log_format: LogFormat,
+}
+
+impl ProxyConfig {
+    /// Parses a config file's text. Returns the config and the top-level keys it does not know.
+    pub fn from_json(text: &str) -> Result<(Self, Vec<String>), serde_json::Error> {
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let unknown = value
+            .as_object()
+            .map(|map| {
+                map.keys()
+                    .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((serde_json::from_value(value)?, unknown))
+    }
+
+    /// Reads and parses a config file.
+    pub fn from_file(path: &std::path::Path) -> Result<(Self, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The keys that a Go config carries and the proxy ignores (they belong to the control
+    /// plane now), for a log line.
+    pub fn ignored_keys(&self) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if !self.zk_broker.is_empty() {
+            keys.push("ZKBroker");
+        }
+        if !self.zk_server_id_assign_dir.is_empty() {
+            keys.push("ZKServerIDAssignDir");
+        }
+        if !self.zk_switcher_watch_dir.is_empty() {
+            keys.push("ZKSwitcherWatchDir");
+        }
+        if !self.zk_auto_reg_watch_dir.is_empty() {
+            keys.push("ZKAutoRegWatchDir");
+        }
+        keys
+    }
+
+    /// Validates the file into the settings the proxy runs on.
+    pub fn settings(&self) -> Result<ProxySettings, ConfigError> {
+        let chain = self
+            .chain_type
+            .as_deref()
+            .unwrap_or("bitcoin")
+            .parse::<ChainType>()
+            .map_err(|e| invalid("ChainType", e.to_string()))?;
+        let server_id = match self.server_id {
+            0 => None,
+            id @ 1..=255 => Some(id as u8),
+            other => return Err(invalid("ServerID", format!("{other} is outside 0..255"))),
+        };
+        let addr = |key: &'static str, value: &str| {
+            value
+                .parse::<SocketAddr>()
+                .map_err(|e| invalid(key, format!("{value:?} is not an address: {e}")))
+        };
+        let listen_addr = addr(
+            "ListenAddr",
+            self.listen_addr.as_deref().unwrap_or("0.0.0.0:1800"),
+        )?;
+        if self.stratum_server_map.is_empty() {
+            return Err(invalid("StratumServerMap", "at least one coin is required"));
+        }
+        let mut upstreams = BTreeMap::new();
+        for (coin, server) in &self.stratum_server_map {
+            if coin.is_empty() || coin.contains('/') {
+                return Err(invalid("StratumServerMap", format!("bad coin {coin:?}")));
+            }
+            let url = server.url.trim();
+            let url = url.strip_prefix("tcp://").unwrap_or(url);
+            if url.rsplit_once(':').is_none_or(|(host, port)| {
+                host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0)
+            }) {
+                return Err(invalid(
+                    "StratumServerMap",
+                    format!("{coin}: URL {:?} is not host:port", server.url),
+                ));
+            }
+            let suffix = if server.user_suffix.is_empty() {
+                coin.clone()
+            } else {
+                server.user_suffix.clone()
+            };
+            upstreams.insert(
+                coin.clone(),
+                UpstreamTarget {
+                    coin: coin.clone(),
+                    addr: url.to_string(),
+                    user_suffix: suffix,
+                },
+            );
+        }
+        if self.control_endpoints.is_empty() {
+            return Err(invalid(
+                "ControlEndpoints",
+                "at least one control endpoint is required (e.g. \"http://127.0.0.1:50051\")",
+            ));
+        }
+        for endpoint in &self.control_endpoints {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(invalid(
+                    "ControlEndpoints",
+                    format!("{endpoint:?} must start with http:// or https://"),
+                ));
+            }
+        }
+        let metrics_addr = match (&self.metrics_listen_addr, self.enable_http_debug) {
+            (Some(a), _) if !a.is_empty() => Some(addr("MetricsListenAddr", a)?),
+            (_, true) => Some(addr("HTTPDebugListenAddr", &self.http_debug_listen_addr)?),
+            _ => None,
+        };
+        let seconds = |key: &'static str, value: Option<u64>, default: u64| match value {
+            Some(0) => Err(invalid(key, "must be at least 1")),
+            Some(v) if v > 86_400 => Err(invalid(key, "must be at most 86400")),
+            v => Ok(Duration::from_secs(v.unwrap_or(default))),
+        };
+        let max_line = self
+            .max_line_bytes
+            .unwrap_or(crate::framing::DEFAULT_MAX_LINE);
+        if !(256..=1 << 20).contains(&max_line) {
+            return Err(invalid("MaxLineBytes", "must be within 256..1048576"));
+        }
+        let max_sessions = self.max_sessions.unwrap_or(50_000);
+        if max_sessions == 0 {
+            return Err(invalid("MaxSessions", "must be at least 1"));
+        }
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("LogFormat", format!("{other:?}: text or json"))),
+        };
+        let upstream_timeout =
+            seconds("UpstreamTimeoutSeconds", self.upstream_timeout_seconds, 10)?;
+        Ok(ProxySettings {
+            chain,
+            server_id,
+            listen_addr,
+            upstreams,
+            control_endpoints: self.control_endpoints.clone(),
+            proxy_token: self.proxy_token.clone().filter(|t| !t.is_empty()),
+            metrics_addr,
+            auto_reg: self.enable_user_auto_reg,
+            auto_reg_max_wait: self.auto_reg_max_wait_users.unwrap_or(500),
+            case_insensitive: self.case_insensitive,
+            case_index: !self.zk_case_index_dir.is_empty(),
+            max_sessions,
+            max_line,
+            first_byte_timeout: seconds(
+                "FirstByteTimeoutSeconds",
+                self.first_byte_timeout_seconds,
+                15,
+            )?,
+            handshake_timeout: seconds(
+                "HandshakeTimeoutSeconds",
+                self.handshake_timeout_seconds,
+                60,
+            )?,
+            upstream_limits: UpstreamLimits {
+                connect_timeout: upstream_timeout.min(Duration::from_secs(5)),
+                handshake_timeout: upstream_timeout,
+                max_line,
+            },
+            reconnect_tries: self.reconnect_tries.unwrap_or(3).min(100),
+            write_timeout: seconds("WriteTimeoutSeconds", self.write_timeout_seconds, 30)?,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GO_CONFIG: &str = r#"{
+        "ServerID": 0,
+        "ChainType": "bitcoin",
+        "ListenAddr": "0.0.0.0:18080",
+        "StratumServerMap": {
+            "btc": {"URL": "127.0.0.1:1800", "UserSuffix": "btc"},
+            "bcc": {"URL": "127.0.0.1:1801", "UserSuffix": ""}
+        },
+        "ZKBroker": ["127.0.0.1:2181"],
+        "ZKServerIDAssignDir": "/stratumSwitcher/btcbcc_id/",
+        "ZKSwitcherWatchDir": "/stratumSwitcher/btcbcc/",
+        "EnableUserAutoReg": true,
+        "ZKAutoRegWatchDir": "/stratumSwitcher/btcbcc_autoreg/",
+        "AutoRegMaxWaitUsers": 10,
+        "StratumServerCaseInsensitive": false,
+        "ZKUserCaseInsensitiveIndex": "/stratumSwitcher/user_case/",
+        "EnableHTTPDebug": true,
+        "HTTPDebugListenAddr": "127.0.0.1:2222",
+        "ControlEndpoints": ["http://127.0.0.1:50051"],
+        "SomethingNew": 1
+    }"#;
+
+    #[test]
+    fn reads_the_go_proxy_file() {
+        let (config, unknown) = ProxyConfig::from_json(GO_CONFIG).expect("parse");
+        assert_eq!(unknown, vec!["SomethingNew".to_string()]);
+        let settings = config.settings().expect("valid");
+        assert_eq!(settings.server_id, None);
+        assert_eq!(settings.upstreams["bcc"].user_suffix, "bcc");
+        assert_eq!(settings.upstreams["btc"].addr, "127.0.0.1:1800");
+        assert!(settings.auto_reg && settings.case_index && !settings.case_insensitive);
+        assert_eq!(settings.auto_reg_max_wait, 10);
+        assert_eq!(settings.metrics_addr, "127.0.0.1:2222".parse().ok());
+        assert_eq!(config.ignored_keys().len(), 4);
+    }
+
+    #[test]
+    fn refuses_settings_that_cannot_work() {
+        for (patch, key) in [
+            (r#"{"ServerID": 256}"#, "ServerID"),
+            (r#"{"ChainType": "dogecoin"}"#, "ChainType"),
+            (r#"{"StratumServerMap": {}}"#, "StratumServerMap"),
+            (
+                r#"{"StratumServerMap": {"btc": {"URL": "nohost"}}}"#,
+                "StratumServerMap",
+            ),
+            (r#"{"ControlEndpoints": []}"#, "ControlEndpoints"),
+            (
+                r#"{"ControlEndpoints": ["10.0.0.1:50051"]}"#,
+                "ControlEndpoints",
+            ),
+            (r#"{"ListenAddr": "x"}"#, "ListenAddr"),
+            (r#"{"MaxLineBytes": 10}"#, "MaxLineBytes"),
+            (
+                r#"{"HandshakeTimeoutSeconds": 0}"#,
+                "HandshakeTimeoutSeconds",
+            ),
+        ] {
+            let mut value: serde_json::Value = serde_json::from_str(GO_CONFIG).expect("json");
+            let patch: serde_json::Value = serde_json::from_str(patch).expect("json");
+            for (k, v) in patch.as_object().expect("object") {
+                value[k] = v.clone();
+            }
+            let (config, _) = ProxyConfig::from_json(&value.to_string()).expect("parse");
+            match config.settings() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{patch}: expected an error on {key}, got {other:?}"),
+            }
+        }
+    }
+}
