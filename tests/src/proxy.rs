@@ -1,0 +1,206 @@
+//! The Stratum proxy for tests: the real `switchyard-proxy` binary on a config file written
+//! from a JSON value ([`ProxyProcess`]), or the library's [`Proxy`] in-process
+//! ([`InProcessProxy`]), both on free loopback ports with their metrics endpoint on.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use switchyard_proxy::{config::ProxyConfig, server::Proxy};
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+use crate::{
+    control::{ControlFixtureError, free_port, workspace_binary},
+    sserver::Sserver,
+};
+
+/// A proxy config for tests: listening on a free port, metrics on, the given control replicas
+/// and sservers (coin → sserver), server ID 1 unless `adjust` says otherwise.
+pub fn proxy_config(
+    control: &[SocketAddr],
+    sservers: &[&Sserver],
+) -> Result<Value, ControlFixtureError> {
+    let mut map = serde_json::Map::new();
+    for s in sservers {
+        map.insert(
+            s.coin().to_string(),
+            json!({"URL": s.addr().to_string(), "UserSuffix": s.config().suffix()}),
+        );
+    }
+    Ok(json!({
+        "ServerID": 1,
+        "ChainType": "bitcoin",
+        "ListenAddr": format!("127.0.0.1:{}", free_port()?),
+        "MetricsListenAddr": format!("127.0.0.1:{}", free_port()?),
+        "StratumServerMap": map,
+        "ControlEndpoints": control.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>(),
+        "HandshakeTimeoutSeconds": 20,
+    }))
+}
+
+/// The proxy library in this process.
+pub struct InProcessProxy {
+    /// The running proxy.
+    pub proxy: Proxy,
+}
+
+impl InProcessProxy {
+    /// Starts a proxy on `config` (see [`proxy_config`]) and waits until its cache is synced.
+    pub async fn start(config: &Value) -> Result<Self, ControlFixtureError> {
+        let (config, _) = ProxyConfig::from_json(&config.to_string())
+            .map_err(|e| ControlFixtureError::Timeout(format!("bad proxy config: {e}")))?;
+        let settings = config
+            .settings()
+            .map_err(|e| ControlFixtureError::Timeout(format!("bad proxy config: {e}")))?;
+        let proxy = Proxy::start(settings)
+            .await
+            .map_err(|e| ControlFixtureError::Timeout(format!("proxy start: {e}")))?;
+        let cache = proxy.context.cache.clone();
+        tokio::time::timeout(Duration::from_secs(20), cache.wait_synced())
+            .await
+            .map_err(|_| ControlFixtureError::Timeout("proxy cache never synced".into()))?;
+        Ok(Self { proxy })
+    }
+
+    /// Where miners connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.listen_addr
+    }
+
+    /// The metrics text.
+    pub fn metrics(&self) -> String {
+        self.proxy.context.metrics.render()
+    }
+}
+
+/// The real `switchyard-proxy` binary. Killed on drop.
+pub struct ProxyProcess {
+    /// Where miners connect.
+    pub addr: SocketAddr,
+    /// Where the metrics are served.
+    pub metrics_addr: SocketAddr,
+    child: Option<Child>,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts the binary on `config` (see [`proxy_config`]) and waits until its metrics say
+    /// the cache is synced with the control plane (`switchyard_proxy_control_connected 1`).
+    pub async fn start(config: &Value) -> Result<Self, ControlFixtureError> {
+        let dir = tempfile::tempdir().map_err(|e| ControlFixtureError::Io("tempdir", e))?;
+        let addr: SocketAddr = config["ListenAddr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| ControlFixtureError::Timeout("config without ListenAddr".into()))?;
+        let metrics_addr: SocketAddr = config["MetricsListenAddr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                ControlFixtureError::Timeout("config without MetricsListenAddr".into())
+            })?;
+        let config_path = dir.path().join("proxy.json");
+        std::fs::write(&config_path, config.to_string())
+            .map_err(|e| ControlFixtureError::Io("writing the config", e))?;
+        let mut this = Self {
+            addr,
+            metrics_addr,
+            child: None,
+            log_path: dir.path().join("proxy.log"),
+            config_path,
+            _dir: dir,
+        };
+        this.spawn().await?;
+        Ok(this)
+    }
+
+    async fn spawn(&mut self) -> Result<(), ControlFixtureError> {
+        let binary = workspace_binary("switchyard-proxy")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(|e| ControlFixtureError::Io("opening the log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| ControlFixtureError::Io("cloning the log", e))?;
+        let child = Command::new(binary)
+            .arg(format!("-config={}", self.config_path.display()))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| ControlFixtureError::Io("spawning switchyard-proxy", e))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = self.metrics().await
+                && text.contains("switchyard_proxy_control_connected 1")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ControlFixtureError::Timeout(format!(
+                    "the proxy never synced\n--- proxy log ---\n{}",
+                    self.log()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The metrics text, fetched over HTTP.
+    pub async fn metrics(&self) -> Result<String, String> {
+        let url = format!("http://{}/metrics", self.metrics_addr);
+        let response = reqwest::get(&url).await.map_err(|e| e.to_string())?;
+        response.text().await.map_err(|e| e.to_string())
+    }
+
+    /// The value of one metric sample (`name{labels}` exactly as rendered), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> Result<f64, String> {
+        let text = self.metrics().await?;
+        Ok(metric_value(&text, sample))
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The process's resident memory, in KiB (from /proc).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+/// The value of one sample in a metrics text, 0 when absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
