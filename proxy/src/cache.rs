@@ -567,6 +567,11 @@ mod tests {
         assert_eq!(cache.coin_of("b"), coin("ltc"));
         assert_eq!(cache.coin_of("zzz"), None);
         assert_eq!(cache.revision(), 6);
+        assert_eq!(
+            cache.snapshots_applied(),
+            1,
+            "only the first snapshot was applied"
+        );
     }
 
     #[tokio::test]

@@ -413,6 +413,11 @@ pub async fn follow_switches(
                 revision = cache.revision(),
                 "WatchSwitches stream ended by the control plane; reconnecting"
             ),
+            Some(e) if e.is_definitive() => error!(
+                endpoint,
+                error = %e,
+                "WatchSwitches refused by the control plane (check ProxyToken and the endpoint); retrying"
+            ),
             Some(e) if end.synced => warn!(
                 endpoint,
                 error = %e,

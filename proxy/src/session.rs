@@ -526,7 +526,7 @@ impl Session {
                 line = miner.reader.read_raw_line(), if reading_miner => {
                     match line {
                         Ok(Some(line)) => {
-                            if let Err(end) = self.from_miner(&mut miner, &mut r, line).await {
+                            if let Err(end) = self.on_miner_line(&mut miner, &mut r, line).await {
                                 return end;
                             }
                         }
@@ -537,7 +537,7 @@ impl Session {
                 line = read_upstream(&mut r.upstream) => {
                     match line {
                         Some(line) => {
-                            if let Err(end) = self.from_upstream(&mut miner, &mut r, line, false).await {
+                            if let Err(end) = self.on_upstream_line(&mut miner, &mut r, line, false).await {
                                 return end;
                             }
                         }
@@ -565,7 +565,7 @@ impl Session {
                                     r.draining = None;
                                 }
                             }
-                            if let Err(end) = self.from_upstream(&mut miner, &mut r, line, true).await {
+                            if let Err(end) = self.on_upstream_line(&mut miner, &mut r, line, true).await {
                                 return end;
                             }
                         }
@@ -713,7 +713,7 @@ impl Session {
     }
 
     /// A line from the miner while relaying.
-    async fn from_miner(
+    async fn on_miner_line(
         &mut self,
         miner: &mut Miner,
         r: &mut Relay,
@@ -801,7 +801,7 @@ impl Session {
     }
 
     /// A line from the upstream (or the draining old one) while relaying.
-    async fn from_upstream(
+    async fn on_upstream_line(
         &mut self,
         miner: &mut Miner,
         r: &mut Relay,

@@ -136,7 +136,7 @@ pub struct UpstreamLogin {
 }
 
 /// Time and size limits of [`open`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamLimits {
     /// For the TCP connect (name resolution included).
     pub connect_timeout: Duration,
@@ -556,7 +556,7 @@ impl Handshake<'_> {
             )));
         }
         self.held_bytes += raw.len();
-        let _ = raw;
+        self.held.push(raw);
         Ok(())
     }
 
@@ -982,7 +982,7 @@ mod tests {
 
     #[tokio::test]
     async fn silence_times_out_and_closing_is_closed() {
-        let (target, server) = scripted(|mut peer| async move {
+        let (target, server) = scripted(|peer| async move {
             // Reads and never answers, until the proxy gives up.
             peer.drain().await;
         })

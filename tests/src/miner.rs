@@ -56,7 +56,11 @@ impl Miner {
         if let Some(ip) = source {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
-        let stream = socket.connect(addr).await?;
+        Self::from_stream(socket.connect(addr).await?)
+    }
+
+    /// A miner on a connected stream (for a test that set socket options itself).
+    pub fn from_stream(stream: tokio::net::TcpStream) -> Result<Self, MinerError> {
         stream.set_nodelay(true)?;
         let (reader, writer) = stream.into_split();
         Ok(Self {
@@ -66,6 +70,11 @@ impl Miner {
             malformed: Vec::new(),
             next_id: 1,
         })
+    }
+
+    /// The connection's two halves, for a test that reads and writes from separate tasks.
+    pub fn into_parts(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
+        (self.reader, self.writer)
     }
 
     /// Sends one JSON value as a line.
@@ -146,7 +155,9 @@ impl Miner {
         worker: &str,
         timeout: Duration,
     ) -> Result<(Value, Value), MinerError> {
-        let sub = self.request("mining.subscribe", json!(["cgminer/4.10"])).await?;
+        let sub = self
+            .request("mining.subscribe", json!(["cgminer/4.10"]))
+            .await?;
         let sub = self.answer(sub, timeout).await?;
         let auth = self
             .request("mining.authorize", json!([worker, "x"]))
@@ -157,11 +168,17 @@ impl Miner {
 
     /// Waits for a `mining.notify` whose job id starts with `coin` (the simulated sserver names
     /// jobs `btc-42`).
-    pub async fn wait_job_of(&mut self, coin: &str, timeout: Duration) -> Result<Value, MinerError> {
+    pub async fn wait_job_of(
+        &mut self,
+        coin: &str,
+        timeout: Duration,
+    ) -> Result<Value, MinerError> {
         let prefix = format!("{coin}-");
         self.wait_for(&format!("a {coin} job"), timeout, |v| {
             v["method"] == "mining.notify"
-                && v["params"][0].as_str().is_some_and(|j| j.starts_with(&prefix))
+                && v["params"][0]
+                    .as_str()
+                    .is_some_and(|j| j.starts_with(&prefix))
         })
         .await
     }

@@ -30,8 +30,12 @@ async fn a_miner_follows_its_users_coin_without_reconnecting() {
         .switch_coin(switch("alice", "btc"))
         .await
         .expect("switch to btc");
-    let btc = Sserver::start(SserverConfig::new("btc")).await.expect("btc");
-    let bch = Sserver::start(SserverConfig::new("bch")).await.expect("bch");
+    let btc = Sserver::start(SserverConfig::new("btc"))
+        .await
+        .expect("btc");
+    let bch = Sserver::start(SserverConfig::new("bch"))
+        .await
+        .expect("bch");
     let config = proxy_config(&[control.addr], &[&btc, &bch]).expect("config");
     let proxy = InProcessProxy::start(&config).await.expect("proxy");
 
@@ -41,25 +45,43 @@ async fn a_miner_follows_its_users_coin_without_reconnecting() {
     assert_eq!(auth["result"], json!(true), "{auth}");
     miner.wait_job_of("btc", T).await.expect("a btc job");
     let id = miner
-        .request("mining.submit", json!(["alice.rig1", "btc-1", "00", "00", "00"]))
+        .request(
+            "mining.submit",
+            json!(["alice.rig1", "btc-1", "00", "00", "00"]),
+        )
         .await
         .expect("submit");
-    assert_eq!(miner.answer(id, T).await.expect("answer")["result"], json!(true));
+    assert_eq!(
+        miner.answer(id, T).await.expect("answer")["result"],
+        json!(true)
+    );
 
     control
         .admin()
         .switch_coin(switch("alice", "bch"))
         .await
         .expect("switch to bch");
-    miner.wait_job_of("bch", T).await.expect("a bch job after the switch");
+    miner
+        .wait_job_of("bch", T)
+        .await
+        .expect("a bch job after the switch");
     let id = miner
-        .request("mining.submit", json!(["alice.rig1", "bch-1", "00", "00", "00"]))
+        .request(
+            "mining.submit",
+            json!(["alice.rig1", "bch-1", "00", "00", "00"]),
+        )
         .await
         .expect("submit");
-    assert_eq!(miner.answer(id, T).await.expect("answer")["result"], json!(true));
+    assert_eq!(
+        miner.answer(id, T).await.expect("answer")["result"],
+        json!(true)
+    );
     let records = bch.records();
     assert!(
-        records.subscribes.iter().any(|s| s.sid.as_deref() == Some(sid.as_str())),
+        records
+            .subscribes
+            .iter()
+            .any(|s| s.sid.as_deref() == Some(sid.as_str())),
         "bch saw the same SID {sid}: {}",
         records.summary()
     );
@@ -69,7 +91,15 @@ async fn a_miner_follows_its_users_coin_without_reconnecting() {
         .iter()
         .filter(|v| v["id"] == json!(2) && v.get("method").is_none())
         .count();
-    assert_eq!(auth_answers, 1, "the replayed authorize is not answered to the miner");
-    assert!(proxy.metrics().contains("switchyard_proxy_switches_total{coin=\"bch\",outcome=\"ok\"} 1"),
-        "{}", proxy.metrics());
+    assert_eq!(
+        auth_answers, 1,
+        "the replayed authorize is not answered to the miner"
+    );
+    assert!(
+        proxy
+            .metrics()
+            .contains("switchyard_proxy_switches_total{coin=\"bch\",outcome=\"ok\"} 1"),
+        "{}",
+        proxy.metrics()
+    );
 }
