@@ -625,7 +625,7 @@ mod tests {
         );
 
         let mut plain = Handshake::new(ChainType::Ethereum, sid, 1);
-        let sub = br#"{"id":1,"method":"mining.subscribe","params":["ethminer/0.19","EthereumStratum/0.9"]}"#;
+        let sub = br#"{"id":1,"method":"mining.subscribe","params":["ethminer/0.19","Stratum"]}"#;
         assert_eq!(reply(plain.on_line(sub, &SENSITIVE))["result"], json!(true));
         assert_eq!(plain.dialect(), Dialect::EthStratum);
 

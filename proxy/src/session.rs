@@ -942,7 +942,7 @@ fn upstream_login(
         Dialect::EthereumStratum1 => (
             SubscribeParams::Ethereum {
                 agent,
-                protocol: hs.protocol().unwrap_or("EthereumStratum/1.0.0").to_string(),
+                protocol: hs.protocol().unwrap_or("Stratum").to_string(),
             },
             EchoCheck::EthereumStratum {
                 sid: hs.sid_text(),

@@ -582,6 +582,8 @@ impl Handshake<'_> {
                 .and_then(Value::as_str)
                 .and_then(|m| u32::from_str_radix(m, 16).ok());
         } else {
+            // Refused: the miner must not roll any bit.
+            self.configure_mask = Some(0);
             debug!(coin = %self.target.coin, sid = %self.login.sid, result = %short(result),
                    "sserver did not grant version rolling");
         }

@@ -624,3 +624,69 @@ async fn closed(stream: &mut TcpStream) -> bool {
         }
     }
 }
+
+/// A proxy whose control replica becomes unreachable renews through another replica and keeps
+/// its server ID: the second replica takes the lease node over (it names the same proxy
+/// instance), so the ID is never handed to another proxy while this one's sessions use it.
+#[tokio::test]
+async fn a_leased_server_id_survives_a_failover_between_replicas() {
+    use switchyard_proto::v1::ListProxiesRequest;
+    use switchyard_tests::relay::TcpRelay;
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("proxy-lease-failover");
+    let start = || {
+        let root = root.clone();
+        InProcessControl::start_with(move |c| {
+            c.zk_broker = vec![zk.connect_string()];
+            c.zk_switcher_watch_dir = format!("{root}/switcher/");
+            c.zk_switchyard_dir = format!("{root}/switchyard/");
+            c.zk_server_id_assign_dir = format!("{root}/swid/");
+            c.lease_ttl_seconds = 3;
+        })
+    };
+    let a = start().await.expect("replica A");
+    let b = start().await.expect("replica B");
+    let btc = sserver("btc").await;
+    let to_a = TcpRelay::start(a.addr).await.expect("relay to A");
+    let mut config = proxy_config(&[to_a.addr, b.addr], &[&btc]).expect("config");
+    config["ServerID"] = json!(0);
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+    let leased = proxy
+        .metric("switchyard_proxy_server_id")
+        .await
+        .expect("metric");
+    assert!(leased >= 1.0, "a server ID was leased: {leased}");
+
+    to_a.block();
+    // The lease is renewed through B (the TTL is 3 s, renewals every second), and B lists it.
+    wait_until(T, "B to hold the proxy's lease", || async {
+        let proxies = b
+            .admin()
+            .list_proxies(ListProxiesRequest::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .proxies;
+        let held: Vec<u32> = proxies.iter().map(|p| p.server_id).collect();
+        let log = proxy.log();
+        if log.contains("SERVER ID CHANGED") {
+            return Ok(Err(format!("the ID changed: {held:?}")));
+        }
+        if held == vec![leased as u32] && log.contains("re-acquiring") {
+            Ok(Ok(()))
+        } else {
+            Err(format!("B lists {held:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()))
+    .unwrap_or_else(|e: String| panic!("{e}\n{}", proxy.log()));
+    assert_eq!(
+        proxy
+            .metric("switchyard_proxy_server_id")
+            .await
+            .expect("metric"),
+        leased,
+        "the proxy kept its server ID"
+    );
+}

@@ -6,10 +6,12 @@
 //! - bitcoin: the subscribe answer and its session ID, `mining.configure` with and without a
 //!   mask, `mining.set_version_mask` after the authorize answer, what the sserver receives
 //!   (subscribe params, the normalized worker), the suffix retry, an sserver echoing another
-//!   session ID, and every error code of SPEC §1 in its JSON-RPC 1.0 form;
+//!   session ID, an sserver refusing version rolling, and every error code of SPEC §1 in its
+//!   JSON-RPC 1.0 form;
 //! - decred-normal and decred-gominer: the session ID texts, with sservers of the same dialect;
 //! - ethereum: ETHProxy (wallet address, `worker` field, JSON-RPC 2.0 answers and errors),
-//!   plain Ethereum Stratum, EthereumStratum/1.0.0 and NiceHash's short extranonce.
+//!   plain Ethereum Stratum, EthereumStratum/1.0.0 (also for a BTCAgent) and NiceHash's short
+//!   extranonce.
 
 use std::time::Duration;
 
@@ -370,8 +372,10 @@ async fn bitcoin_error_codes_through_the_proxy_binary() {
     config["StratumServerMap"]["bch"] = json!({"URL": dead_addr, "UserSuffix": "bch"});
     let proxy = ProxyProcess::start(&config).await.expect("proxy binary");
 
-    // 101, 103, 102, 103, 104, 105 on one connection, which stays usable.
+    // 101, 103, 102, 103, 104, 105 on one connection, which stays usable; a line that is
+    // not JSON is ignored (`ask` checks that the next line answers the next request).
     let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    miner.send_raw(b"{not json\n").await.expect("send");
     let (id, answer) = ask(&mut miner, "mining.authorize", json!(["alice.rig1", "x"])).await;
     assert_eq!(answer, error_v1(id, 101, "Need Subscribed", SERVER_ID));
     let (id, answer) = ask(&mut miner, "mining.configure", json!([["version-rolling"]])).await;
@@ -640,18 +644,29 @@ async fn ethereum_dialects() {
     );
     miners.push(plain);
 
-    // EthereumStratum/1.0.0, then NiceHash's 4-digit extranonce.
-    for (agent, worker, nicehash) in [
-        ("ethminer/0.19.0", "alice.rig5", false),
-        ("NiceHash/1.0.0", "alice.rig6", true),
+    // EthereumStratum/1.0.0 (the protocol in any case), then NiceHash's 4-digit extranonce.
+    for (agent, protocol, worker, nicehash) in [
+        (
+            "ethminer/0.19.0",
+            "EthereumStratum/1.0.0",
+            "alice.rig5",
+            false,
+        ),
+        (
+            "ethminer/0.19.0",
+            "ethereumstratum/1.0.0",
+            "alice.rig7",
+            false,
+        ),
+        (
+            "NiceHash/1.0.0",
+            "EthereumStratum/1.0.0",
+            "alice.rig6",
+            true,
+        ),
     ] {
         let mut miner = Miner::connect(proxy.addr()).await.expect("connect");
-        let (id, answer) = ask(
-            &mut miner,
-            "mining.subscribe",
-            json!([agent, "EthereumStratum/1.0.0"]),
-        )
-        .await;
+        let (id, answer) = ask(&mut miner, "mining.subscribe", json!([agent, protocol])).await;
         let sid = answer["result"][0][1].as_str().unwrap_or("").to_string();
         assert_eth_sid(&sid, SERVER_ID);
         let extranonce = if nicehash {
@@ -665,15 +680,15 @@ async fn ethereum_dialects() {
                 id,
                 json!([["mining.notify", sid, "EthereumStratum/1.0.0"], extranonce])
             ),
-            "{agent}"
+            "{agent} {protocol}"
         );
         let (id, answer) = ask(&mut miner, "mining.authorize", json!([worker, "x"])).await;
-        assert_eq!(answer, ok_v1(id, json!(true)), "{agent}");
+        assert_eq!(answer, ok_v1(id, json!(true)), "{agent} {protocol}");
         let (subscribe, _) = subscribe_of(&eth, worker).await;
         assert_eq!(
             subscribe.params,
-            json!([agent, "EthereumStratum/1.0.0", sid, LOCALHOST_IP]),
-            "{agent}"
+            json!([agent, protocol, sid, LOCALHOST_IP]),
+            "{agent} {protocol}"
         );
         assert_eq!(subscribe.answered_sid, sid);
         miners.push(miner);
@@ -693,4 +708,122 @@ async fn ethereum_dialects() {
     for miner in &miners {
         assert!(miner.malformed.is_empty(), "{:?}", miner.malformed);
     }
+}
+
+/// SPEC §2: `mining.set_version_mask` carries (the sserver's allowed mask & the miner's mask).
+/// An sserver that refuses version rolling (`{"version-rolling":false}`, no
+/// `mining.set_version_mask`) allows no bits, so the miner must be told `00000000`, not left
+/// with the provisional mask the proxy granted before any upstream existed (its shares with
+/// rolled versions would be rejected).
+#[tokio::test]
+async fn bitcoin_version_rolling_refused_by_the_sserver_gives_the_miner_an_empty_mask() {
+    let control = InProcessControl::start().await.expect("control");
+    set_coins(&control, &[("alice", "btc")]).await;
+    let btc = Sserver::start(
+        SserverConfig::new("btc")
+            .version_mask(None)
+            .job_interval(None),
+    )
+    .await
+    .expect("sserver");
+    let config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    let proxy = InProcessProxy::start(&config).await.expect("proxy");
+
+    let mut miner = Miner::connect(proxy.addr()).await.expect("connect");
+    let (id, configured) = ask(
+        &mut miner,
+        "mining.configure",
+        json!([["version-rolling"], {"version-rolling.mask": "1fffe000"}]),
+    )
+    .await;
+    assert_eq!(
+        configured,
+        ok_v1(
+            id,
+            json!({"version-rolling": true, "version-rolling.mask": "1fffe000"})
+        ),
+        "the provisional answer"
+    );
+    ask(&mut miner, "mining.subscribe", json!(["cgminer/4.10.0"])).await;
+    let start = miner.received.len();
+    let auth_id = miner
+        .request("mining.authorize", json!(["alice.rig1", "x"]))
+        .await
+        .expect("authorize");
+    miner.wait_job_of("btc", T).await.expect("a job");
+    let after: Vec<Value> = miner.received[start..].to_vec();
+    assert_eq!(after[0], ok_v1(auth_id, json!(true)), "{after:?}");
+    let (subscribe, records) = subscribe_of(&btc, "alice.rig1").await;
+    let configure = records
+        .configures
+        .iter()
+        .find(|c| c.conn == subscribe.conn)
+        .unwrap_or_else(|| panic!("the configure upstream: {}", records.summary()));
+    assert_eq!(
+        (
+            configure.mask.as_deref(),
+            configure.answered_mask.as_deref()
+        ),
+        (Some("1fffe000"), None),
+        "the sserver was asked and refused"
+    );
+    let masks: Vec<&Value> = after
+        .iter()
+        .filter(|v| v["method"] == "mining.set_version_mask")
+        .collect();
+    assert_eq!(
+        masks,
+        [&json!({"id": null, "method": "mining.set_version_mask", "params": ["00000000"]})],
+        "the sserver allows no version bits: {after:?}"
+    );
+}
+
+/// SPEC §1/§2: a BTCAgent (`btccom-agent/...`) selects EthereumStratum/1.0.0 towards the miner,
+/// and the subscribe sent to the sserver carries the miner's agent and the protocol the miner
+/// gave, which defaults to `Stratum` (as the Go switcher sent: the sserver recognises the
+/// BTCAgent by its agent).
+#[tokio::test]
+async fn ethereum_btcagent_subscribe_sends_the_default_protocol_upstream() {
+    const SERVER_ID: u8 = 9;
+    let control = InProcessControl::start_with(|c| c.available_coins.push("eth".into()))
+        .await
+        .expect("control");
+    set_coins(&control, &[("alice", "eth")]).await;
+    let eth = Sserver::start(
+        SserverConfig::new("eth")
+            .dialect(Dialect::Ethereum)
+            .job_interval(None),
+    )
+    .await
+    .expect("sserver");
+    let mut config = proxy_config(&[control.addr], &[&eth]).expect("config");
+    config["ServerID"] = json!(SERVER_ID);
+    config["ChainType"] = json!("ethereum");
+    let proxy = InProcessProxy::start(&config).await.expect("proxy");
+
+    let mut miner = Miner::connect(proxy.addr()).await.expect("connect");
+    let (id, answer) = ask(
+        &mut miner,
+        "mining.subscribe",
+        json!(["btccom-agent/1.0.0"]),
+    )
+    .await;
+    let sid = answer["result"][0][1].as_str().unwrap_or("").to_string();
+    assert_eth_sid(&sid, SERVER_ID);
+    assert_eq!(
+        answer,
+        ok_v1(
+            id,
+            json!([["mining.notify", sid, "EthereumStratum/1.0.0"], sid])
+        ),
+        "a BTCAgent gets the EthereumStratum/1.0.0 answer"
+    );
+    let (id, answer) = ask(&mut miner, "mining.authorize", json!(["alice.agent", "x"])).await;
+    assert_eq!(answer, ok_v1(id, json!(true)));
+    let (subscribe, _) = subscribe_of(&eth, "alice.agent").await;
+    assert_eq!(
+        subscribe.params,
+        json!(["btccom-agent/1.0.0", "Stratum", sid, LOCALHOST_IP]),
+        "the protocol sent upstream defaults to Stratum"
+    );
 }

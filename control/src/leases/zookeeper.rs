@@ -190,6 +190,18 @@ impl Inner {
         }
     }
 
+    /// The proxy instance named in an existing lease node, if it can be read.
+    async fn node_instance(&self, path: &str) -> Result<Option<String>, LeaseError> {
+        match timed(self.request_timeout, self.zk.get_data(path, false)).await {
+            Ok((data, _)) => Ok(serde_json::from_slice::<LeaseNode>(&data)
+                .ok()
+                .map(|n| n.instance_id)
+                .filter(|i| !i.is_empty())),
+            Err(ZkError::NoNode) => Ok(None),
+            Err(e) => Err(unavailable("get", path, e)),
+        }
+    }
+
     /// Whether an existing node is this replica's own lease for `instance_id` (created in this
     /// same session before a reconnect).
     async fn is_ours(&self, path: &str, instance_id: &str) -> Result<bool, LeaseError> {
@@ -228,7 +240,18 @@ impl Inner {
         let children = timed(self.request_timeout, self.zk.get_children(path_dir, false))
             .await
             .map_err(|e| unavailable("list", path_dir, e))?;
-        let taken: BTreeSet<u8> = children.iter().filter_map(|c| c.parse().ok()).collect();
+        let mut taken: BTreeSet<u8> = children.iter().filter_map(|c| c.parse().ok()).collect();
+        // The preferred ID held by this same proxy instance through another replica (the proxy
+        // failed over to this one): take the lease over, so the proxy keeps its ID.
+        if let Some(id) = preferred.filter(|id| taken.contains(id)) {
+            let path = format!("{dir}{id}");
+            if self.node_instance(&path).await?.as_deref() == Some(proxy.instance_id.as_str()) {
+                info!(chain_type = %chain, server_id = id, instance_id = %proxy.instance_id,
+                    "taking over a proxy's lease from another replica");
+                self.delete(&path).await;
+                taken.remove(&id);
+            }
+        }
         // The preferred ID if free; else the one this instance holds; else the lowest free.
         let preferred_free = preferred.filter(|id| !taken.contains(id));
         if preferred_free.is_none()
