@@ -11,6 +11,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// The default longest line, in bytes (without the `\n`).
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024;
 
+/// The size of the first read into an empty buffer.
+const FIRST_READ: usize = 512;
+
+/// The largest single read.
+const MAX_READ: usize = 8 * 1024;
+
 /// Why a line could not be read.
 #[derive(Debug, Error)]
 pub enum FrameError {
@@ -37,7 +43,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(inner: R, max_line: usize) -> Self {
         Self {
             inner,
-            buffer: BytesMut::with_capacity(1024.min(max_line + 1)),
+            buffer: BytesMut::new(),
             max_line,
             scanned: 0,
         }
@@ -60,7 +66,14 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             if let Some(line) = self.take_line(raw)? {
                 return Ok(Some(line));
             }
-            let want = (self.max_line + 1 - self.buffer.len()).clamp(1, 8 * 1024);
+            // Small first reads, growing with a long line: an idle session holds no buffer
+            // (it is released once every line in it is taken) and a busy one little.
+            let want = self
+                .buffer
+                .len()
+                .clamp(FIRST_READ, MAX_READ)
+                .min(self.max_line + 1 - self.buffer.len())
+                .max(1);
             self.buffer.reserve(want);
             let n = (&mut self.inner)
                 .take(want as u64)
@@ -82,6 +95,11 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 }
                 let mut line = self.buffer.split_to(end + 1);
                 self.scanned = 0;
+                if self.buffer.is_empty() {
+                    // Let go of the rest of the allocation (it stays with the line until the
+                    // line is dropped): an idle session keeps no buffer.
+                    self.buffer = BytesMut::new();
+                }
                 if raw {
                     return Ok(Some(line.freeze()));
                 }
