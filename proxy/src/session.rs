@@ -386,10 +386,7 @@ impl Session {
             upstream.auth_error.clone(),
             hs.json_rpc2(),
         );
-        if let Err(end) = miner.write_text(&first_line).await {
-            return end;
-        }
-        if let Err(end) = announce(&mut miner, &hs, &upstream).await {
+        if let Err(end) = announce(&mut miner, &hs, &upstream, Some(&first_line)).await {
             return end;
         }
         self.ctx.metrics.handshake("ok", "ok");
@@ -672,7 +669,7 @@ impl Session {
             self.ctx.metrics.switch(&coin, "ok");
         }
         r.coin = coin.clone();
-        announce(miner, &r.hs, &upstream).await?;
+        announce(miner, &r.hs, &upstream, None).await?;
         upstream.held.clear();
         while let Some(line) = r.queued.pop_front() {
             self.send_upstream(&mut upstream, &mut r.outstanding, &line)
@@ -871,19 +868,33 @@ async fn poll_opening(
 
 /// After an upstream's auth: the version mask (when the miner asked for version rolling),
 /// then the lines the sserver sent during the handshake, in order.
-async fn announce(miner: &mut Miner, hs: &Handshake, upstream: &Upstream) -> Result<(), End> {
+/// `first` (the auth answer of a first login) comes before them; all of it in one write.
+async fn announce(
+    miner: &mut Miner,
+    hs: &Handshake,
+    upstream: &Upstream,
+    first: Option<&str>,
+) -> Result<(), End> {
+    let mut out =
+        Vec::with_capacity(256 + upstream.held.iter().map(|l| l.len() + 1).sum::<usize>());
+    if let Some(first) = first {
+        out.extend_from_slice(first.as_bytes());
+        out.push(b'\n');
+    }
     if let Some(mask) = hs.version_mask() {
         let allowed = upstream.allowed_mask.map_or(mask, |allowed| allowed & mask);
         let line = json!({"id": null, "method": "mining.set_version_mask", "params": [format!("{allowed:08x}")]});
-        miner.write_text(&line.to_string()).await?;
+        out.extend_from_slice(line.to_string().as_bytes());
+        out.push(b'\n');
     }
     for line in &upstream.held {
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line);
-        bytes.push(b'\n');
-        miner.write(&bytes).await?;
+        out.extend_from_slice(line);
+        out.push(b'\n');
     }
-    Ok(())
+    if out.is_empty() {
+        return Ok(());
+    }
+    miner.write(&out).await
 }
 
 /// Opens an upstream, trying again about a second apart (SPEC §4) unless the sserver refused
