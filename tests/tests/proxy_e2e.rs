@@ -690,3 +690,108 @@ async fn a_leased_server_id_survives_a_failover_between_replicas() {
         "the proxy kept its server ID"
     );
 }
+
+/// At most `AutoRegMaxWaitUsers` sessions wait for a registration; the next is closed at once,
+/// and the waiting ones are authorized when their registrations land.
+#[tokio::test]
+async fn waiting_for_registrations_is_bounded() {
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let next = Arc::new(Mutex::new(500i64));
+    let app = Router::new().route(
+        "/register",
+        post(move || {
+            let next = next.clone();
+            let mut gate = gate_rx.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                let puid = {
+                    let mut n = next.lock().expect("puid");
+                    *n += 1;
+                    *n
+                };
+                Json(json!({"data": {"puid": puid}, "status": "success", "message": ""}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/register", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let control = InProcessControl::start_with(|c| {
+        c.enable_user_auto_reg = true;
+        c.auto_reg_timeout_seconds = 30;
+        c.user_auto_reg_api = AutoRegApiConfig {
+            interval_seconds: 0,
+            url: url.clone(),
+            user: String::new(),
+            password: String::new(),
+            default_coin: "btc".into(),
+            post_data: [("sub_name".to_string(), "{sub_name}".to_string())]
+                .into_iter()
+                .collect(),
+        };
+    })
+    .await
+    .expect("control");
+    let btc = sserver("btc").await;
+    let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    config["EnableUserAutoReg"] = json!(true);
+    config["AutoRegMaxWaitUsers"] = json!(2);
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+
+    let mut waiting = Vec::new();
+    for name in ["wait-a", "wait-b"] {
+        let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+        let sub = miner
+            .request("mining.subscribe", json!([]))
+            .await
+            .expect("subscribe");
+        miner.answer(sub, T).await.expect("subscribed");
+        let auth = miner
+            .request("mining.authorize", json!([format!("{name}.rig"), "x"]))
+            .await
+            .expect("authorize");
+        waiting.push((miner, auth));
+    }
+    wait_until(T, "two sessions waiting for their registration", || async {
+        let m = proxy.metrics().await?;
+        let n = switchyard_tests::proxy::metric_value(
+            &m,
+            "switchyard_proxy_sessions{coin=\"\",state=\"registering\"}",
+        );
+        if n == 2.0 {
+            Ok(())
+        } else {
+            Err(format!("{n} registering"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut third = Miner::connect(proxy.addr).await.expect("connect");
+    let sub = third
+        .request("mining.subscribe", json!([]))
+        .await
+        .expect("subscribe");
+    third.answer(sub, T).await.expect("subscribed");
+    third
+        .request("mining.authorize", json!(["wait-c.rig", "x"]))
+        .await
+        .expect("authorize");
+    assert!(third.closed_within(T).await, "the third waiter is closed");
+
+    gate_tx.send(true).expect("open the gate");
+    for (miner, auth) in &mut waiting {
+        let answer = miner.answer(*auth, T).await.expect("answered");
+        assert_eq!(answer["result"], json!(true), "{answer}");
+    }
+    let m = proxy.metrics().await.expect("metrics");
+    assert!(
+        m.contains(
+            "switchyard_proxy_handshakes_total{outcome=\"failed\",reason=\"too_many_waiting\"} 1"
+        ),
+        "{m}"
+    );
+}
