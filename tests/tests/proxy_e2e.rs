@@ -438,17 +438,23 @@ async fn the_proxy_serves_from_its_cache_while_the_control_plane_is_away() {
     );
 }
 
-/// A pool backend's auto-registration endpoint that accepts everyone.
-async fn registration_backend() -> String {
+/// A pool backend's auto-registration endpoint that accepts everyone, each answer held until
+/// `gate` is open.
+async fn registration_backend(gate: watch::Receiver<bool>) -> String {
     let next = Arc::new(Mutex::new(100i64));
     let app = Router::new().route(
         "/register",
         post(move || {
             let next = next.clone();
+            let mut gate = gate.clone();
             async move {
-                let mut n = next.lock().expect("puid");
-                *n += 1;
-                Json(json!({"data": {"puid": *n}, "status": "success", "message": ""}))
+                let _ = gate.wait_for(|open| *open).await;
+                let puid = {
+                    let mut n = next.lock().expect("puid");
+                    *n += 1;
+                    *n
+                };
+                Json(json!({"data": {"puid": puid}, "status": "success", "message": ""}))
             }
         }),
     );
@@ -462,14 +468,14 @@ async fn registration_backend() -> String {
     format!("http://{addr}/register")
 }
 
-#[tokio::test]
-async fn unknown_users_are_refused_or_registered() {
-    let url = registration_backend().await;
-    let control = InProcessControl::start_with(|c| {
+/// A control plane (embedded store) with auto-registration through `url`.
+async fn registering_control(url: &str) -> InProcessControl {
+    InProcessControl::start_with(|c| {
         c.enable_user_auto_reg = true;
+        c.auto_reg_timeout_seconds = 30;
         c.user_auto_reg_api = AutoRegApiConfig {
             interval_seconds: 1,
-            url: url.clone(),
+            url: url.to_string(),
             user: String::new(),
             password: String::new(),
             default_coin: "btc".into(),
@@ -479,7 +485,14 @@ async fn unknown_users_are_refused_or_registered() {
         };
     })
     .await
-    .expect("control");
+    .expect("control")
+}
+
+#[tokio::test]
+async fn unknown_users_are_refused_or_registered() {
+    let (_open, gate) = watch::channel(true);
+    let url = registration_backend(gate).await;
+    let control = registering_control(&url).await;
     let btc = sserver("btc").await;
 
     let config = proxy_config(&[control.addr], &[&btc]).expect("config");
@@ -695,47 +708,9 @@ async fn a_leased_server_id_survives_a_failover_between_replicas() {
 /// and the waiting ones are authorized when their registrations land.
 #[tokio::test]
 async fn waiting_for_registrations_is_bounded() {
-    let (gate_tx, gate_rx) = watch::channel(false);
-    let next = Arc::new(Mutex::new(500i64));
-    let app = Router::new().route(
-        "/register",
-        post(move || {
-            let next = next.clone();
-            let mut gate = gate_rx.clone();
-            async move {
-                let _ = gate.wait_for(|open| *open).await;
-                let puid = {
-                    let mut n = next.lock().expect("puid");
-                    *n += 1;
-                    *n
-                };
-                Json(json!({"data": {"puid": puid}, "status": "success", "message": ""}))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/register", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let control = InProcessControl::start_with(|c| {
-        c.enable_user_auto_reg = true;
-        c.auto_reg_timeout_seconds = 30;
-        c.user_auto_reg_api = AutoRegApiConfig {
-            interval_seconds: 0,
-            url: url.clone(),
-            user: String::new(),
-            password: String::new(),
-            default_coin: "btc".into(),
-            post_data: [("sub_name".to_string(), "{sub_name}".to_string())]
-                .into_iter()
-                .collect(),
-        };
-    })
-    .await
-    .expect("control");
+    let (gate_tx, gate) = watch::channel(false);
+    let url = registration_backend(gate).await;
+    let control = registering_control(&url).await;
     let btc = sserver("btc").await;
     let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
     config["EnableUserAutoReg"] = json!(true);
