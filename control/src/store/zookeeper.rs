@@ -5,10 +5,11 @@
 //!   name holds the canonical name. A record's revision is its znode's modification zxid, one
 //!   order shared by every replica.
 //! - Two ZooKeeper sessions. The main one (zookeeper-async) makes single writes (switches,
-//!   pending switches) and is shared with the server-ID leases and auto-registration; the store
-//!   is available while it is connected. The batch session (zookeeper-client, see
+//!   pending switches) and is shared with the server-ID leases and auto-registration. The batch
+//!   session (zookeeper-client, see
 //!   [`session`]) makes what zookeeper-async cannot: `multi` and `multiRead` requests and
-//!   persistent recursive watches, which need ZooKeeper 3.6 or later.
+//!   persistent recursive watches, which need ZooKeeper 3.6 or later. The store is available
+//!   while the main session is connected and the feed (once started) is watching.
 //! - Writes are pipelined: a batch puts every request on the session at once.
 //! - Creating absent nodes ([`UserCoinStore::create_if_absent`], user-list ingestion) batches
 //!   up to 1,000 creates into one `multi` transaction, several in flight. A transaction fails
@@ -116,6 +117,8 @@ pub struct ZooKeeperStore {
     /// The batch session: `multi` creates and the feed.
     batch: Arc<BatchSession>,
     available: watch::Receiver<bool>,
+    /// Whether the feed is watching (`true` until it is started); part of `available`.
+    feed_up: watch::Sender<bool>,
     /// Whether the feed was started ([`UserCoinStore::follow`] starts it once).
     followed: AtomicBool,
     /// The index the store feeds, once followed: tells whether a node is likely to exist, so
@@ -200,8 +203,8 @@ impl ZooKeeperStore {
         )
         .await
         .map_err(|e| zk_error("connect", &connect_string, e))?;
-        let (available_tx, available) = watch::channel(false);
-        let available_tx = Arc::new(available_tx);
+        let (main_tx, main_up) = watch::channel(false);
+        let available_tx = Arc::new(main_tx);
         {
             let available_tx = Arc::clone(&available_tx);
             zk.add_listener(move |state| {
@@ -253,6 +256,8 @@ impl ZooKeeperStore {
             settings.switchyard_dir,
             rand::random::<u64>()
         );
+        let (feed_up, feed_rx) = watch::channel(true);
+        let available = both_up(main_up, feed_rx);
         let batch = BatchSession::connect(
             connect_string.clone(),
             settings.session_timeout,
@@ -267,6 +272,7 @@ impl ZooKeeperStore {
             store_id,
             batch: Arc::new(batch),
             available,
+            feed_up,
             followed: AtomicBool::new(false),
             index: std::sync::OnceLock::new(),
         })
@@ -581,7 +587,12 @@ impl UserCoinStore for ZooKeeperStore {
             return true;
         }
         let _ = self.index.set(Arc::clone(&index));
-        let feed = Feed::new(Arc::clone(&self.batch), Arc::clone(&self.settings), index);
+        let feed = Feed::new(
+            Arc::clone(&self.batch),
+            Arc::clone(&self.settings),
+            index,
+            self.feed_up.clone(),
+        );
         tokio::spawn(feed.run(shutdown));
         true
     }
@@ -659,6 +670,26 @@ impl UserCoinStore for ZooKeeperStore {
         }
         Ok(out)
     }
+}
+
+/// A flag that is up while both `a` and `b` are, kept up to date by a task that ends when
+/// either sender is gone.
+fn both_up(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() && *b.borrow());
+    tokio::spawn(async move {
+        loop {
+            let up = *a.borrow_and_update() && *b.borrow_and_update();
+            tx.send_if_modified(|v| std::mem::replace(v, up) != up);
+            let changed = tokio::select! {
+                r = a.changed() => r,
+                r = b.changed() => r,
+            };
+            if changed.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// A node to create, and where its write stands in the caller's list.

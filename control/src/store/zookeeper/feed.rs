@@ -19,7 +19,9 @@
 //!   expired session is gone. So on any session event the feed drops its watches, sets them
 //!   again (on a new session if the old one ended) and re-reads everything; it also re-reads
 //!   after an error and every `ZKReconcileSeconds` as a backstop. A re-read only stages what
-//!   changed.
+//!   changed. The store counts as unavailable from such trouble until the feed has caught up.
+//! - zookeeper-client's event queues are unbounded; the feed empties them every round, so they
+//!   hold about one round's events.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,6 +29,7 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt, stream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use zookeeper_client as zk;
@@ -87,6 +90,9 @@ pub(super) struct Feed {
     staged: HashMap<RecordKey, Record>,
     /// Publish at the next barrier even with nothing staged (after a re-read).
     want_barrier: bool,
+    /// Whether the feed is watching: down from a session event or an error until it has
+    /// watched and caught up again.
+    up: watch::Sender<bool>,
 }
 
 impl Feed {
@@ -94,6 +100,7 @@ impl Feed {
         session: Arc<BatchSession>,
         settings: Arc<ZkSettings>,
         index: Arc<UserCoinIndex>,
+        up: watch::Sender<bool>,
     ) -> Self {
         Self {
             session,
@@ -102,6 +109,7 @@ impl Feed {
             known: HashMap::new(),
             staged: HashMap::new(),
             want_barrier: true,
+            up,
         }
     }
 
@@ -190,8 +198,11 @@ impl Feed {
                 .catch_up(&mut watches, &mut resync, &mut round, &shutdown)
                 .await
             {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.set_up(watches.is_some() && !round.session);
+                }
                 Err(e) => {
+                    self.set_up(false);
                     warn!(error = %e, "ZooKeeper feed: will watch and re-read again");
                     watches = None;
                     resync = true;
@@ -219,6 +230,10 @@ impl Feed {
                 (dir, event) = next_event(current) => self.note(dir, event, &mut round),
             }
         }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_if_modified(|v| std::mem::replace(v, up) != up);
     }
 
     /// Sets the watches if needed, re-reads if needed, then takes and publishes events through
