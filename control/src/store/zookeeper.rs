@@ -6,10 +6,10 @@
 //!   order shared by every replica.
 //! - Two ZooKeeper sessions. The main one (zookeeper-async) makes single writes (switches,
 //!   pending switches) and is shared with the server-ID leases and auto-registration. The batch
-//!   session (zookeeper-client, see
-//!   [`session`]) makes what zookeeper-async cannot: `multi` and `multiRead` requests and
-//!   persistent recursive watches, which need ZooKeeper 3.6 or later. The store is available
-//!   while the main session is connected and the feed (once started) is watching.
+//!   session (zookeeper-client, `zookeeper/session.rs`) makes what zookeeper-async cannot:
+//!   `multi` and `multiRead` requests and persistent recursive watches, which need ZooKeeper 3.6
+//!   or later. The store is available while the main session is connected and the feed (once
+//!   started) is watching.
 //! - Writes are pipelined: a batch puts every request on the session at once.
 //! - Creating absent nodes ([`UserCoinStore::create_if_absent`], user-list ingestion) batches
 //!   up to 1,000 creates into one `multi` transaction, several in flight. A transaction fails
@@ -17,8 +17,8 @@
 //!   tries the rest again, and after a few such failures creates the rest one by one, so every
 //!   write still gets its exact outcome (created, or already there). Nodes the index already
 //!   knows are created one by one from the start, as they most likely exist.
-//! - Every writer counts (other replicas, zkCli, the Go API server): the store's feed (see
-//!   [`feed`]) follows the directories with persistent recursive watches and feeds each change
+//! - Every writer counts (other replicas, zkCli, the Go API server): the store's feed
+//!   (`zookeeper/feed.rs`) follows the directories with persistent recursive watches and feeds each change
 //!   into the index, ordered by barriers, re-reading everything after any session trouble and
 //!   every `ZKReconcileSeconds`.
 
