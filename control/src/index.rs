@@ -169,6 +169,14 @@ impl UserCoinIndex {
         self.read().live_users
     }
 
+    /// Whether the index holds a live record for `key`.
+    pub fn contains(&self, key: &RecordKey) -> bool {
+        self.read()
+            .records
+            .get(key)
+            .is_some_and(|entry| entry.value.is_some())
+    }
+
     /// A user's coin and the revision that wrote it.
     pub fn user_coin(&self, user: &str) -> Option<(String, Revision)> {
         let state = self.read();

@@ -1,14 +1,23 @@
 //! The control service on a real ZooKeeper (issue 3): outside writers reach WatchSwitches
 //! subscribers, replicas see each other's switches, and nothing is lost across a ZooKeeper
-//! outage or a session expiry.
+//! outage or a session expiry. The store itself: batched creates answer each write exactly,
+//! and its feed brings in what others write next to them.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use futures::StreamExt;
-use switchyard_control::config::ControlConfig;
+use switchyard_control::{
+    config::ControlConfig,
+    index::UserCoinIndex,
+    store::{
+        Record, RecordKey, StoreWrite, UserCoinStore,
+        zookeeper::{ZkSettings, ZooKeeperStore},
+    },
+};
 use switchyard_proto::v1::{
     AcquireServerIdRequest, GetUserCoinRequest, ListProxiesRequest, RenewServerIdRequest,
     SwitchCoinRequest, WatchSwitchesRequest, WatchSwitchesResponse,
@@ -19,6 +28,7 @@ use switchyard_tests::{
     wait::wait_until,
     zookeeper::{ZooKeeperServer, unique_root},
 };
+use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -647,4 +657,186 @@ async fn the_http_switch_api_writes_the_nodes_the_go_tools_read() {
             .expect("node");
         assert_eq!(data, coin.as_bytes(), "{user}");
     }
+}
+
+/// Store settings under `root`, without a case index.
+fn store_settings(zk: &ZooKeeperServer, root: &str) -> ZkSettings {
+    ZkSettings {
+        brokers: vec![zk.connect_string()],
+        switcher_dir: format!("{root}/switcher/"),
+        case_index_dir: None,
+        switchyard_dir: format!("{root}/switchyard/"),
+        session_timeout: SESSION,
+        request_timeout: Duration::from_secs(10),
+        reconcile_interval: Duration::from_secs(3600),
+    }
+}
+
+fn user_write(user: &str, coin: &str) -> StoreWrite {
+    StoreWrite::SetUserCoin {
+        user: user.into(),
+        coin: coin.into(),
+    }
+}
+
+/// A node's value and modification zxid, read by a plain client.
+async fn node_stat(client: &ZooKeeper, path: &str) -> (String, u64) {
+    let (data, stat) = client.get_data(path, false).await.expect("node");
+    (
+        String::from_utf8_lossy(&data).into_owned(),
+        stat.mzxid as u64,
+    )
+}
+
+/// Creates go into multi transactions of 1,000; a transaction fails whole when one of its
+/// nodes exists. Every write still gets its exact outcome: created (with the node's zxid as
+/// revision) or already there (and left alone), also when a transaction fails more often
+/// than it is retried, for a second write to the same node, and for a write the store cannot
+/// make.
+#[tokio::test]
+async fn batched_creates_answer_created_or_existed_exactly() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("batch");
+    let store = ZooKeeperStore::connect(store_settings(zk, &root))
+        .await
+        .expect("store");
+    let client = outside_client(zk).await;
+    let path = |i: usize| format!("{root}/switcher/u{i}");
+    // Five in the first transaction (more failures than it retries), one each in the others.
+    let existing: BTreeSet<usize> = [3, 10, 11, 500, 999, 1500, 2400].into();
+    for i in &existing {
+        outside_put(&client, &path(*i), "ltc").await;
+    }
+    const USERS: usize = 2_500;
+    let mut writes: Vec<StoreWrite> = (0..USERS)
+        .map(|i| user_write(&format!("u{i}"), "btc"))
+        .collect();
+    writes.push(user_write("u7", "bch"));
+    writes.push(StoreWrite::SetCaseIndex {
+        lowercase_name: "u8".into(),
+        name: "u8".into(),
+    });
+    let results = store.create_if_absent(writes).await;
+    assert_eq!(results.len(), USERS + 2, "one result per write");
+
+    let mut revisions_of_chunk: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
+    for (i, result) in results.iter().take(USERS).enumerate() {
+        let (value, mzxid) = node_stat(&client, &path(i)).await;
+        if existing.contains(&i) {
+            assert!(matches!(result, Ok(None)), "u{i} existed: {result:?}");
+            assert_eq!(value, "ltc", "u{i} was left alone");
+        } else {
+            let expected = Record {
+                key: RecordKey::User(format!("u{i}")),
+                value: Some("btc".into()),
+                revision: mzxid,
+            };
+            assert_eq!(
+                result.as_ref().ok(),
+                Some(&Some(expected)),
+                "u{i} was created: {result:?}"
+            );
+            assert_eq!(value, "btc");
+            revisions_of_chunk
+                .entry(i / 1_000)
+                .or_default()
+                .insert(mzxid);
+        }
+    }
+    assert!(
+        matches!(results[USERS], Ok(None)),
+        "the second write to u7 found it: {:?}",
+        results[USERS]
+    );
+    assert!(
+        results[USERS + 1].is_err(),
+        "no case index is configured: {:?}",
+        results[USERS + 1]
+    );
+    // The first transaction failed more often than it is retried: its nodes were then created
+    // one by one. The others failed once and were retried whole: one zxid each.
+    assert!(
+        revisions_of_chunk.get(&0).map_or(0, BTreeSet::len) > 900,
+        "the first 1,000 were created one by one"
+    );
+    assert_eq!(revisions_of_chunk.get(&1).map(BTreeSet::len), Some(1));
+    assert_eq!(revisions_of_chunk.get(&2).map(BTreeSet::len), Some(1));
+    let children = client
+        .get_children(&format!("{root}/switcher"), false)
+        .await
+        .expect("children");
+    assert_eq!(children.len(), USERS, "nothing else was created");
+}
+
+/// The feed brings batched creates into the index, and with them what a plain client
+/// creates, changes and deletes in the same directory meanwhile.
+#[tokio::test]
+async fn the_feed_follows_batched_creates_and_outside_writers() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("feed");
+    let store = ZooKeeperStore::connect(store_settings(zk, &root))
+        .await
+        .expect("store");
+    let client = outside_client(zk).await;
+    outside_put(&client, &format!("{root}/switcher/before"), "ltc").await;
+    let index = Arc::new(UserCoinIndex::new(store.load().await.expect("load")));
+    let shutdown = CancellationToken::new();
+    assert!(store.follow(Arc::clone(&index), shutdown.clone()));
+
+    const USERS: usize = 3_000;
+    let writes = (0..USERS)
+        .map(|i| user_write(&format!("u{i}"), "btc"))
+        .collect();
+    let (results, ()) = tokio::join!(store.create_if_absent(writes), async {
+        for i in 0..20 {
+            outside_put(&client, &format!("{root}/switcher/outside{i}"), "bch").await;
+        }
+    });
+    let highest = results
+        .iter()
+        .map(|r| match r {
+            Ok(Some(record)) => record.revision,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        results.iter().all(|r| matches!(r, Ok(Some(_)))),
+        "all created"
+    );
+    assert!(index.wait_for(highest, Duration::from_secs(30)).await);
+    outside_put(&client, &format!("{root}/switcher/u5"), "ltc").await;
+    client
+        .delete(&format!("{root}/switcher/u6"), None)
+        .await
+        .expect("delete u6");
+    wait_until(Duration::from_secs(30), "the index to follow", || {
+        let index = &index;
+        async move {
+            let state = (
+                index.user_count(),
+                index.user_coin("before").map(|c| c.0),
+                index.user_coin("outside19").map(|c| c.0),
+                index.user_coin("u2999").map(|c| c.0),
+                index.user_coin("u5").map(|c| c.0),
+                index.user_coin("u6"),
+            );
+            let want = (
+                1 + 20 + USERS - 1,
+                Some("ltc".to_owned()),
+                Some("bch".to_owned()),
+                Some("btc".to_owned()),
+                Some("ltc".to_owned()),
+                None,
+            );
+            if state == want {
+                Ok(())
+            } else {
+                Err(format!("{state:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    shutdown.cancel();
 }

@@ -142,8 +142,8 @@ impl Watcher {
         Ok(())
     }
 
-    /// Sends changes in chunks; each chunk's revision is its last record's (a prefix of
-    /// revision-ordered changes is a valid resume point), the last one's is `revision`.
+    /// Sends changes in chunks; each chunk's revision is a resume point (see
+    /// [`resume_points`]), the last one's is `revision`.
     async fn send_changes(
         &mut self,
         records: &[Record],
@@ -159,14 +159,10 @@ impl Watcher {
         } else {
             records.chunks(RECORDS_PER_MESSAGE).collect()
         };
+        let revs = resume_points(records, RECORDS_PER_MESSAGE, self.sent, revision);
         let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
+        for (i, (chunk, rev)) in chunks.into_iter().zip(revs).enumerate() {
             let done = i == last;
-            let rev = if done {
-                revision
-            } else {
-                chunk.last().map_or(self.sent, |r| r.revision)
-            };
             self.send(message(chunk, false, rev, done && initial_sync, &store_id))
                 .await?;
         }
@@ -340,6 +336,37 @@ fn ttl_seconds(ttl: Duration) -> u32 {
     u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
 }
 
+/// The revision to send with each chunk of `per_message` revision-ordered `records`: a resume
+/// point, so that every record at or below it is in that chunk or an earlier one. Records may
+/// share a revision (the nodes of one ZooKeeper `multi`, removals dated by one directory
+/// change), so a chunk that ends inside such a group gets the revision below the group (or
+/// the previous resume point); resuming there sends the group again whole. The last chunk's
+/// is `revision`; `sent` is the resume point before the first chunk. At least one revision
+/// for no records.
+fn resume_points(
+    records: &[Record],
+    per_message: usize,
+    sent: Revision,
+    revision: Revision,
+) -> Vec<Revision> {
+    let per_message = per_message.max(1);
+    let chunks = records.len().div_ceil(per_message).max(1);
+    let mut points = Vec::with_capacity(chunks);
+    let mut point = sent;
+    for i in 1..chunks {
+        let end = i * per_message;
+        if let Some(next) = records.get(end) {
+            let done = records.get(..end).unwrap_or_default();
+            if let Some(below) = done.iter().rev().find(|r| r.revision < next.revision) {
+                point = point.max(below.revision);
+            }
+        }
+        points.push(point);
+    }
+    points.push(revision);
+    points
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +415,35 @@ mod tests {
         assert_eq!(seen, (1..=total).collect::<Vec<_>>());
         shutdown.cancel();
         assert!(task.await.expect("task").is_ok(), "ends on shutdown");
+    }
+
+    /// A chunk's revision never cuts a group of records that share a revision: resuming from
+    /// it misses none of them.
+    #[test]
+    fn resume_points_keep_groups_of_one_revision_whole() {
+        // Revisions 1, 5 x4, 6, 9 x3, in chunks of 2: [1 5] [5 5] [5 6] [9 9] [9].
+        let revisions = [1, 5, 5, 5, 5, 6, 9, 9, 9];
+        let records: Vec<Record> = revisions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| user(&format!("u{i}"), "btc", *r))
+            .collect();
+        let points = resume_points(&records, 2, 0, 12);
+        assert_eq!(points, vec![1, 1, 6, 6, 12]);
+        for (i, point) in points.iter().enumerate() {
+            let sent_so_far = ((i + 1) * 2).min(records.len());
+            assert!(
+                records[sent_so_far..].iter().all(|r| r.revision > *point),
+                "chunk {i}: every record at or below {point} was sent"
+            );
+        }
+        // Distinct revisions: each chunk's last record's, as before.
+        let distinct: Vec<Record> = (1..=5).map(|r| user(&format!("d{r}"), "btc", r)).collect();
+        assert_eq!(resume_points(&distinct, 2, 0, 7), vec![2, 4, 7]);
+        // A group larger than a chunk right at the start keeps the previous resume point.
+        let group: Vec<Record> = (0..5).map(|i| user(&format!("g{i}"), "btc", 3)).collect();
+        assert_eq!(resume_points(&group, 2, 2, 3), vec![2, 2, 3]);
+        assert_eq!(resume_points(&[], 2, 4, 4), vec![4]);
     }
 
     /// The broadcast capacity of the index, which the test must overflow.

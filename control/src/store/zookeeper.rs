@@ -4,28 +4,32 @@
 //! - `ZKSwitcherWatchDir` + name holds a user's coin; `ZKUserCaseInsensitiveIndex` + lowercase
 //!   name holds the canonical name. A record's revision is its znode's modification zxid, one
 //!   order shared by every replica.
+//! - Two ZooKeeper sessions. The main one (zookeeper-async) makes single writes (switches,
+//!   pending switches) and is shared with the server-ID leases and auto-registration. The batch
+//!   session (zookeeper-client, `zookeeper/session.rs`) makes what zookeeper-async cannot:
+//!   `multi` and `multiRead` requests and persistent recursive watches, which need ZooKeeper 3.6
+//!   or later. The store is available while the main session is connected and the feed (once
+//!   started) is watching.
 //! - Writes are pipelined: a batch puts every request on the session at once.
-//! - Every writer counts (other replicas, zkCli, the Go API server): the store follows the
-//!   directories with watches and feeds each change into the index.
-//!
-//! zookeeper-async neither re-arms watches after a reconnect nor offers persistent watches, so
-//! the feed re-reads everything (and so re-arms every watch) whenever the session connects,
-//! after a disconnect, after a session expiry, when its event queue overflowed, and every
-//! `ZKReconcileSeconds` as a backstop. A re-read only stages what changed.
-//!
-//! Order. Reads answer with data newer than the event that asked for them, so results arrive
-//! out of zxid order. The feed stages them and publishes only at a *barrier*: it writes its own
-//! node under `ZKSwitchyardDir/barriers/` with a watch on it; ZooKeeper delivers watch events in
-//! zxid order, so when the barrier's event arrives every change below the barrier's zxid has
-//! had its event delivered, and once those are read, everything staged at or below the barrier
-//! is published, sorted. The index revision is therefore a true resume point: every change at or
-//! below it is in.
+//! - Creating absent nodes ([`UserCoinStore::create_if_absent`], user-list ingestion) batches
+//!   up to 1,000 creates into one `multi` transaction, several in flight. A transaction fails
+//!   whole when one of its nodes exists; the store then records that node as existing and
+//!   tries the rest again, and after a few such failures creates the rest one by one, so every
+//!   write still gets its exact outcome (created, or already there). Nodes the index already
+//!   knows are created one by one from the start, as they most likely exist.
+//! - Every writer counts (other replicas, zkCli, the Go API server): the store's feed
+//!   (`zookeeper/feed.rs`) follows the directories with persistent recursive watches and feeds each change
+//!   into the index, ordered by barriers, re-reading everything after any session trouble and
+//!   every `ZKReconcileSeconds`.
+
+mod feed;
+mod session;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     future::Future,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -33,26 +37,33 @@ use std::{
 
 use async_trait::async_trait;
 use futures::{StreamExt, stream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
-use zookeeper_async::{
-    Acl, CreateMode, Stat, WatchedEvent, WatchedEventType, ZkError, ZkState, ZooKeeper,
-};
+use tracing::{info, warn};
+use zookeeper_async::{Acl, CreateMode, WatchedEvent, ZkError, ZkState, ZooKeeper};
+use zookeeper_client as zk;
 
+use self::{
+    feed::Feed,
+    session::{BatchSession, persistent},
+};
 use super::{
     PendingSwitch, Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite,
     UserCoinStore,
 };
 use crate::{index::UserCoinIndex, validate::validate_user};
 
-/// Watch events buffered between ZooKeeper's client and the feed. Past this, events are dropped
-/// and the feed re-reads everything instead: bounded memory, nothing lost.
-const EVENT_QUEUE: usize = 65_536;
 /// Requests one batch puts on the session at once.
 const MAX_IN_FLIGHT: usize = 2_000;
-/// Events the feed handles in one round.
-const MAX_EVENTS_PER_ROUND: usize = 10_000;
+/// Creates in one `multi` transaction, at most.
+const MULTI_OPS: usize = 1_000;
+/// Bytes of node paths and values in one `multi` transaction, about, at most: ZooKeeper drops
+/// the connection of a request over its `jute.maxbuffer` (1 MiB by default).
+const MULTI_BYTES: usize = 256 * 1024;
+/// `multi` transactions in flight at once.
+const MULTIS_IN_FLIGHT: usize = 4;
+/// Transactions tried for one batch of creates before the rest is created node by node.
+const MULTI_ATTEMPTS: usize = 3;
 /// The longest node value accepted (a coin, or a user name in the case index).
 const MAX_VALUE_BYTES: usize = 128;
 /// Wait between attempts when ZooKeeper cannot be read.
@@ -98,29 +109,18 @@ fn node_path(dir: &str) -> &str {
     dir.trim_end_matches('/')
 }
 
-/// What the feed is told.
-#[derive(Debug)]
-enum FeedEvent {
-    /// A watch fired.
-    Node(WatchedEvent),
-    /// The session (re)connected: every watch is gone.
-    Connected,
-}
-
-/// The receiving half of the feed, taken once by [`UserCoinStore::follow`].
-struct FeedInputs {
-    events: mpsc::Receiver<FeedEvent>,
-    overflow: Arc<AtomicBool>,
-}
-
 /// The user→coin state in ZooKeeper; see the module doc.
 pub struct ZooKeeperStore {
     zk: Arc<ZooKeeper>,
     settings: Arc<ZkSettings>,
     store_id: String,
-    barrier_path: String,
+    /// The batch session: `multi` creates and the feed.
+    batch: Arc<BatchSession>,
     available: watch::Receiver<bool>,
-    feed: Mutex<Option<FeedInputs>>,
+    /// Whether the feed is watching (`true` until it is started); part of `available`.
+    feed_up: watch::Sender<bool>,
+    /// Whether the feed was started ([`UserCoinStore::follow`] starts it once).
+    followed: AtomicBool,
     /// The index the store feeds, once followed: tells whether a node is likely to exist, so
     /// that a write to a new user creates at once instead of failing a set first.
     index: std::sync::OnceLock<Arc<UserCoinIndex>>,
@@ -192,19 +192,8 @@ fn parse_value(bytes: &[u8]) -> Option<String> {
 impl ZooKeeperStore {
     /// Connects, waits until the session is up, and creates the directories the store uses.
     pub async fn connect(settings: ZkSettings) -> Result<Self, StoreError> {
-        let (tx, events) = mpsc::channel(EVENT_QUEUE);
-        let overflow = Arc::new(AtomicBool::new(false));
-        let watcher = {
-            let tx = tx.clone();
-            let overflow = Arc::clone(&overflow);
-            move |event: WatchedEvent| {
-                if event.event_type != WatchedEventType::None
-                    && tx.try_send(FeedEvent::Node(event)).is_err()
-                {
-                    overflow.store(true, Ordering::SeqCst);
-                }
-            }
-        };
+        // The main session sets no watches: the feed watches on the batch session.
+        let watcher = |_: WatchedEvent| {};
         let connect_string = settings.brokers.join(",");
         let zk = ZooKeeper::connect_with_retry_time(
             &connect_string,
@@ -214,18 +203,14 @@ impl ZooKeeperStore {
         )
         .await
         .map_err(|e| zk_error("connect", &connect_string, e))?;
-        let (available_tx, available) = watch::channel(false);
-        let available_tx = Arc::new(available_tx);
+        let (main_tx, main_up) = watch::channel(false);
+        let available_tx = Arc::new(main_tx);
         {
             let available_tx = Arc::clone(&available_tx);
-            let overflow = Arc::clone(&overflow);
             zk.add_listener(move |state| {
                 let up = matches!(state, ZkState::Connected | ZkState::ConnectedReadOnly);
                 info!(?state, "ZooKeeper session state");
                 available_tx.send_replace(up);
-                if up && tx.try_send(FeedEvent::Connected).is_err() {
-                    overflow.store(true, Ordering::SeqCst);
-                }
             });
         }
         // The first connection may have completed before the listener was in place: probe.
@@ -271,14 +256,24 @@ impl ZooKeeperStore {
             settings.switchyard_dir,
             rand::random::<u64>()
         );
+        let (feed_up, feed_rx) = watch::channel(true);
+        let available = both_up(main_up, feed_rx);
+        let batch = BatchSession::connect(
+            connect_string.clone(),
+            settings.session_timeout,
+            timeout,
+            barrier_path,
+        )
+        .await?;
         info!(brokers = %connect_string, watch_dir, %store_id, "connected to ZooKeeper");
         Ok(Self {
             zk: Arc::new(zk),
             settings: Arc::new(settings),
             store_id,
-            barrier_path,
+            batch: Arc::new(batch),
             available,
-            feed: Mutex::new(Some(FeedInputs { events, overflow })),
+            feed_up,
+            followed: AtomicBool::new(false),
             index: std::sync::OnceLock::new(),
         })
     }
@@ -365,23 +360,118 @@ impl ZooKeeperStore {
         Ok((key, value, path))
     }
 
-    async fn create_one(&self, write: StoreWrite) -> Result<Option<Record>, StoreError> {
-        let (key, value, path) = self.target(write)?;
-        let created = self.zk.create2(
-            &path,
-            value.as_bytes().to_vec(),
-            Acl::open_unsafe().clone(),
-            CreateMode::Persistent,
-        );
-        match timed(self.settings.request_timeout, created).await {
-            Ok((_, stat)) => Ok(Some(Record {
-                key,
-                value: Some(value),
-                revision: stat.mzxid as Revision,
-            })),
-            Err(ZkError::NodeExists) => Ok(None),
-            Err(e) => Err(zk_error("create", &path, e)),
+    /// Whether the index (once followed) holds the record, so that its node most likely
+    /// exists.
+    fn likely_exists(&self, key: &RecordKey) -> bool {
+        self.index.get().is_some_and(|index| index.contains(key))
+    }
+
+    /// Creates nodes one request each, pipelined, on the batch session.
+    async fn create_each(&self, client: &zk::Client, nodes: Vec<NewNode>) -> Vec<Placed> {
+        let timeout = self.settings.request_timeout;
+        stream::iter(nodes)
+            .map(|node| async move {
+                let created = session::timed(
+                    timeout,
+                    client.create(&node.path, node.value.as_bytes(), &persistent()),
+                )
+                .await;
+                let outcome = match created {
+                    Ok((stat, _)) => Ok(Some(Record {
+                        key: node.key,
+                        value: Some(node.value),
+                        revision: stat.mzxid as Revision,
+                    })),
+                    Err(zk::Error::NodeExists) => Ok(None),
+                    Err(e) => Err(session::zk_error("create", &node.path, e)),
+                };
+                (node.at, outcome)
+            })
+            .buffered(MAX_IN_FLIGHT)
+            .collect()
+            .await
+    }
+
+    /// Creates a batch of nodes in `multi` transactions (see the module doc). Each transaction
+    /// also writes this replica's barrier node, whose new stat carries the transaction's zxid:
+    /// the revision of every node it created.
+    async fn create_batch(&self, client: &zk::Client, mut nodes: Vec<NewNode>) -> Vec<Placed> {
+        let mut placed = Vec::with_capacity(nodes.len());
+        let barrier = self.batch.barrier_path();
+        for _ in 0..MULTI_ATTEMPTS {
+            if nodes.len() < 2 {
+                break;
+            }
+            let mut writer = client.new_multi_writer();
+            let added = nodes
+                .iter()
+                .try_for_each(|n| writer.add_create(&n.path, n.value.as_bytes(), &persistent()))
+                .and_then(|()| writer.add_set_data(barrier, b"", None));
+            if added.is_err() {
+                // A path the client refuses: let each node get its own answer.
+                break;
+            }
+            let committed = tokio::time::timeout(self.settings.request_timeout, writer.commit())
+                .await
+                .unwrap_or(Err(zk::MultiWriteError::RequestFailed {
+                    source: zk::Error::ConnectionLoss,
+                }));
+            match committed {
+                Ok(results) => {
+                    let revision = match results.last() {
+                        Some(zk::MultiWriteResult::SetData { stat })
+                            if results.len() == nodes.len() + 1 =>
+                        {
+                            stat.mzxid as Revision
+                        }
+                        _ => {
+                            let e = StoreError::Unavailable(format!(
+                                "ZooKeeper multi answered {} results for {} operations",
+                                results.len(),
+                                nodes.len() + 1
+                            ));
+                            placed.extend(nodes.into_iter().map(|n| (n.at, Err(e.clone()))));
+                            return placed;
+                        }
+                    };
+                    placed.extend(nodes.into_iter().map(|n| {
+                        let record = Record {
+                            key: n.key,
+                            value: Some(n.value),
+                            revision,
+                        };
+                        (n.at, Ok(Some(record)))
+                    }));
+                    return placed;
+                }
+                Err(zk::MultiWriteError::OperationFailed {
+                    index,
+                    source: zk::Error::NodeExists,
+                }) if index < nodes.len() => {
+                    // It exists: that is its outcome. The others did not fail: try them again.
+                    let existing = nodes.remove(index);
+                    placed.push((existing.at, Ok(None)));
+                }
+                Err(zk::MultiWriteError::OperationFailed {
+                    index,
+                    source: zk::Error::NoNode,
+                }) if index == nodes.len() => {
+                    // The barrier node is gone (the session was new, or someone deleted it).
+                    if let Err(e) = self.batch.create_barrier(client).await {
+                        placed.extend(nodes.into_iter().map(|n| (n.at, Err(e.clone()))));
+                        return placed;
+                    }
+                }
+                Err(zk::MultiWriteError::OperationFailed { .. }) => break,
+                Err(zk::MultiWriteError::RequestFailed { source }) => {
+                    let e = session::zk_error("multi", &nodes[0].path, source);
+                    placed.extend(nodes.into_iter().map(|n| (n.at, Err(e.clone()))));
+                    return placed;
+                }
+            }
         }
+        placed.extend(self.create_each(client, nodes).await);
+        placed
     }
 
     async fn write_one(&self, write: StoreWrite) -> Result<Record, StoreError> {
@@ -423,32 +513,86 @@ impl UserCoinStore for ZooKeeperStore {
         &self,
         writes: Vec<StoreWrite>,
     ) -> Vec<Result<Option<Record>, StoreError>> {
-        stream::iter(writes)
-            .map(|w| self.create_one(w))
-            .buffered(MAX_IN_FLIGHT)
+        let mut outcomes: Vec<Option<Result<Option<Record>, StoreError>>> =
+            (0..writes.len()).map(|_| None).collect();
+        // New nodes go into transactions; nodes the index knows are created one by one (they
+        // most likely exist); a second write to the same node waits until the first is done.
+        let mut batched = Vec::new();
+        let mut single = Vec::new();
+        let mut repeated = Vec::new();
+        let mut seen = HashSet::new();
+        for (at, write) in writes.into_iter().enumerate() {
+            match self.target(write) {
+                Err(e) => outcomes[at] = Some(Err(e)),
+                Ok((key, value, path)) => {
+                    let first = seen.insert(path.clone());
+                    let node = NewNode {
+                        at,
+                        key,
+                        value,
+                        path,
+                    };
+                    if !first {
+                        repeated.push(node);
+                    } else if self.likely_exists(&node.key) {
+                        single.push(node);
+                    } else {
+                        batched.push(node);
+                    }
+                }
+            }
+        }
+        let placed: Vec<Placed> = match self.batch.client().await {
+            Err(e) => batched
+                .into_iter()
+                .chain(single)
+                .chain(repeated)
+                .map(|n| (n.at, Err(e.clone())))
+                .collect(),
+            Ok(client) => {
+                let client = &client;
+                let (batches, singles) = futures::join!(
+                    stream::iter(multi_batches(batched))
+                        .map(|batch| self.create_batch(client, batch))
+                        .buffered(MULTIS_IN_FLIGHT)
+                        .collect::<Vec<_>>(),
+                    self.create_each(client, single),
+                );
+                let mut placed: Vec<Placed> = batches.into_iter().flatten().collect();
+                placed.extend(singles);
+                placed.extend(self.create_each(client, repeated).await);
+                placed
+            }
+        };
+        for (at, outcome) in placed {
+            if let Some(slot) = outcomes.get_mut(at) {
+                *slot = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(StoreError::Unavailable(
+                        "a create got no outcome from ZooKeeper".into(),
+                    ))
+                })
+            })
             .collect()
-            .await
     }
 
     fn follow(&self, index: Arc<UserCoinIndex>, shutdown: CancellationToken) -> bool {
-        let inputs = self.feed.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let _ = self.index.set(Arc::clone(&index));
-        let Some(FeedInputs { events, overflow }) = inputs else {
+        if self.followed.swap(true, Ordering::SeqCst) {
             warn!("the ZooKeeper store is already followed");
             return true;
-        };
-        let feed = Feed {
-            zk: Arc::clone(&self.zk),
-            settings: Arc::clone(&self.settings),
+        }
+        let _ = self.index.set(Arc::clone(&index));
+        let feed = Feed::new(
+            Arc::clone(&self.batch),
+            Arc::clone(&self.settings),
             index,
-            events,
-            overflow,
-            barrier_path: self.barrier_path.clone(),
-            known: HashMap::new(),
-            staged: HashMap::new(),
-            barrier: None,
-            want_barrier: true,
-        };
+            self.feed_up.clone(),
+        );
         tokio::spawn(feed.run(shutdown));
         true
     }
@@ -528,6 +672,59 @@ impl UserCoinStore for ZooKeeperStore {
     }
 }
 
+/// A flag that is up while both `a` and `b` are, kept up to date by a task that ends when
+/// either sender is gone.
+fn both_up(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() && *b.borrow());
+    tokio::spawn(async move {
+        loop {
+            let up = *a.borrow_and_update() && *b.borrow_and_update();
+            tx.send_if_modified(|v| std::mem::replace(v, up) != up);
+            let changed = tokio::select! {
+                r = a.changed() => r,
+                r = b.changed() => r,
+            };
+            if changed.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A node to create, and where its write stands in the caller's list.
+struct NewNode {
+    at: usize,
+    key: RecordKey,
+    value: String,
+    path: String,
+}
+
+/// A create's outcome, and where its write stands in the caller's list.
+type Placed = (usize, Result<Option<Record>, StoreError>);
+
+/// Splits creates into transactions of at most [`MULTI_OPS`] nodes and about [`MULTI_BYTES`].
+fn multi_batches(nodes: Vec<NewNode>) -> Vec<Vec<NewNode>> {
+    /// What one create adds to a request besides its path and value (headers, ACL).
+    const OVERHEAD: usize = 64;
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for node in nodes {
+        let size = node.path.len() + node.value.len() + OVERHEAD;
+        if !batch.is_empty() && (batch.len() >= MULTI_OPS || bytes + size > MULTI_BYTES) {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push(node);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
 /// A pending switch's node (`ZKSwitchyardDir/pending/<user>`).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PendingNode {
@@ -567,369 +764,6 @@ impl ZooKeeperStore {
             Err(ZkError::NoNode) => Ok(None),
             Err(e) => Err(zk_error("get", &path, e)),
         }
-    }
-}
-
-/// A node's data and stat, or why it could not be read.
-type NodeRead = Result<(Vec<u8>, Stat), ZkError>;
-
-/// Which directory a node belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Dir {
-    Users,
-    CaseIndex,
-}
-
-/// Follows the directories and feeds the index; see the module doc.
-struct Feed {
-    zk: Arc<ZooKeeper>,
-    settings: Arc<ZkSettings>,
-    index: Arc<UserCoinIndex>,
-    events: mpsc::Receiver<FeedEvent>,
-    overflow: Arc<AtomicBool>,
-    barrier_path: String,
-    /// Every node the feed has seen, with the revision it staged for it.
-    known: HashMap<RecordKey, Revision>,
-    /// Changes read but not yet published.
-    staged: HashMap<RecordKey, Record>,
-    /// The zxid of the barrier in flight.
-    barrier: Option<Revision>,
-    /// Publish at the next barrier even with nothing staged (after a re-read).
-    want_barrier: bool,
-}
-
-impl Feed {
-    fn dir(&self, dir: Dir) -> Option<&str> {
-        match dir {
-            Dir::Users => Some(&self.settings.switcher_dir),
-            Dir::CaseIndex => self.settings.case_index_dir.as_deref(),
-        }
-    }
-
-    fn dirs(&self) -> Vec<Dir> {
-        [Dir::Users, Dir::CaseIndex]
-            .into_iter()
-            .filter(|d| self.dir(*d).is_some())
-            .collect()
-    }
-
-    fn key(dir: Dir, name: String) -> RecordKey {
-        match dir {
-            Dir::Users => RecordKey::User(name),
-            Dir::CaseIndex => RecordKey::CaseIndex(name),
-        }
-    }
-
-    fn dir_of(key: &RecordKey) -> Dir {
-        match key {
-            RecordKey::User(_) => Dir::Users,
-            RecordKey::CaseIndex(_) => Dir::CaseIndex,
-        }
-    }
-
-    fn path_of(&self, key: &RecordKey) -> Option<String> {
-        let (dir, name) = match key {
-            RecordKey::User(n) => (Dir::Users, n),
-            RecordKey::CaseIndex(n) => (Dir::CaseIndex, n),
-        };
-        self.dir(dir).map(|d| format!("{d}{name}"))
-    }
-
-    /// What a watched path is: a directory, or a node in one.
-    fn classify(&self, path: &str) -> Option<(Dir, Option<String>)> {
-        for dir in self.dirs() {
-            let prefix = self.dir(dir)?;
-            if path == node_path(prefix) {
-                return Some((dir, None));
-            }
-            if let Some(name) = path.strip_prefix(prefix)
-                && !name.contains('/')
-            {
-                return Some((dir, Some(name.to_owned())));
-            }
-        }
-        None
-    }
-
-    async fn run(mut self, shutdown: CancellationToken) {
-        let mut reconcile = tokio::time::interval(self.settings.reconcile_interval);
-        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        reconcile.tick().await;
-        let mut resync = true;
-        loop {
-            if self.overflow.swap(false, Ordering::SeqCst) {
-                warn!("ZooKeeper event queue overflowed; re-reading everything");
-                resync = true;
-            }
-            let step = async {
-                if resync {
-                    self.resync().await?;
-                }
-                if self.barrier.is_none() && (self.want_barrier || !self.staged.is_empty()) {
-                    self.start_barrier().await?;
-                }
-                Ok::<(), StoreError>(())
-            };
-            match step.await {
-                Ok(()) => {}
-                Err(e) => {
-                    warn!(error = %e, "ZooKeeper feed: will re-read");
-                    resync = true;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(RETRY_DELAY) => continue,
-                    }
-                }
-            }
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = reconcile.tick() => {
-                    debug!("periodic reconcile");
-                    resync = true;
-                    continue;
-                }
-                event = self.events.recv() => event,
-            };
-            let Some(first) = first else { return };
-            let mut batch = vec![first];
-            while batch.len() < MAX_EVENTS_PER_ROUND {
-                match self.events.try_recv() {
-                    Ok(event) => batch.push(event),
-                    Err(_) => break,
-                }
-            }
-            match self.handle(batch).await {
-                Ok(needs_resync) => resync = needs_resync,
-                Err(e) => {
-                    warn!(error = %e, "ZooKeeper feed: will re-read");
-                    resync = true;
-                }
-            }
-        }
-    }
-
-    /// Handles a round of events; `Ok(true)` when everything must be re-read.
-    async fn handle(&mut self, batch: Vec<FeedEvent>) -> Result<bool, StoreError> {
-        let mut reads: HashSet<RecordKey> = HashSet::new();
-        let mut deleted: HashSet<RecordKey> = HashSet::new();
-        let mut dirs: HashSet<Dir> = HashSet::new();
-        let mut barrier_reached = false;
-        for event in batch {
-            let event = match event {
-                FeedEvent::Connected => return Ok(true),
-                FeedEvent::Node(event) => event,
-            };
-            let Some(path) = event.path else { continue };
-            if path == self.barrier_path {
-                if event.event_type == WatchedEventType::NodeDataChanged {
-                    barrier_reached = true;
-                }
-                continue;
-            }
-            match (self.classify(&path), event.event_type) {
-                (Some((dir, None)), WatchedEventType::NodeChildrenChanged) => {
-                    dirs.insert(dir);
-                }
-                (Some((dir, Some(name))), WatchedEventType::NodeDeleted) => {
-                    deleted.insert(Self::key(dir, name));
-                }
-                (Some((dir, Some(name))), _) => {
-                    reads.insert(Self::key(dir, name));
-                }
-                _ => debug!(path, ?event.event_type, "ignored ZooKeeper event"),
-            }
-        }
-        for dir in dirs {
-            let (present, missing) = self.read_children(dir).await?;
-            reads.extend(present.into_iter().filter(|k| !self.known.contains_key(k)));
-            deleted.extend(missing);
-        }
-        deleted.extend(self.read_nodes(reads.into_iter().collect()).await?);
-        self.stage_removals(deleted).await?;
-        if barrier_reached && let Some(barrier) = self.barrier.take() {
-            self.publish(barrier);
-        }
-        Ok(false)
-    }
-
-    /// Lists a directory (re-arming its child watch): the keys present, and the known keys
-    /// that are gone.
-    async fn read_children(
-        &self,
-        dir: Dir,
-    ) -> Result<(Vec<RecordKey>, Vec<RecordKey>), StoreError> {
-        let Some(prefix) = self.dir(dir) else {
-            return Ok((Vec::new(), Vec::new()));
-        };
-        let path = node_path(prefix);
-        let names = timed(
-            self.settings.request_timeout,
-            self.zk.get_children(path, true),
-        )
-        .await
-        .map_err(|e| zk_error("list", path, e))?;
-        let mut present = Vec::with_capacity(names.len());
-        for name in names {
-            match validate_user(&name) {
-                Ok(()) => present.push(Self::key(dir, name)),
-                Err(e) => warn!(path, name, error = %e, "ignoring a node with an invalid name"),
-            }
-        }
-        let set: HashSet<&RecordKey> = present.iter().collect();
-        let missing = self
-            .known
-            .keys()
-            .filter(|k| Self::dir_of(k) == dir && !set.contains(k))
-            .cloned()
-            .collect();
-        Ok((present, missing))
-    }
-
-    /// Reads nodes (re-arming their data watches) and stages what changed; returns the keys
-    /// whose node is gone.
-    async fn read_nodes(&mut self, keys: Vec<RecordKey>) -> Result<Vec<RecordKey>, StoreError> {
-        let timeout = self.settings.request_timeout;
-        let zk = Arc::clone(&self.zk);
-        let reads: Vec<(RecordKey, Option<NodeRead>)> = stream::iter(keys.into_iter().map(|key| {
-            let path = self.path_of(&key);
-            let zk = Arc::clone(&zk);
-            async move {
-                let Some(path) = path else { return (key, None) };
-                (key, Some(timed(timeout, zk.get_data(&path, true)).await))
-            }
-        }))
-        .buffered(MAX_IN_FLIGHT)
-        .collect()
-        .await;
-        let mut gone = Vec::new();
-        for (key, result) in reads {
-            match result {
-                None => {}
-                Some(Ok((data, stat))) => match parse_value(&data)
-                    .filter(|v| !matches!(key, RecordKey::CaseIndex(_)) || validate_user(v).is_ok())
-                {
-                    Some(value) => self.stage(Record {
-                        key,
-                        value: Some(value),
-                        revision: stat.mzxid as Revision,
-                    }),
-                    None => warn!(
-                        ?key,
-                        bytes = data.len(),
-                        "ignoring a node whose value is not a valid coin or name"
-                    ),
-                },
-                Some(Err(ZkError::NoNode)) => gone.push(key),
-                Some(Err(e)) => {
-                    return Err(zk_error("get", &format!("{key:?}"), e));
-                }
-            }
-        }
-        Ok(gone)
-    }
-
-    /// Stages the removal of known keys, dated by their directory's last child change.
-    async fn stage_removals(&mut self, keys: HashSet<RecordKey>) -> Result<(), StoreError> {
-        let keys: Vec<RecordKey> = keys
-            .into_iter()
-            .filter(|k| self.known.contains_key(k))
-            .collect();
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut pzxid: HashMap<Dir, Revision> = HashMap::new();
-        for key in keys {
-            let dir = Self::dir_of(&key);
-            let revision = match pzxid.get(&dir) {
-                Some(r) => *r,
-                None => {
-                    let path = node_path(self.dir(dir).unwrap_or("/"));
-                    let stat = timed(self.settings.request_timeout, self.zk.exists(path, false))
-                        .await
-                        .map_err(|e| zk_error("exists", path, e))?;
-                    let r = stat.map_or(0, |s| s.pzxid as Revision);
-                    pzxid.insert(dir, r);
-                    r
-                }
-            };
-            self.stage(Record {
-                key,
-                value: None,
-                revision,
-            });
-        }
-        Ok(())
-    }
-
-    fn stage(&mut self, record: Record) {
-        let newer = match self.known.get(&record.key) {
-            Some(known) => record.revision > *known,
-            None => record.value.is_some(),
-        };
-        if !newer {
-            return;
-        }
-        match record.value {
-            Some(_) => {
-                self.known.insert(record.key.clone(), record.revision);
-            }
-            None => {
-                self.known.remove(&record.key);
-            }
-        }
-        self.staged.insert(record.key.clone(), record);
-    }
-
-    /// Publishes every staged record at or below the barrier.
-    fn publish(&mut self, barrier: Revision) {
-        let ready: Vec<RecordKey> = self
-            .staged
-            .iter()
-            .filter(|(_, r)| r.revision <= barrier)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let records: Vec<Record> = ready.iter().filter_map(|k| self.staged.remove(k)).collect();
-        debug!(barrier, records = records.len(), "publishing");
-        self.index.apply(records, barrier);
-    }
-
-    /// Re-reads every directory and node, re-arming every watch, and stages what changed.
-    async fn resync(&mut self) -> Result<(), StoreError> {
-        self.barrier = None;
-        self.want_barrier = true;
-        for dir in self.dirs() {
-            let (present, missing) = self.read_children(dir).await?;
-            let count = present.len();
-            let gone = self.read_nodes(present).await?;
-            self.stage_removals(missing.into_iter().chain(gone).collect())
-                .await?;
-            info!(?dir, nodes = count, "re-read a ZooKeeper directory");
-        }
-        Ok(())
-    }
-
-    /// Writes the barrier node with a watch on it; its event will say that every change below
-    /// its zxid has been delivered.
-    async fn start_barrier(&mut self) -> Result<(), StoreError> {
-        let timeout = self.settings.request_timeout;
-        let path = self.barrier_path.clone();
-        let zk = &self.zk;
-        let exists = timed(timeout, zk.exists(&path, true))
-            .await
-            .map_err(|e| zk_error("exists", &path, e))?;
-        if exists.is_none() {
-            create_if_absent(zk, &path, CreateMode::Ephemeral, timeout).await?;
-            // The creation fired the exists watch; arm it again for the write below.
-            timed(timeout, zk.exists(&path, true))
-                .await
-                .map_err(|e| zk_error("exists", &path, e))?;
-        }
-        let stat = timed(timeout, zk.set_data(&path, Vec::new(), None))
-            .await
-            .map_err(|e| zk_error("set", &path, e))?;
-        self.barrier = Some(stat.mzxid as Revision);
-        self.want_barrier = false;
-        Ok(())
     }
 }
 
