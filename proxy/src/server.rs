@@ -54,12 +54,10 @@ impl Proxy {
     /// none is configured (this waits for a control replica to answer), and starts accepting
     /// miners.
     pub async fn start(settings: ProxySettings) -> Result<Self, StartError> {
-        let listener = TcpListener::bind(settings.listen_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: settings.listen_addr,
-                source,
-            })?;
+        let listener = bind_miners(settings.listen_addr).map_err(|source| StartError::Bind {
+            addr: settings.listen_addr,
+            source,
+        })?;
         let listen_addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: settings.listen_addr,
             source,
@@ -200,6 +198,24 @@ impl Proxy {
         })
         .await;
     }
+}
+
+/// The accept queue of the miners' listener. A pool's miners reconnect in bursts (after a
+/// proxy restart, or a load balancer moving them): with the usual 128, a burst of a few
+/// thousand overflows the queue and each dropped SYN waits a whole second for TCP's
+/// retransmission. The kernel caps it at `net.core.somaxconn`.
+const MINER_BACKLOG: u32 = 4096;
+
+/// Binds the miners' listener with [`MINER_BACKLOG`].
+fn bind_miners(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(MINER_BACKLOG)
 }
 
 /// Accepts miners while there is room (`MaxSessions`); one task per session.
