@@ -327,15 +327,16 @@ impl Session {
             self.sid.sid(),
             self.ctx.session_ids.server_id(),
         );
-        let login = match self.handshake(&mut miner, &mut hs, deadline).await {
+        let login = match Box::pin(self.handshake(&mut miner, &mut hs, deadline)).await {
             Ok(login) => login,
             Err(end) => return self.failed_handshake(end, "miner"),
         };
         tracing::Span::current().record("worker", login.worker().as_str());
-        let (coin, watch) = match self.resolve_coin(&mut miner, &hs, &login, deadline).await {
-            Ok(found) => found,
-            Err(end) => return end,
-        };
+        let (coin, watch) =
+            match Box::pin(self.resolve_coin(&mut miner, &hs, &login, deadline)).await {
+                Ok(found) => found,
+                Err(end) => return end,
+            };
         let Some(target) = settings.upstreams.get(&*coin).cloned() else {
             return self
                 .refuse(
@@ -348,7 +349,13 @@ impl Session {
         };
         self.set_state(&coin, SessionState::Connecting);
         let up_login = upstream_login(&hs, &login, self.peer_ip, Vec::new());
-        let upstream = match upstream::open(&target, &up_login, &settings.upstream_limits).await {
+        let upstream = match Box::pin(upstream::open(
+            &target,
+            &up_login,
+            &settings.upstream_limits,
+        ))
+        .await
+        {
             Ok(upstream) => upstream,
             Err(UpstreamError::AuthRejected { result, error }) => {
                 self.ctx.metrics.handshake("failed", "auth_rejected");
@@ -581,7 +588,7 @@ impl Session {
                     }
                 }
                 (coin, result) = poll_opening(&mut r.opening) => {
-                    if let Err(end) = self.opened(&mut miner, &mut r, coin, result).await {
+                    if let Err(end) = Box::pin(self.opened(&mut miner, &mut r, coin, result)).await {
                         return end;
                     }
                 }
