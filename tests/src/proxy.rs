@@ -174,6 +174,11 @@ impl ProxyProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The process's ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The process's resident memory, in KiB (from /proc).
     pub fn rss_kib(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
