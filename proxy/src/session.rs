@@ -7,9 +7,10 @@
 //! Guarantees:
 //! - the miner only ever receives whole lines, each written in one piece;
 //! - the miner's partial line stays in its reader and goes to whichever upstream comes next;
-//! - lines the miner sends during a switch or reconnect are queued (a bounded number; then the
+//! - while a switch is being opened, the miner's lines still go to the old upstream, whose jobs
+//!   they name; during a reconnect (no upstream) they are queued (a bounded number; then the
 //!   miner is simply not read) and delivered to the new upstream;
-//! - requests sent to the old upstream before a switch are still answered: the old upstream is
+//! - requests sent to the old upstream before the switch completes are still answered: it is
 //!   drained (its answers relayed, its notifications dropped) until it has answered them all or
 //!   [`DRAIN_TIMEOUT`] passed;
 //! - the answers to the requests the proxy replays on a switch (subscribe, every authorized
@@ -732,20 +733,19 @@ impl Session {
             } else {
                 line
             };
+        // While a switch is being opened the old upstream still serves: the miner's lines go
+        // to it, since they name its jobs (queued for the new one they would reach the wrong
+        // coin). Only without an upstream (a reconnect) are they queued.
         let sent = match r.upstream.as_mut() {
-            Some(upstream) if r.opening.is_none() => self
+            Some(upstream) => self
                 .send_upstream(upstream, &mut r.outstanding, &line)
                 .await
                 .is_ok(),
-            _ => false,
+            None => false,
         };
         if !sent {
-            if let Some(upstream) = r.upstream.as_ref()
-                && r.opening.is_none()
-            {
+            if r.upstream.take().is_some() && r.opening.is_none() {
                 // The write failed: treat it as a lost upstream.
-                let _ = upstream;
-                r.upstream = None;
                 let coin = r.watch.current().unwrap_or_else(|| r.coin.clone());
                 self.start_opening(r, coin, true)?;
             }
