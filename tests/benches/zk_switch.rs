@@ -29,7 +29,10 @@ use switchyard_proto::v1::{
     switcher_admin_client::SwitcherAdminClient,
 };
 use switchyard_tests::{
-    bench::{delta, jvm_pid, nproc, per_second, process_cpu, stats, zk_packets_received},
+    bench::{
+        delta, jvm_pid, machine_busy_cpu, nproc, per_second, process_cpu, stats,
+        zk_packets_received,
+    },
     control::InProcessControl,
     zookeeper::{ZooKeeperServer, unique_root},
 };
@@ -135,7 +138,7 @@ impl<'a> Probe<'a> {
                 .jvm_pid
                 .and_then(|pid| process_cpu(&format!("/proc/{pid}/stat"))),
             bench_cpu: process_cpu("/proc/self/stat"),
-            machine_cpu: machine_cpu(),
+            machine_cpu: machine_busy_cpu(),
             zk_packets,
         }
     }
@@ -165,28 +168,6 @@ impl<'a> Probe<'a> {
                 .map(|(a, b)| a.saturating_sub(b)),
         }
     }
-}
-
-/// CPU time the whole machine spent busy (every CPU, every state but idle and iowait), from the
-/// first line of `/proc/stat` (in clock ticks of 1/100 s).
-fn machine_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
-    let busy: u64 = fields
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v)
-        .sum();
-    Some(Duration::from_millis(busy * 10))
 }
 
 fn main() -> ExitCode {
