@@ -1018,6 +1018,18 @@ async fn settled_rss(read: impl Fn() -> Option<u64>) -> Option<u64> {
     }
 }
 
+/// The backlog a listener on loopback `port` was given (`Send-Q` of `ss -ltn` for a listening
+/// socket), if `ss` can tell.
+fn listen_backlog(port: u16) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+}
+
 /// The kernel's count of listen-queue overflows (`TcpExtListenOverflows` of
 /// `/proc/net/netstat`), for every listener of the machine.
 fn listen_overflows() -> Option<u64> {
@@ -1865,22 +1877,19 @@ async fn memory(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     Ok(())
 }
 
-const WHY_MEMORY: &str = "heaptrack on the proxy binary with 1,000 idle sessions (peak heap 9.8 MB, 2.1 MB of \
-it the fixed session-ID bitmap of `SessionIds::new`) puts the per-session heap at about \
-7.5 KiB: **4.7 KiB is the session task itself** (tokio boxes the whole `session::run` future, \
-whose size is that of its largest state: the handshake, `resolve_coin`, the first \
-`upstream::open` and the relay loop's `select!` are all inline in `Session::run`, \
-proxy/src/session.rs); about 1 KiB the two line buffers (`LineReader` in \
-proxy/src/framing.rs: a 1 KiB `BytesMut` per reader, kept for the session's life); 0.5 KiB \
-two tokio socket registrations; 0.45 KiB the per-session tracing span (`info_span!` with \
-sid, peer and worker in `session::run`, formatted and kept by tracing-subscriber's \
-registry); about 0.5 KiB strings of the login kept for a switch (`Login`, the replayed \
-params) and the first upstream's `held` lines, which `Session::run` never clears (`opened` \
-does, for later upstreams). What would close it: box the cold phases (handshake, \
-`resolve_coin`, the first `upstream::open`) so that the task holds only the relay state; \
-give an idle session no read buffer (drop the `BytesMut` when no partial line is pending, \
-read into a per-worker scratch buffer); clear `Upstream::held` after `announce`; keep the \
-span's fields out of the registry (or record the worker only in the log lines).";
+const WHY_MEMORY: &str = "heaptrack on the proxy with 1,000 idle sessions and `size_of_val` of the session \
+future: about 4.3 KiB is the session task itself (tokio keeps the whole `session::run` \
+future, whose size is that of its largest state: the relay loop's `select!` with every branch \
+future and the arm bodies' write futures, each carrying a `tokio::time::Sleep` for the write \
+deadline, plus the `Relay` state of 0.8 KiB, proxy/src/session.rs); 0.5 KiB two tokio socket \
+registrations; 0.45 KiB the per-session tracing span (sid, peer, worker); about 0.5 KiB the \
+login kept for replays and the first upstream's held lines; the rest is the allocator's \
+rounding. An idle session holds no read buffer (proxy/src/framing.rs releases it when no \
+partial line is pending), and the handshake-phase futures and the switch live on the heap \
+only while they run. What would close the rest: a smaller relay-loop state (one deadline \
+timer per session instead of one per write future, the switch and drain state boxed while \
+idle, `Login` compacted), which needs the relay loop written as a hand-made poll over the two \
+sockets rather than a `select!` over async fns.";
 
 // ------------------------------------------------------------------------------------------
 // Part 2: handshakes
@@ -2024,15 +2033,20 @@ async fn handshakes(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     let rate = |r: &HandshakeRun| r.ok as f64 / r.wall.as_secs_f64();
     let q =
         |q: f64| move |r: &HandshakeRun| f64::from(quantile(&r.latencies_us, q).unwrap_or(0)) / 1e3;
+    let proxy_backlog = listen_backlog(proxy.addr.port()).map_or_else(
+        || "unknown (`ss` gave nothing)".to_owned(),
+        |b| b.to_string(),
+    );
     let mut md = format!(
         "## 2. Handshakes: {n} miners connecting at once\n\n\
          {n} miners connect at the same instant (one task each, from 127.0.0.2 on) and log in \
          (subscribe, then authorize; the latency runs from the connect to the authorize answer); \
          sessions per second = {n} / (last login - start). Medians of {} repetitions per path, \
          interleaved, after an untimed warm-up. Listen backlogs: the simulated sserver and the \
-         plain relay 1,024; the proxy 128 (it binds with tokio's `TcpListener::bind`, which \
-         listens with std's 128); a second plain relay listens with 128 too, to show where the \
-         time goes. `listen overflows`: the kernel's `TcpExtListenOverflows` during the burst \
+         plain relay 1,024; the proxy {proxy_backlog} (read with `ss -ltn` from its listener \
+         in this run); a second plain relay listens with 128 (std's and tokio's \
+         `TcpListener::bind` default), to show what a small backlog costs: every connection \
+         past it waits a second. `listen overflows`: the kernel's `TcpExtListenOverflows` during the burst \
          (a connection that found its listener's accept queue full: its handshake packet is \
          dropped and it waits for TCP's 1 s retransmission).\n\n\
          | path | sessions/s | ratio to straight | p50 ms | p99 ms | max ms | failed | listen overflows |\n\
@@ -2069,23 +2083,42 @@ async fn handshakes(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
             med(Path3::Straight, &q(0.99)) / 1e3
         ),
         Some(r >= 0.7),
-        format!("{:.2} below 0.7. {WHY_HANDSHAKE}", 0.7 - r),
+        {
+            let relay_r = med(Path3::Relay, &rate) / straight_rate;
+            let overflows = med(Path3::Proxy, &|r| {
+                r.overflows.map_or(f64::NAN, |o| o as f64)
+            });
+            let cause = if overflows > 0.0 {
+                format!(
+                    "{overflows:.0} listen-queue overflows per burst on the proxy's path (its \
+                     listener's backlog: {proxy_backlog}): {WHY_HANDSHAKE_BACKLOG} "
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "{:.2} below 0.7. {cause}The plain TCP relay, which pays the same hop with no \
+                 Stratum logic, reaches {relay_r:.2} of straight in the same run: the proxy is \
+                 at {} of that floor. {WHY_HANDSHAKE}",
+                0.7 - r,
+                ratio(r, relay_r)
+            )
+        },
     );
     Ok(())
 }
 
-const WHY_HANDSHAKE: &str = "the time is TCP's 1 s retransmission, not the handshake's work. The proxy listens \
-with a backlog of 128 (`Proxy::start` in proxy/src/server.rs binds with tokio's \
-`TcpListener::bind`, which listens with std's 128; `ss -ltn` shows it), while the sserver \
-listens with 1,024: a burst of 2,000 connects overflows the proxy's accept queue (the \
-`listen overflows` column; `perf record -e tcp:tcp_retransmit_skb` shows every \
-retransmission on the proxy's port), and every connection past it waits a second. A plain \
-TCP relay listening with 128 shows the same second; with 1,024 it does not. The accept loop \
-(`accept_loop`) also shares the two tokio workers with the sessions it spawns, so the queue \
-fills faster than the relay's. What would close it: listen with the system's maximum backlog \
-(`TcpSocket::bind` then `listen(4096)`, or a `ListenBacklog` setting) and accept on a task \
-that the burst cannot starve; the rest of the gap to straight is the extra hop, which the \
-plain relay with 1,024 shows (about half of straight's rate here).";
+const WHY_HANDSHAKE_BACKLOG: &str = "every connection that finds the accept queue full loses its handshake packet and waits \
+for TCP's 1 s retransmission (the plain relay listening with 128 shows the same second): \
+listen with the system's maximum backlog (`MINER_BACKLOG` in proxy/src/server.rs).";
+
+const WHY_HANDSHAKE: &str = "What is left is the extra hop: every login through the proxy makes two TCP \
+connections and crosses loopback twice more, and the proxy opens its upstream only once the \
+miner's authorize arrived (connect, subscribe, authorize, each awaited: `upstream::open`), on \
+two cores that also run the miner tasks and the sserver. What would close it on this \
+machine: little beyond a lighter login (the upstream's subscribe and authorize written \
+together); on a machine where the miners do not share the proxy's two cores, the hop costs a \
+fraction of a round trip.";
 
 // ------------------------------------------------------------------------------------------
 // Part 3: relay
@@ -2892,14 +2925,14 @@ async fn switching_under_load(sizes: &Sizes, report: &mut Report) -> Result<(), 
         .any(|(o, _)| o.wrong_coin > 0)
     {
         md.push_str(
-            "\n`wrong coin` is not one of the targets, but it is a cost: a submit the miner \
-             sends while its session is switching is queued by the session \
-             (`Session::on_miner_line` in proxy/src/session.rs queues every line while \
-             `r.opening` is set) and delivered to the new coin's sserver, although it names a \
-             job of the old coin, which a real sserver rejects as stale; the old upstream is \
-             still connected at that time. Relaying to the old upstream until the new one is \
-             up, and routing a submit by its job ID while the old upstream drains, would keep \
-             every share on the coin of its job.\n",
+            "\n`wrong coin` is not one of the targets, but it is a cost: a submit that names a job \
+             of the old coin and reaches the new coin's sserver, which a real sserver rejects \
+             as stale. While a switch is being opened the session still sends the miner's \
+             lines to the old upstream (`Session::on_miner_line`, proxy/src/session.rs), so \
+             what is left are submits the miner wrote before it read the new coin's job and \
+             that arrive after the switch completed. Routing a submit by its job ID (to the \
+             draining old upstream while it names one of its jobs) would keep every share on \
+             the coin of its job.\n",
         );
     }
     report.part(md);
