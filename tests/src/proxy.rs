@@ -43,6 +43,30 @@ pub fn proxy_config(
     }))
 }
 
+/// Starts a proxy with `start`; when its port was taken meanwhile (the ports of
+/// [`proxy_config`] are free when picked, but a test running in parallel may bind one first),
+/// tries again on fresh ports.
+async fn on_fresh_ports<T, F, Fut>(config: &Value, start: F) -> Result<T, ControlFixtureError>
+where
+    F: Fn(Value) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ControlFixtureError>>,
+{
+    let mut config = config.clone();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match start(config.clone()).await {
+            Err(ControlFixtureError::Timeout(log))
+                if attempt < 5 && log.contains("Address already in use") =>
+            {
+                config["ListenAddr"] = json!(format!("127.0.0.1:{}", free_port()?));
+                config["MetricsListenAddr"] = json!(format!("127.0.0.1:{}", free_port()?));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The proxy library in this process.
 pub struct InProcessProxy {
     /// The running proxy.
@@ -52,6 +76,10 @@ pub struct InProcessProxy {
 impl InProcessProxy {
     /// Starts a proxy on `config` (see [`proxy_config`]) and waits until its cache is synced.
     pub async fn start(config: &Value) -> Result<Self, ControlFixtureError> {
+        on_fresh_ports(config, |c| async move { Self::start_once(&c).await }).await
+    }
+
+    async fn start_once(config: &Value) -> Result<Self, ControlFixtureError> {
         let (config, _) = ProxyConfig::from_json(&config.to_string())
             .map_err(|e| ControlFixtureError::Timeout(format!("bad proxy config: {e}")))?;
         let settings = config
@@ -94,6 +122,10 @@ impl ProxyProcess {
     /// Starts the binary on `config` (see [`proxy_config`]) and waits until its metrics say
     /// the cache is synced with the control plane (`switchyard_proxy_control_connected 1`).
     pub async fn start(config: &Value) -> Result<Self, ControlFixtureError> {
+        on_fresh_ports(config, |c| async move { Self::start_once(&c).await }).await
+    }
+
+    async fn start_once(config: &Value) -> Result<Self, ControlFixtureError> {
         let dir = tempfile::tempdir().map_err(|e| ControlFixtureError::Io("tempdir", e))?;
         let addr: SocketAddr = config["ListenAddr"]
             .as_str()
@@ -146,9 +178,13 @@ impl ProxyProcess {
             {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() > deadline {
                 return Err(ControlFixtureError::Timeout(format!(
-                    "the proxy never synced\n--- proxy log ---\n{}",
+                    "the proxy never synced (exited: {exited})\n--- proxy log ---\n{}",
                     self.log()
                 )));
             }

@@ -103,3 +103,20 @@ async fn a_miner_follows_its_users_coin_without_reconnecting() {
         proxy.metrics()
     );
 }
+
+/// The proxy fixture survives a port taken between picking it and the proxy binding it (tests
+/// run in parallel): it starts again on fresh ports.
+#[tokio::test]
+async fn the_proxy_fixture_moves_off_a_taken_port() {
+    let control = InProcessControl::start().await.expect("control");
+    let btc = Sserver::start(SserverConfig::new("btc"))
+        .await
+        .expect("btc");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    config["ListenAddr"] = json!(taken.local_addr().expect("addr").to_string());
+    let proxy = switchyard_tests::proxy::ProxyProcess::start(&config)
+        .await
+        .expect("started on another port");
+    assert_ne!(proxy.addr, taken.local_addr().expect("addr"));
+}
