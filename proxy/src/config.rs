@@ -39,6 +39,14 @@ Switchyard's own settings:
                       before the miner is closed. Default 3.
   WriteTimeoutSeconds A miner or sserver that does not take a line within this is closed
                       (nothing is buffered without end). Default 30.
+  DrainWindowSeconds  After a switch the old sserver connection is kept this long for the
+                      shares of its jobs (each share goes to the sserver that issued its
+                      job), or until it announces a clean job. 0 closes it once it has
+                      answered what it was sent. Default 60.
+  TcpKeepaliveSeconds TCP keepalive on miner and sserver sockets: probes start after this
+                      many idle seconds, every 10 s, 6 of them, so a peer gone without a
+                      FIN frees its session within about this plus a minute. 0 turns it
+                      off. Default 60.
   LogFormat           \"text\" or \"json\". Default \"text\".
 
 Original keys (stratumSwitcher):
@@ -101,6 +109,10 @@ pub struct ProxyConfig {
     pub reconnect_tries: Option<u32>,
     #[serde(rename = "WriteTimeoutSeconds")]
     pub write_timeout_seconds: Option<u64>,
+    #[serde(rename = "DrainWindowSeconds")]
+    pub drain_window_seconds: Option<u64>,
+    #[serde(rename = "TcpKeepaliveSeconds")]
+    pub tcp_keepalive_seconds: Option<u64>,
     #[serde(rename = "LogFormat")]
     pub log_format: Option<String>,
 
@@ -134,6 +146,18 @@ pub struct ProxyConfig {
     pub zk_auto_reg_watch_dir: String,
 }
 
+/// The default of `DrainWindowSeconds`. After a switch the new coin's first job reaches the
+/// miner with `clean_jobs`, and miners drop the old work at once: the shares of old jobs that
+/// still come are those already found, within a second or two even behind a mining proxy.
+/// sservers accept a job's shares for minutes (btcpool: until the job is 300 s old or a new
+/// block), so 60 s is well inside what the old sserver still takes, covers slow firmware and
+/// multiplexing proxies many times over, and holds the extra descriptor of a mass switch for a
+/// minute, not five.
+pub const DEFAULT_DRAIN_WINDOW_SECONDS: u64 = 60;
+
+/// The default of `TcpKeepaliveSeconds`.
+pub const DEFAULT_TCP_KEEPALIVE_SECONDS: u64 = 60;
+
 const KNOWN_KEYS: &[&str] = &[
     "ControlEndpoints",
     "ProxyToken",
@@ -145,6 +169,8 @@ const KNOWN_KEYS: &[&str] = &[
     "UpstreamTimeoutSeconds",
     "ReconnectTries",
     "WriteTimeoutSeconds",
+    "DrainWindowSeconds",
+    "TcpKeepaliveSeconds",
     "LogFormat",
     "ServerID",
     "ChainType",
@@ -246,6 +272,10 @@ pub struct ProxySettings {
     pub reconnect_tries: u32,
     /// The deadline of one write to a peer.
     pub write_timeout: Duration,
+    /// How long an old upstream takes the shares of its jobs after a switch.
+    pub drain_window: Duration,
+    /// Idle time before TCP keepalive probes on miner and upstream sockets; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
     /// The log format.
     pub log_format: LogFormat,
 }
@@ -392,6 +422,15 @@ impl ProxyConfig {
         };
         let upstream_timeout =
             seconds("UpstreamTimeoutSeconds", self.upstream_timeout_seconds, 10)?;
+        let tcp_keepalive = match self.tcp_keepalive_seconds {
+            Some(0) => None,
+            Some(v) if v > 7_200 => {
+                return Err(invalid("TcpKeepaliveSeconds", "must be at most 7200"));
+            }
+            v => Some(Duration::from_secs(
+                v.unwrap_or(DEFAULT_TCP_KEEPALIVE_SECONDS),
+            )),
+        };
         Ok(ProxySettings {
             chain,
             server_id,
@@ -420,9 +459,17 @@ impl ProxyConfig {
                 connect_timeout: upstream_timeout.min(Duration::from_secs(5)),
                 handshake_timeout: upstream_timeout,
                 max_line,
+                tcp_keepalive,
             },
             reconnect_tries: self.reconnect_tries.unwrap_or(3).min(100),
             write_timeout: seconds("WriteTimeoutSeconds", self.write_timeout_seconds, 30)?,
+            drain_window: match self.drain_window_seconds {
+                Some(v) if v > 3_600 => {
+                    return Err(invalid("DrainWindowSeconds", "must be at most 3600"));
+                }
+                v => Duration::from_secs(v.unwrap_or(DEFAULT_DRAIN_WINDOW_SECONDS)),
+            },
+            tcp_keepalive,
             log_format,
         })
     }

@@ -3,12 +3,13 @@
 //! `eth_submitLogin`) into a [`Login`] with a normalized worker name. Pure logic over parsed
 //! lines: the session task feeds it lines and writes out what it answers.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::session_id::{ChainType, SessionId};
 
 /// The Stratum dialect a session speaks, learnt from its first requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Dialect {
     /// Bitcoin-like chains (bitcoin, decred-normal, decred-gominer).
     Bitcoin,
@@ -134,7 +135,7 @@ impl Request {
 }
 
 /// A login the handshake accepted: what the session needs to pick an upstream and log in.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Login {
     /// The miner's request id, to answer under.
     pub id: Value,
@@ -167,10 +168,13 @@ pub enum Step {
     Refuse(String, StratumError),
     /// The miner logged in: look the user up and open the upstream.
     Login(Login),
+    /// A request for the upstream (`mining.suggest_difficulty`, or anything else with an id
+    /// the proxy does not answer itself): hold it and send it after the upstream's login.
+    Hold,
 }
 
 /// The handshake state of one session.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Handshake {
     chain: ChainType,
     sid: SessionId,
@@ -190,6 +194,9 @@ pub fn filter_worker_name(name: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || ".:_|^/-".contains(*c))
         .collect()
 }
+
+/// The version bits BIP 320 leaves to miners: the most a miner is ever granted.
+pub const BIP320_VERSION_MASK: u32 = 0x1fff_e000;
 
 /// Where a NiceHash extranonce ends: they take at most 2 bytes.
 const NICEHASH_EXTRANONCE_DIGITS: usize = 4;
@@ -212,6 +219,11 @@ impl Handshake {
             nicehash: false,
             version_mask: None,
         }
+    }
+
+    /// The proxy's server ID when the session started (in the proxy's error answers).
+    pub fn server_id(&self) -> u8 {
+        self.server_id
     }
 
     /// The chain type.
@@ -290,6 +302,13 @@ impl Handshake {
                 self.login(request, names)
             }
             "eth_submitLogin" if self.chain == ChainType::Ethereum => self.login(request, names),
+            // The session ID never changes, not even across a switch: no set_extranonce is ever
+            // needed, so the proxy answers this itself.
+            "mining.extranonce.subscribe" if !request.id.is_null() => {
+                Step::Reply(self.result_line(&request.id, Value::Bool(true)))
+            }
+            "mining.suggest_difficulty" => Step::Hold,
+            _ if !request.id.is_null() => Step::Hold,
             _ => Step::Ignore,
         }
     }
@@ -362,6 +381,11 @@ impl Handshake {
         }
     }
 
+    /// BIP 310: every extension asked for gets an answer. Version rolling is granted
+    /// provisionally with the miner's mask within the BIP 320 bits (the sserver's
+    /// `mining.set_version_mask` after the login narrows it); `subscribe-extranonce` is granted
+    /// (the session ID never changes); `minimum-difficulty` is refused (the sserver sets the
+    /// difficulty; `mining.suggest_difficulty` is relayed instead); `info` is taken.
     fn configure(&mut self, request: Request) -> Step {
         if request.params.len() < 2 {
             return self.refuse(&request.id, StratumError::TooFewParams);
@@ -370,16 +394,45 @@ impl Handshake {
             .get("version-rolling.mask")
             .and_then(Value::as_str)
             .and_then(|hex| u32::from_str_radix(hex.trim_start_matches("0x"), 16).ok());
+        let mut answer = Map::new();
+        let extensions: Vec<&str> = request.params[0]
+            .as_array()
+            .map(|exts| exts.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for extension in extensions.iter().take(16) {
+            match *extension {
+                "version-rolling" => {}
+                "minimum-difficulty" => {
+                    answer.insert("minimum-difficulty".into(), Value::Bool(false));
+                }
+                "subscribe-extranonce" => {
+                    answer.insert("subscribe-extranonce".into(), Value::Bool(true));
+                }
+                "info" => {
+                    answer.insert("info".into(), Value::Bool(true));
+                }
+                other => {
+                    let name: String = filter_worker_name(other).chars().take(64).collect();
+                    answer.insert(name, Value::Bool(false));
+                }
+            }
+        }
         match mask {
             Some(mask) => {
-                self.version_mask = Some(mask);
-                Step::Reply(self.result_line(
-                    &request.id,
-                    json!({"version-rolling": true, "version-rolling.mask": format!("{mask:08x}")}),
-                ))
+                let granted = mask & BIP320_VERSION_MASK;
+                self.version_mask = Some(granted);
+                answer.insert("version-rolling".into(), Value::Bool(true));
+                answer.insert(
+                    "version-rolling.mask".into(),
+                    Value::String(format!("{granted:08x}")),
+                );
             }
-            None => Step::Reply(self.result_line(&request.id, json!({}))),
+            None if extensions.contains(&"version-rolling") => {
+                answer.insert("version-rolling".into(), Value::Bool(false));
+            }
+            None => {}
         }
+        Step::Reply(self.result_line(&request.id, Value::Object(answer)))
     }
 
     fn login(&mut self, mut request: Request, names: &dyn NameRules) -> Step {
@@ -583,9 +636,39 @@ mod tests {
     #[test]
     fn configure_without_a_mask_is_answered_empty() {
         let mut hs = Handshake::new(ChainType::Bitcoin, SessionId(0x0100_0080), 1);
-        let line = br#"{"id":9,"method":"mining.configure","params":[["minimum-difficulty"],{}]}"#;
+        let line = br#"{"id":9,"method":"mining.configure","params":[[],{}]}"#;
         assert_eq!(reply(hs.on_line(line, &SENSITIVE))["result"], json!({}));
         assert_eq!(hs.version_mask(), None);
+    }
+
+    #[test]
+    fn configure_answers_every_bip310_extension() {
+        let mut hs = Handshake::new(ChainType::Bitcoin, SessionId(0x0100_0080), 1);
+        let line = br#"{"id":1,"method":"mining.configure","params":[["version-rolling","minimum-difficulty","subscribe-extranonce","info"],{"version-rolling.mask":"ffffffff","version-rolling.min-bit-count":2,"minimum-difficulty.value":2048,"info.connection-url":"x"}]}"#;
+        assert_eq!(
+            reply(hs.on_line(line, &SENSITIVE))["result"],
+            json!({
+                "version-rolling": true,
+                "version-rolling.mask": "1fffe000",
+                "minimum-difficulty": false,
+                "subscribe-extranonce": true,
+                "info": true
+            })
+        );
+        assert_eq!(hs.version_mask(), Some(0x1fff_e000));
+    }
+
+    #[test]
+    fn handshake_requests_are_answered_or_held() {
+        let mut hs = Handshake::new(ChainType::Bitcoin, SessionId(0x0100_0080), 1);
+        let line = br#"{"id":5,"method":"mining.extranonce.subscribe","params":[]}"#;
+        assert_eq!(reply(hs.on_line(line, &SENSITIVE))["result"], json!(true));
+        let suggest = br#"{"id":6,"method":"mining.suggest_difficulty","params":[512]}"#;
+        assert_eq!(hs.on_line(suggest, &SENSITIVE), Step::Hold);
+        let other = br#"{"id":7,"method":"mining.get_transactions","params":[]}"#;
+        assert_eq!(hs.on_line(other, &SENSITIVE), Step::Hold);
+        let notification = br#"{"id":null,"method":"client.show_message","params":[]}"#;
+        assert_eq!(hs.on_line(notification, &SENSITIVE), Step::Ignore);
     }
 
     #[test]

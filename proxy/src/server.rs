@@ -143,6 +143,10 @@ impl Proxy {
             control: endpoints.clone(),
             metrics: metrics.clone(),
             registration_waiters: Arc::new(Semaphore::new(settings.auto_reg_max_wait)),
+            drains: session::DrainBudget::for_limits(
+                session::open_file_limit().unwrap_or(FALLBACK_OPEN_FILES),
+                settings.max_sessions,
+            ),
         }))
     }
 
@@ -219,8 +223,16 @@ fn bind_miners(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts miners while there is room (`MaxSessions`); one task per session.
+/// The open-file limit assumed when `/proc/self/limits` cannot be read.
+const FALLBACK_OPEN_FILES: usize = 1024;
+
+/// Descriptors kept free for the listener, the control connection and the metrics endpoint:
+/// when fewer are left, drained upstreams are closed.
+const DESCRIPTOR_RESERVE: usize = 64;
+
 async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: CancellationToken) {
     let limit = Arc::new(Semaphore::new(ctx.settings.max_sessions));
+    let open_files = session::open_file_limit().unwrap_or(FALLBACK_OPEN_FILES);
     let mut sessions = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -231,12 +243,20 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: Ca
         let (socket, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
-                // Out of file descriptors, most likely: back off a little rather than spin.
+                // Out of file descriptors, most likely: drained upstreams go first; back off a
+                // little rather than spin.
+                ctx.drains.relieve();
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // Two descriptors per session, one per drain: close drains before any miner could be
+        // refused for want of a descriptor.
+        let live = ctx.settings.max_sessions - limit.available_permits();
+        if 2 * (live + 1) + ctx.drains.in_use() + DESCRIPTOR_RESERVE >= open_files {
+            ctx.drains.relieve();
+        }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             ctx.metrics.refused();
             drop(socket);

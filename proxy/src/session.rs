@@ -1,25 +1,21 @@
 //! One miner session, one task (SPEC §1, §2, §4): the handshake, the coin lookup (with
-//! auto-registration), the first upstream, then the relay loop, which also carries out switches
-//! and reconnects. The task owns the miner's socket, its upstream's socket, the upstream being
-//! opened during a switch and the old one being drained after it, and the user's entry in the
-//! cache's per-user index, all in one `select!` loop: no locks between halves, no races.
+//! auto-registration), the first upstream, then the relay loop. The task owns every socket of
+//! the session (the miner's, the serving upstream's, the drained ones' and the one being
+//! opened) and the user's entry in the cache's per-user index, all in one `select!` loop: no
+//! locks between halves, no races. What the relay does with each event is decided by the
+//! [`Relay`] state machine ([`crate::relay`]), which is plain data; this module carries out its
+//! actions.
 //!
 //! Guarantees:
 //! - the miner only ever receives whole lines, each written in one piece;
 //! - the miner's partial line stays in its reader and goes to whichever upstream comes next;
-//! - while a switch is being opened, the miner's lines still go to the old upstream, whose jobs
-//!   they name; during a reconnect (no upstream) they are queued (a bounded number; then the
-//!   miner is simply not read) and delivered to the new upstream;
-//! - requests sent to the old upstream before the switch completes are still answered: it is
-//!   drained (its answers relayed, its notifications dropped) until it has answered them all or
-//!   [`DRAIN_TIMEOUT`] passed;
-//! - the answers to the requests the proxy replays on a switch (subscribe, every authorized
-//!   worker) never reach the miner; the new upstream's difficulty and jobs do;
 //! - every write to either peer has a deadline, so a peer that stops reading is dropped instead
-//!   of buffered without end.
+//!   of buffered without end;
+//! - drained upstreams hold permits of the process's [`DrainBudget`]: when the budget is spent,
+//!   or the listener runs short of descriptors, drains are closed first, never a miner refused
+//!   for them.
 
 use std::{
-    collections::{HashMap, VecDeque},
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     pin::Pin,
@@ -28,7 +24,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{
     io::AsyncWriteExt,
     net::{
@@ -47,33 +43,19 @@ use crate::{
     control::{self, ControlEndpoints},
     framing::{FrameError, LineReader},
     handshake::{
-        Dialect, Handshake, Login, NameRules, Request, Step, StratumError, normalize_worker,
-        result_line,
+        Dialect, Handshake, Login, NameRules, Request, Step, StratumError, error_line, result_line,
     },
     metrics::{Direction, Metrics, SessionState},
+    relay::{Action, Opened, Phase, Relay, RelayEnd, RelaySettings, UpstreamId},
     session_id::{BadServerId, ChainType, SessionId, SessionIdAllocator},
     upstream::{
         self, EchoCheck, SubscribeParams, Upstream, UpstreamError, UpstreamLogin, UpstreamTarget,
     },
 };
 
-/// How long the old upstream may take to answer what it was sent before a switch.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The most miner lines queued while a switch or reconnect is under way; beyond it the miner
-/// is not read until the new upstream is up (TCP holds the rest).
-const MAX_QUEUED_LINES: usize = 64;
-
-/// The most authorized workers a session replays on a switch (mining proxies multiplex their
-/// workers over one connection).
-const MAX_WORKERS: usize = 256;
-
-/// The most relayed authorize requests awaiting their answer.
-const MAX_PENDING_AUTHS: usize = 64;
-
-/// The id prefix of authorize requests the proxy relays with its own id, to learn whether they
-/// succeeded (miner ids are not unique).
-const AUTH_ID_PREFIX: &str = "sy-auth-";
+/// The most requests the handshake holds for the upstream (SPEC §1); beyond it they are
+/// answered with an error.
+const MAX_HELD_REQUESTS: usize = 32;
 
 /// The agent sent upstream when the miner gave none.
 const DEFAULT_AGENT: &str = "stratumSwitcher";
@@ -157,6 +139,8 @@ pub struct ProxyContext {
     pub session_ids: SessionIds,
     /// Permits of sessions waiting for an auto-registration (`AutoRegMaxWaitUsers`).
     pub registration_waiters: Arc<Semaphore>,
+    /// The process's budget of drained upstream connections.
+    pub drains: DrainBudget,
 }
 
 impl NameRules for ProxyContext {
@@ -184,8 +168,7 @@ enum End {
     Refused(StratumError),
     TooManyWaiting,
     Upstream(UpstreamError),
-    UpstreamLost,
-    BtcAgentSwitched,
+    Relay(RelayEnd),
     Shutdown,
 }
 
@@ -204,6 +187,9 @@ pub async fn run(
     let span = info_span!("session", sid = %sid.sid(), %peer, worker = tracing::field::Empty);
     async move {
         let _ = socket.set_nodelay(true);
+        if let Err(e) = upstream::set_keepalive(&socket, ctx.settings.tcp_keepalive) {
+            debug!(error = %e, "TCP keepalive not set on the miner socket");
+        }
         let peer_ip = match peer.ip() {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
@@ -261,26 +247,6 @@ impl Miner {
     }
 }
 
-/// An upstream being opened (a switch or a reconnect).
-type Opening = Pin<Box<dyn Future<Output = (Arc<str>, Result<Upstream, UpstreamError>)> + Send>>;
-
-/// An old upstream answering what it was sent before a switch.
-struct Draining {
-    upstream: Upstream,
-    outstanding: u64,
-    deadline: Instant,
-}
-
-/// Does an upstream line carry a method (a notification or request) rather than an answer?
-/// Cheap: no JSON parsing on the relay path.
-fn has_method(line: &[u8]) -> bool {
-    memchr_find(line, b"\"method\"")
-}
-
-fn memchr_find(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 impl Session {
     fn new(ctx: Arc<ProxyContext>, sid: SessionIdGuard, peer_ip: Ipv4Addr) -> Self {
         ctx.metrics
@@ -328,7 +294,8 @@ impl Session {
             self.sid.sid(),
             self.ctx.session_ids.server_id(),
         );
-        let login = match Box::pin(self.handshake(&mut miner, &mut hs, deadline)).await {
+        let mut held = Vec::new();
+        let login = match Box::pin(self.handshake(&mut miner, &mut hs, &mut held, deadline)).await {
             Ok(login) => login,
             Err(end) => return self.failed_handshake(end, "miner"),
         };
@@ -349,7 +316,7 @@ impl Session {
                 .await;
         };
         self.set_state(&coin, SessionState::Connecting);
-        let up_login = upstream_login(&hs, &login, self.peer_ip, Vec::new());
+        let up_login = upstream_login(&hs, &login, self.peer_ip);
         let upstream = match Box::pin(upstream::open(
             &target,
             &up_login,
@@ -387,36 +354,40 @@ impl Session {
             }
         };
         // The auth answer under the miner's id, the version mask, then what the sserver sent
-        // meanwhile, in order.
+        // meanwhile, in order; then the requests the handshake held.
         let first_line = result_line(
             &login.id,
             upstream.auth_result.clone(),
             upstream.auth_error.clone(),
             hs.json_rpc2(),
         );
-        if let Err(end) = announce(&mut miner, &hs, &upstream, Some(&first_line)).await {
-            return end;
-        }
         self.ctx.metrics.handshake("ok", "ok");
-        self.set_state(&coin, SessionState::Relaying);
         info!(coin = %coin, "relaying");
-        let relay = Relay {
+        let opened = Opened {
+            suffixed: upstream.suffixed,
+            user_suffix: target.user_suffix.clone(),
+            allowed_mask: upstream.allowed_mask,
+            held: upstream.held,
+        };
+        let relay = Relay::start(
             hs,
             login,
-            coin,
-            watch,
-            upstream: Some(upstream),
-            workers: Vec::new(),
-            pending_auths: HashMap::new(),
-            next_auth_id: 0,
-            outstanding: 0,
-            queued: VecDeque::new(),
+            coin.to_string(),
+            opened,
+            first_line,
+            held,
+            RelaySettings {
+                drain_window_ms: settings.drain_window.as_millis() as u64,
+            },
+        );
+        let links = Links {
+            current: Some(UpstreamLink::new(0, upstream.reader, upstream.writer)),
+            draining: Vec::new(),
             opening: None,
-            opening_target: None,
-            opening_is_reconnect: false,
-            draining: None,
+            drain_permits: 0,
+            watch: Some(watch),
         };
-        self.relay(miner, relay).await
+        self.relay(miner, relay, links).await
     }
 
     fn failed_handshake(&self, end: End, reason: &'static str) -> End {
@@ -440,6 +411,7 @@ impl Session {
         &mut self,
         miner: &mut Miner,
         hs: &mut Handshake,
+        held: &mut Vec<Bytes>,
         deadline: Instant,
     ) -> Result<Login, End> {
         loop {
@@ -457,6 +429,20 @@ impl Session {
                     miner.write_text(&reply).await?;
                 }
                 Step::Login(login) => return Ok(login),
+                Step::Hold if held.len() < MAX_HELD_REQUESTS => held.push(line),
+                Step::Hold => {
+                    // Never dropped without an answer: refused once the bound is reached.
+                    if let Some(request) = Request::parse(&line) {
+                        let refusal = error_line(
+                            &request.id,
+                            20,
+                            "Too many requests before the login",
+                            hs.server_id(),
+                            hs.json_rpc2(),
+                        );
+                        miner.write_text(&refusal).await?;
+                    }
+                }
             }
         }
     }
@@ -523,407 +509,429 @@ impl Session {
         }
     }
 
-    async fn relay(&mut self, mut miner: Miner, mut r: Relay) -> End {
+    /// The relay loop: the miner, the serving upstream, the drained ones and the one being
+    /// opened, in one `select!`, each event handed to the [`Relay`] state machine and its
+    /// actions carried out.
+    async fn relay(&mut self, mut miner: Miner, mut relay: Relay, mut links: Links) -> End {
+        let mut watch = links.watch.take();
         loop {
-            let reading_miner = r.queued.len() < MAX_QUEUED_LINES;
-            let drain_deadline = r.draining.as_ref().map(|d| d.deadline);
+            if let Err(end) = self.carry_out(&mut miner, &mut relay, &mut links).await {
+                return end;
+            }
+            let reading_miner = relay.reads_miner();
+            let deadline = relay.next_deadline().map(instant_of);
+            let pressure = self.ctx.drains.pressure();
             tokio::select! {
-                line = miner.reader.read_raw_line(), if reading_miner => {
-                    match line {
-                        Ok(Some(line)) => {
-                            if let Err(end) = self.on_miner_line(&mut miner, &mut r, line).await {
-                                return end;
-                            }
-                        }
-                        Ok(None) => return End::MinerClosed,
-                        Err(e) => return End::MinerError(e),
+                line = miner.reader.read_raw_line(), if reading_miner => match line {
+                    Ok(Some(line)) => relay.on_miner_line(line, &*self.ctx),
+                    Ok(None) => return End::MinerClosed,
+                    Err(e) => return End::MinerError(e),
+                },
+                (id, line) = read_current(&mut links.current) => match line {
+                    Some(line) => relay.on_upstream_line(id, line, now_ms()),
+                    None => {
+                        warn!(coin = %relay.coin(), "sserver connection lost: reconnecting");
+                        links.close(id);
+                        relay.on_upstream_lost(id, now_ms());
                     }
-                }
-                line = read_upstream(&mut r.upstream) => {
-                    match line {
-                        Some(line) => {
-                            if let Err(end) = self.on_upstream_line(&mut miner, &mut r, line, false).await {
-                                return end;
-                            }
-                        }
-                        None => {
-                            r.upstream = None;
-                            if r.opening.is_none() {
-                                warn!(coin = %r.coin, "sserver connection lost: reconnecting");
-                                let coin = r.watch.current().unwrap_or_else(|| r.coin.clone());
-                                if let Err(end) = self.start_opening(&mut r, coin, true) {
-                                    return end;
-                                }
-                            }
-                        }
+                },
+                (id, line) = read_any(&mut links.draining) => match line {
+                    Some(line) => relay.on_upstream_line(id, line, now_ms()),
+                    None => {
+                        links.close(id);
+                        relay.on_upstream_lost(id, now_ms());
                     }
+                },
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    relay.on_tick(now_ms());
                 }
-                line = read_draining(&mut r.draining) => {
-                    match line {
-                        Some(line) => {
-                            if has_method(&line) {
-                                continue; // the old coin's jobs and difficulty: not any more
-                            }
-                            if let Some(d) = r.draining.as_mut() {
-                                d.outstanding = d.outstanding.saturating_sub(1);
-                                if d.outstanding == 0 {
-                                    r.draining = None;
-                                }
-                            }
-                            if let Err(end) = self.on_upstream_line(&mut miner, &mut r, line, true).await {
-                                return end;
-                            }
-                        }
-                        None => r.draining = None,
-                    }
+                () = pressure, if !links.draining.is_empty() => {
+                    debug!("short of file descriptors: old sserver connections closed");
+                    relay.drop_drains();
                 }
-                () = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                    if let Some(d) = r.draining.take() {
-                        debug!(outstanding = d.outstanding, "old sserver did not answer everything in time");
-                    }
-                }
-                coin = r.watch.changed() => {
+                coin = changed(&mut watch) => {
                     let Some(coin) = coin else { continue };
-                    if let Err(end) = self.on_coin_changed(&mut r, coin) {
-                        return end;
+                    let has_sserver = self.ctx.settings.upstreams.contains_key(&*coin);
+                    if !has_sserver {
+                        warn!(coin = %coin, "the user's new coin has no sserver here: ignored");
+                    } else if coin.as_ref() != relay.target_coin() {
+                        info!(from = %relay.coin(), to = %coin, "switching");
+                    }
+                    relay.on_coin_changed(&coin, has_sserver);
+                }
+                (id, result) = poll_opening(&mut links.opening) => {
+                    links.opening = None;
+                    match result {
+                        Ok(upstream) => {
+                            let opened = Opened {
+                                suffixed: upstream.suffixed,
+                                user_suffix: self
+                                    .ctx
+                                    .settings
+                                    .upstreams
+                                    .get(relay.target_coin())
+                                    .map(|t| t.user_suffix.clone())
+                                    .unwrap_or_default(),
+                                allowed_mask: upstream.allowed_mask,
+                                held: upstream.held,
+                            };
+                            links.draining.push(UpstreamLink::new(id, upstream.reader, upstream.writer));
+                            relay.on_opened(id, opened, now_ms());
+                        }
+                        Err(e) => {
+                            warn!(coin = %relay.target_coin(), error = %e, "cannot open the sserver connection");
+                            relay.on_open_failed(id);
+                        }
                     }
                 }
-                (coin, result) = poll_opening(&mut r.opening) => {
-                    if let Err(end) = Box::pin(self.opened(&mut miner, &mut r, coin, result)).await {
-                        return end;
+            }
+        }
+    }
+
+    /// Carries out the relay's actions: writes, opens, closes, metrics; then puts the links in
+    /// the places the relay's state says and keeps the process's drain budget.
+    async fn carry_out(
+        &mut self,
+        miner: &mut Miner,
+        relay: &mut Relay,
+        links: &mut Links,
+    ) -> Result<(), End> {
+        loop {
+            let actions = relay.take_actions();
+            if actions.is_empty() {
+                break;
+            }
+            let mut to_miner: Vec<u8> = Vec::new();
+            let mut lost = Vec::new();
+            for action in actions {
+                match action {
+                    Action::ToMiner(line) => {
+                        self.ctx.metrics.relayed(Direction::Downstream, line.len());
+                        if to_miner.is_empty() && line.len() > 256 {
+                            // Relayed as it came: no copy unless lines are joined.
+                            miner.write(&line).await?;
+                        } else {
+                            to_miner.extend_from_slice(&line);
+                        }
+                    }
+                    Action::ToUpstream(id, line) => {
+                        let Some(link) = links.get_mut(id) else {
+                            continue;
+                        };
+                        match timeout(
+                            self.ctx.settings.write_timeout,
+                            link.writer.write_all(&line),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => self.ctx.metrics.relayed(Direction::Upstream, line.len()),
+                            _ => lost.push(id),
+                        }
+                    }
+                    Action::Open {
+                        id,
+                        coin,
+                        reconnect,
+                    } => {
+                        let Some(target) = self.ctx.settings.upstreams.get(&coin).cloned() else {
+                            relay.on_open_failed(id);
+                            continue;
+                        };
+                        let login = upstream_login(&relay.hs, &relay.login, self.peer_ip);
+                        let limits = self.ctx.settings.upstream_limits.clone();
+                        let tries = self.ctx.settings.reconnect_tries.max(1);
+                        debug!(coin = %coin, reconnect, "opening an sserver connection");
+                        links.opening = Some((
+                            id,
+                            Box::pin(open_with_retries(target, login, limits, tries)),
+                        ));
+                    }
+                    Action::CancelOpen(id) => {
+                        if links.opening.as_ref().is_some_and(|(o, _)| *o == id) {
+                            links.opening = None;
+                        }
+                    }
+                    Action::Close(id) => links.close(id),
+                    Action::Outcome {
+                        coin,
+                        kind,
+                        outcome,
+                    } => {
+                        match kind {
+                            "reconnect" => self.ctx.metrics.reconnect(outcome),
+                            _ => self.ctx.metrics.switch(&coin, outcome),
+                        }
+                        if outcome == "ok" {
+                            info!(coin = %coin, kind, "relaying");
+                        }
+                    }
+                    Action::End(end) => {
+                        if !to_miner.is_empty() {
+                            let _ = miner.write(&to_miner).await;
+                        }
+                        return Err(End::Relay(end));
                     }
                 }
             }
-        }
-    }
-
-    /// The user's coin changed in the cache.
-    fn on_coin_changed(&mut self, r: &mut Relay, coin: Arc<str>) -> Result<(), End> {
-        let target_now = if r.opening.is_some() {
-            r.opening_target.clone()
-        } else {
-            Some(r.coin.clone())
-        };
-        if target_now.as_deref() == Some(&*coin) {
-            return Ok(());
-        }
-        if !self.ctx.settings.upstreams.contains_key(&*coin) {
-            warn!(coin = %coin, "the user's new coin has no sserver here: ignored");
-            self.ctx.metrics.switch(&coin, "no_sserver");
-            return Ok(());
-        }
-        if r.hs.is_btc_agent() {
-            self.ctx.metrics.switch(&coin, "closed_btcagent");
-            return Err(End::BtcAgentSwitched);
-        }
-        info!(from = %r.coin, to = %coin, "switching");
-        self.start_opening(r, coin, false)
-    }
-
-    fn start_opening(&mut self, r: &mut Relay, coin: Arc<str>, reconnect: bool) -> Result<(), End> {
-        let Some(target) = self.ctx.settings.upstreams.get(&*coin).cloned() else {
-            return Err(End::UpstreamLost);
-        };
-        self.set_state(&coin, SessionState::Switching);
-        let login = upstream_login(&r.hs, &r.login, self.peer_ip, r.workers.clone());
-        let limits = self.ctx.settings.upstream_limits.clone();
-        let tries = self.ctx.settings.reconnect_tries.max(1);
-        r.opening_is_reconnect = reconnect && r.opening.is_none();
-        r.opening_target = Some(coin.clone());
-        r.opening = Some(Box::pin(open_with_retries(
-            coin, target, login, limits, tries,
-        )));
-        Ok(())
-    }
-
-    /// An upstream finished opening (or failed to).
-    async fn opened(
-        &mut self,
-        miner: &mut Miner,
-        r: &mut Relay,
-        coin: Arc<str>,
-        result: Result<Upstream, UpstreamError>,
-    ) -> Result<(), End> {
-        r.opening = None;
-        r.opening_target = None;
-        let reconnect = std::mem::take(&mut r.opening_is_reconnect);
-        let mut upstream = match result {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                warn!(coin = %coin, error = %e, "cannot open the new sserver connection");
-                if reconnect || r.upstream.is_none() {
-                    self.ctx.metrics.reconnect("failed");
-                    return Err(End::Upstream(e));
-                }
-                // The old upstream still works: a failed switch closes the miner, which
-                // reconnects and lands on the user's coin.
-                self.ctx.metrics.switch(&coin, "failed");
-                return Err(End::Upstream(e));
+            if !to_miner.is_empty() {
+                miner.write(&to_miner).await?;
             }
+            for id in lost {
+                links.close(id);
+                relay.on_upstream_lost(id, now_ms());
+            }
+        }
+        links.arrange(relay);
+        if !links.keep_drain_budget(&self.ctx.drains) {
+            relay.drop_drains();
+            return Box::pin(self.carry_out(miner, relay, links)).await;
+        }
+        let state = match relay.phase {
+            Phase::Relaying { .. } => SessionState::Relaying,
+            _ => SessionState::Switching,
         };
-        if let Some(old) = r.upstream.take()
-            && r.outstanding > 0
+        let coin = relay.coin().to_string();
+        if self
+            .state
+            .as_ref()
+            .is_none_or(|(c, s)| *c != coin || *s != state)
         {
-            r.draining = Some(Draining {
-                upstream: old,
-                outstanding: r.outstanding,
-                deadline: Instant::now() + DRAIN_TIMEOUT,
-            });
-        }
-        r.outstanding = 0;
-        if reconnect {
-            self.ctx.metrics.reconnect("ok");
-        } else {
-            self.ctx.metrics.switch(&coin, "ok");
-        }
-        r.coin = coin.clone();
-        announce(miner, &r.hs, &upstream, None).await?;
-        upstream.held.clear();
-        while let Some(line) = r.queued.pop_front() {
-            self.send_upstream(&mut upstream, &mut r.outstanding, &line)
-                .await
-                .map_err(|_| End::UpstreamLost)?;
-        }
-        r.upstream = Some(upstream);
-        self.set_state(&coin, SessionState::Relaying);
-        info!(coin = %coin, "relaying");
-        // The coin may have moved on while this one was opening.
-        if let Some(latest) = r.watch.current()
-            && latest != coin
-        {
-            self.on_coin_changed(r, latest)?;
+            self.set_state(&coin, state);
         }
         Ok(())
-    }
-
-    async fn send_upstream(
-        &self,
-        upstream: &mut Upstream,
-        outstanding: &mut u64,
-        line: &[u8],
-    ) -> Result<(), ()> {
-        match timeout(
-            self.ctx.settings.write_timeout,
-            upstream.writer.write_all(line),
-        )
-        .await
-        {
-            Ok(Ok(())) => {
-                *outstanding += 1;
-                self.ctx.metrics.relayed(Direction::Upstream, line.len());
-                Ok(())
-            }
-            _ => Err(()),
-        }
-    }
-
-    /// A line from the miner while relaying.
-    async fn on_miner_line(
-        &mut self,
-        miner: &mut Miner,
-        r: &mut Relay,
-        line: Bytes,
-    ) -> Result<(), End> {
-        let line =
-            if memchr_find(&line, b"mining.authorize") || memchr_find(&line, b"eth_submitLogin") {
-                match self.rewrite_authorize(miner, r, &line).await? {
-                    Some(rewritten) => rewritten,
-                    None => return Ok(()),
-                }
-            } else {
-                line
-            };
-        // While a switch is being opened the old upstream still serves: the miner's lines go
-        // to it, since they name its jobs (queued for the new one they would reach the wrong
-        // coin). Only without an upstream (a reconnect) are they queued.
-        let sent = match r.upstream.as_mut() {
-            Some(upstream) => self
-                .send_upstream(upstream, &mut r.outstanding, &line)
-                .await
-                .is_ok(),
-            None => false,
-        };
-        if !sent {
-            if r.upstream.take().is_some() && r.opening.is_none() {
-                // The write failed: treat it as a lost upstream.
-                let coin = r.watch.current().unwrap_or_else(|| r.coin.clone());
-                self.start_opening(r, coin, true)?;
-            }
-            r.queued.push_back(line);
-        }
-        Ok(())
-    }
-
-    /// A later authorize (another worker on this connection): sent with the proxy's own id so
-    /// that its answer tells whether to replay it on a switch. `None` when answered here.
-    async fn rewrite_authorize(
-        &mut self,
-        miner: &mut Miner,
-        r: &mut Relay,
-        line: &[u8],
-    ) -> Result<Option<Bytes>, End> {
-        let Some(request) = Request::parse(line) else {
-            return Ok(Some(Bytes::copy_from_slice(line)));
-        };
-        if request.method != "mining.authorize" && request.method != "eth_submitLogin" {
-            return Ok(Some(Bytes::copy_from_slice(line)));
-        }
-        let name = match request.params.first().map(Value::as_str) {
-            None => Err(StratumError::TooFewParams),
-            Some(None) => Err(StratumError::WorkerNameMustBeString),
-            Some(Some(raw)) => {
-                normalize_worker(raw, request.worker.as_deref(), r.hs.chain(), &*self.ctx)
-            }
-        };
-        let (sub, miner_name) = match name {
-            Ok(parts) => parts,
-            Err(error) => {
-                miner
-                    .write_text(&r.hs.error_line(&request.id, error))
-                    .await?;
-                return Ok(None);
-            }
-        };
-        let mut params = request.params;
-        params[0] = Value::String(format!("{sub}{miner_name}"));
-        if r.pending_auths.len() >= MAX_PENDING_AUTHS {
-            let mut object = json!({"id": request.id, "method": request.method, "params": params});
-            if r.hs.json_rpc2() {
-                object["jsonrpc"] = json!("2.0");
-            }
-            return Ok(Some(Bytes::from(format!("{object}\n"))));
-        }
-        r.next_auth_id += 1;
-        let id = format!("{AUTH_ID_PREFIX}{}", r.next_auth_id);
-        let mut object = json!({"id": id, "method": request.method, "params": params});
-        if r.hs.json_rpc2() {
-            object["jsonrpc"] = json!("2.0");
-        }
-        r.pending_auths
-            .insert(id, (request.id, request.method, params));
-        Ok(Some(Bytes::from(format!("{object}\n"))))
-    }
-
-    /// A line from the upstream (or the draining old one) while relaying.
-    async fn on_upstream_line(
-        &mut self,
-        miner: &mut Miner,
-        r: &mut Relay,
-        line: Bytes,
-        draining: bool,
-    ) -> Result<(), End> {
-        if !draining && !has_method(&line) {
-            r.outstanding = r.outstanding.saturating_sub(1);
-        }
-        if memchr_find(&line, AUTH_ID_PREFIX.as_bytes())
-            && let Ok(Value::Object(mut answer)) = serde_json::from_slice::<Value>(&line)
-            && let Some(Value::String(id)) = answer.get("id")
-            && let Some((miner_id, method, params)) = r.pending_auths.remove(id.as_str())
-        {
-            let result = answer.remove("result").unwrap_or(Value::Null);
-            let error = answer.remove("error").unwrap_or(Value::Null);
-            if result == Value::Bool(true) && r.workers.len() < MAX_WORKERS {
-                let name = params.first().cloned();
-                if !r.workers.iter().any(|(_, p)| p.first() == name.as_ref())
-                    && params.first() != r.login.params.first()
-                {
-                    r.workers.push((method, params));
-                }
-            }
-            let reply = result_line(&miner_id, result, error, r.hs.json_rpc2());
-            self.ctx
-                .metrics
-                .relayed(Direction::Downstream, reply.len() + 1);
-            return miner.write_text(&reply).await;
-        }
-        self.ctx.metrics.relayed(Direction::Downstream, line.len());
-        miner.write(&line).await
     }
 }
 
-/// The next line of the current upstream; `None` when it is gone (closed, failed, a line too
-/// long). Pending forever when there is no upstream.
-async fn read_upstream(upstream: &mut Option<Upstream>) -> Option<Bytes> {
-    match upstream {
-        Some(upstream) => match upstream.reader.read_raw_line().await {
-            Ok(Some(line)) => Some(line),
-            Ok(None) => None,
-            Err(e) => {
-                debug!(error = %e, "sserver read failed");
-                None
+/// One upstream connection's socket halves.
+struct UpstreamLink {
+    id: UpstreamId,
+    reader: LineReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl UpstreamLink {
+    fn new(id: UpstreamId, reader: LineReader<OwnedReadHalf>, writer: OwnedWriteHalf) -> Self {
+        Self { id, reader, writer }
+    }
+}
+
+/// An upstream being opened (a switch or a reconnect).
+type Opening = Pin<Box<dyn Future<Output = Result<Upstream, UpstreamError>> + Send>>;
+
+/// An upstream being opened: its number and the open.
+type OpeningLink = (UpstreamId, Opening);
+
+/// The sockets and futures of a session's relay, arranged as its [`Relay`] says.
+struct Links {
+    /// The serving upstream.
+    current: Option<UpstreamLink>,
+    /// The drained upstreams (and, for a moment, one just opened).
+    draining: Vec<UpstreamLink>,
+    /// The upstream being opened.
+    opening: Option<OpeningLink>,
+    /// Drain permits held from the process's budget.
+    drain_permits: usize,
+    /// The user's entry in the cache's index (taken by the relay loop).
+    watch: Option<UserWatch>,
+}
+
+impl Links {
+    fn get_mut(&mut self, id: UpstreamId) -> Option<&mut UpstreamLink> {
+        if let Some(current) = self.current.as_mut().filter(|c| c.id == id) {
+            return Some(current);
+        }
+        self.draining.iter_mut().find(|l| l.id == id)
+    }
+
+    fn close(&mut self, id: UpstreamId) {
+        if self.current.as_ref().is_some_and(|c| c.id == id) {
+            self.current = None;
+        }
+        self.draining.retain(|l| l.id != id);
+    }
+
+    /// Puts the serving upstream's link in `current` and drops links the relay no longer has.
+    fn arrange(&mut self, relay: &Relay) {
+        let want = relay.current().map(|c| c.id);
+        if self.current.as_ref().map(|c| c.id) != want {
+            if let Some(old) = self.current.take() {
+                self.draining.push(old);
             }
-        },
+            if let Some(want) = want
+                && let Some(i) = self.draining.iter().position(|l| l.id == want)
+            {
+                self.current = Some(self.draining.swap_remove(i));
+            }
+        }
+        self.draining
+            .retain(|l| relay.drained_ids().any(|id| id == l.id));
+    }
+
+    /// Holds a permit for every drained upstream; false when the budget has no room.
+    fn keep_drain_budget(&mut self, budget: &DrainBudget) -> bool {
+        while self.drain_permits > self.draining.len() {
+            budget.give_back();
+            self.drain_permits -= 1;
+        }
+        while self.drain_permits < self.draining.len() {
+            if !budget.take() {
+                return false;
+            }
+            self.drain_permits += 1;
+        }
+        true
+    }
+}
+
+/// The process's budget of drained upstream connections: each holds a file descriptor, and
+/// under pressure they are closed before any miner is refused (SPEC §4). A session takes a
+/// permit per drain; when none is left, it closes its drains at once.
+#[derive(Debug)]
+pub struct DrainBudget {
+    /// The most drains at once.
+    limit: usize,
+    in_use: std::sync::atomic::AtomicUsize,
+    /// Woken when the listener runs short of descriptors: every drain is closed.
+    relieve: tokio::sync::Notify,
+}
+
+impl DrainBudget {
+    /// A budget of `limit` drains.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            in_use: std::sync::atomic::AtomicUsize::new(0),
+            relieve: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The budget for a process allowed `open_files` descriptors serving at most
+    /// `max_sessions` sessions: what two descriptors per session and a reserve leave over,
+    /// and at least a tenth of the descriptors, since sessions seldom reach their maximum
+    /// and pressure closes drains anyway.
+    pub fn for_limits(open_files: usize, max_sessions: usize) -> Self {
+        let reserve = 256;
+        let left = open_files.saturating_sub(2 * max_sessions + reserve);
+        Self::new(left.max(open_files / 10))
+    }
+
+    /// Drains held now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.in_use
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Asks every session to close its drains (the listener is short of descriptors).
+    pub fn relieve(&self) {
+        self.relieve.notify_waiters();
+    }
+
+    fn pressure(&self) -> tokio::sync::futures::Notified<'_> {
+        self.relieve.notified()
+    }
+}
+
+/// The open-file limit of this process (`/proc/self/limits`), if it can be read.
+pub fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Milliseconds since the Unix epoch: the relay's clock (wall time, so that a hot upgrade
+/// carries deadlines over).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The tokio instant of a relay deadline.
+fn instant_of(ms: u64) -> Instant {
+    let now = now_ms();
+    Instant::now() + Duration::from_millis(ms.saturating_sub(now))
+}
+
+/// The next line of the serving upstream, with its number; `None` when it is gone. Pending
+/// forever when none serves.
+async fn read_current(current: &mut Option<UpstreamLink>) -> (UpstreamId, Option<Bytes>) {
+    match current {
+        Some(link) => (link.id, read_link(link).await),
         None => std::future::pending().await,
     }
 }
 
-async fn read_draining(draining: &mut Option<Draining>) -> Option<Bytes> {
-    match draining {
-        Some(d) => d.upstream.reader.read_raw_line().await.ok().flatten(),
-        None => std::future::pending().await,
+/// The next line of any drained upstream. Pending forever when there are none.
+async fn read_any(links: &mut [UpstreamLink]) -> (UpstreamId, Option<Bytes>) {
+    if links.is_empty() {
+        return std::future::pending().await;
+    }
+    let reads = links
+        .iter_mut()
+        .map(|link| Box::pin(async move { (link.id, read_link(link).await) }));
+    futures::future::select_all(reads).await.0
+}
+
+async fn read_link(link: &mut UpstreamLink) -> Option<Bytes> {
+    match link.reader.read_raw_line().await {
+        Ok(Some(line)) => Some(line),
+        Ok(None) => None,
+        Err(e) => {
+            debug!(error = %e, "sserver read failed");
+            None
+        }
     }
 }
 
 async fn poll_opening(
-    opening: &mut Option<Opening>,
-) -> (Arc<str>, Result<Upstream, UpstreamError>) {
+    opening: &mut Option<OpeningLink>,
+) -> (UpstreamId, Result<Upstream, UpstreamError>) {
     match opening {
-        Some(future) => future.await,
+        Some((id, future)) => (*id, future.await),
         None => std::future::pending().await,
     }
 }
 
-/// After an upstream's auth: the version mask (when the miner asked for version rolling),
-/// then the lines the sserver sent during the handshake, in order.
-/// `first` (the auth answer of a first login) comes before them; all of it in one write.
-async fn announce(
-    miner: &mut Miner,
-    hs: &Handshake,
-    upstream: &Upstream,
-    first: Option<&str>,
-) -> Result<(), End> {
-    let mut out =
-        Vec::with_capacity(256 + upstream.held.iter().map(|l| l.len() + 1).sum::<usize>());
-    if let Some(first) = first {
-        out.extend_from_slice(first.as_bytes());
-        out.push(b'\n');
+/// The user's next coin; pending forever once the watch is gone.
+async fn changed(watch: &mut Option<UserWatch>) -> Option<Arc<str>> {
+    match watch {
+        Some(watch) => watch.changed().await,
+        None => std::future::pending().await,
     }
-    if let Some(mask) = hs.version_mask() {
-        let allowed = upstream.allowed_mask.map_or(mask, |allowed| allowed & mask);
-        let line = json!({"id": null, "method": "mining.set_version_mask", "params": [format!("{allowed:08x}")]});
-        out.extend_from_slice(line.to_string().as_bytes());
-        out.push(b'\n');
-    }
-    for line in &upstream.held {
-        out.extend_from_slice(line);
-        out.push(b'\n');
-    }
-    if out.is_empty() {
-        return Ok(());
-    }
-    miner.write(&out).await
 }
 
 /// Opens an upstream, trying again about a second apart (SPEC §4) unless the sserver refused
 /// the session outright.
 async fn open_with_retries(
-    coin: Arc<str>,
     target: UpstreamTarget,
     login: UpstreamLogin,
     limits: upstream::UpstreamLimits,
     tries: u32,
-) -> (Arc<str>, Result<Upstream, UpstreamError>) {
+) -> Result<Upstream, UpstreamError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         match upstream::open(&target, &login, &limits).await {
-            Ok(upstream) => return (coin, Ok(upstream)),
+            Ok(upstream) => return Ok(upstream),
             Err(e @ (UpstreamError::SidMismatch { .. } | UpstreamError::AuthRejected { .. })) => {
-                return (coin, Err(e));
+                return Err(e);
             }
-            Err(e) if attempt >= tries => return (coin, Err(e)),
+            Err(e) if attempt >= tries => return Err(e),
             Err(e) => {
-                debug!(coin = %coin, attempt, error = %e, "sserver not ready, trying again");
+                debug!(coin = %target.coin, attempt, error = %e, "sserver not ready, trying again");
                 sleep(Duration::from_secs(1)).await;
             }
         }
@@ -931,12 +939,7 @@ async fn open_with_retries(
 }
 
 /// What the session sends an sserver to log in (SPEC §2), from its handshake.
-fn upstream_login(
-    hs: &Handshake,
-    login: &Login,
-    peer_ip: Ipv4Addr,
-    extra_auths: Vec<(String, Vec<Value>)>,
-) -> UpstreamLogin {
+fn upstream_login(hs: &Handshake, login: &Login, peer_ip: Ipv4Addr) -> UpstreamLogin {
     let agent = hs.agent().unwrap_or(DEFAULT_AGENT).to_string();
     let (subscribe, echo) = match hs.dialect() {
         Dialect::Bitcoin => (
@@ -978,29 +981,6 @@ fn upstream_login(
         auth_params: login.params.clone(),
         sub_account: login.sub_account.clone(),
         miner_name: login.miner_name.clone(),
-        extra_auths,
+        extra_auths: Vec::new(),
     }
-}
-
-/// The relay state of a logged-in session.
-struct Relay {
-    hs: Handshake,
-    login: Login,
-    /// The coin of the current upstream.
-    coin: Arc<str>,
-    watch: UserWatch,
-    upstream: Option<Upstream>,
-    /// Further workers authorized successfully, replayed on a switch.
-    workers: Vec<(String, Vec<Value>)>,
-    /// Relayed authorizes awaiting their answer: proxy id → (miner id, method, params).
-    pending_auths: HashMap<String, (Value, String, Vec<Value>)>,
-    next_auth_id: u64,
-    /// Lines sent to the current upstream not answered yet (approximate: for the drain).
-    outstanding: u64,
-    /// Miner lines waiting for the upstream being opened.
-    queued: VecDeque<Bytes>,
-    opening: Option<Opening>,
-    opening_target: Option<Arc<str>>,
-    opening_is_reconnect: bool,
-    draining: Option<Draining>,
 }

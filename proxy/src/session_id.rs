@@ -14,7 +14,7 @@ use std::fmt;
 use thiserror::Error;
 
 /// The chain types a proxy can serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ChainType {
     /// Bitcoin and its forks.
     Bitcoin,
@@ -66,7 +66,9 @@ impl ChainType {
 }
 
 /// A session ID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct SessionId(pub u32);
 
 impl SessionId {

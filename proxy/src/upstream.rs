@@ -144,6 +144,8 @@ pub struct UpstreamLimits {
     pub handshake_timeout: Duration,
     /// The longest line accepted from the sserver, in bytes.
     pub max_line: usize,
+    /// TCP keepalive idle time on the sserver socket (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
 }
 
 impl Default for UpstreamLimits {
@@ -153,6 +155,7 @@ impl Default for UpstreamLimits {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_line: framing::DEFAULT_MAX_LINE,
+            tcp_keepalive: None,
         }
     }
 }
@@ -232,6 +235,26 @@ impl UpstreamError {
     }
 }
 
+/// Interval between TCP keepalive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Unanswered keepalive probes before the connection is dropped.
+const KEEPALIVE_PROBES: u32 = 6;
+
+/// Turns TCP keepalive on (`Some(idle)`: probes after `idle` without traffic, every
+/// [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] of them) or leaves it off, so that a peer that
+/// vanished without a FIN is noticed in bounded time.
+pub fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) -> io::Result<()> {
+    let Some(idle) = idle else {
+        return Ok(());
+    };
+    let params = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&params)
+}
+
 /// `worker` with `_SUFFIX` appended to its sub-account (the part before the first `.`):
 /// `alice.rig1` → `alice_btc.rig1`, `alice` → `alice_btc`.
 pub fn suffixed_worker(worker: &str, suffix: &str) -> String {
@@ -264,6 +287,9 @@ pub async fn open(
     };
     if let Err(e) = stream.set_nodelay(true) {
         debug!(coin = %target.coin, error = %e, "TCP_NODELAY not set");
+    }
+    if let Err(e) = set_keepalive(&stream, limits.tcp_keepalive) {
+        debug!(coin = %target.coin, error = %e, "TCP keepalive not set");
     }
     let deadline = Instant::now() + limits.handshake_timeout;
     let (read, writer) = stream.into_split();
@@ -770,6 +796,7 @@ mod tests {
             connect_timeout: DEADLINE,
             handshake_timeout: DEADLINE,
             max_line: 4096,
+            tcp_keepalive: None,
         }
     }
 

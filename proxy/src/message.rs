@@ -1,0 +1,155 @@
+//! What the relay needs to know of one Stratum line, read cheaply: its id, its method, the
+//! job ID a submit names or a notification announces, and whether a job is clean. The line is
+//! read through borrowed slices of itself ([`RawValue`]), without building a JSON tree, so
+//! relaying a line costs one scan of it; the line itself is relayed as it came.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The top-level fields the relay reads; every other field is skipped.
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+/// A line read by [`Line::read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line<'a> {
+    /// The id as JSON text (`1`, `"abc"`); `None` when absent or `null`.
+    pub id: Option<&'a str>,
+    /// The method, when the line is a request or a notification.
+    pub method: Option<String>,
+    /// The params as JSON text.
+    pub params: Option<&'a str>,
+    /// The result as JSON text (answers; ETHProxy work pushed as an answer).
+    pub result: Option<&'a str>,
+    /// The error as JSON text (answers); `None` when absent or `null`.
+    pub error: Option<&'a str>,
+}
+
+impl<'a> Line<'a> {
+    /// Reads `line` (with or without its `\n`); `None` when it is not a JSON object.
+    pub fn read(line: &'a [u8]) -> Option<Self> {
+        let peek: Peek<'a> = serde_json::from_slice(trim(line)).ok()?;
+        Some(Self {
+            id: peek.id.map(RawValue::get).filter(|id| *id != "null"),
+            method: peek.method.map(|m| m.into_owned()),
+            params: peek.params.map(RawValue::get),
+            result: peek.result.map(RawValue::get).filter(|r| *r != "null"),
+            error: peek.error.map(RawValue::get).filter(|e| *e != "null"),
+        })
+    }
+
+    /// The `n`th param when it is a string.
+    pub fn param_str(&self, n: usize) -> Option<String> {
+        nth_string(self.params?, n)
+    }
+
+    /// The `n`th param when it is a boolean.
+    pub fn param_bool(&self, n: usize) -> Option<bool> {
+        let items: Vec<&RawValue> = serde_json::from_str(self.params?).ok()?;
+        serde_json::from_str(items.get(n)?.get()).ok()
+    }
+
+    /// The number of params (0 when absent or not an array).
+    pub fn param_count(&self) -> usize {
+        self.params
+            .and_then(|p| serde_json::from_str::<Vec<&RawValue>>(p).ok())
+            .map_or(0, |items| items.len())
+    }
+
+    /// ETHProxy work: a result that is an array whose first item is a `0x` string, the header
+    /// hash of the job (the answer to `eth_getWork`, or work the sserver pushes with id 0).
+    pub fn eth_work(&self) -> Option<String> {
+        let result = self.result?;
+        if !result.starts_with('[') {
+            return None;
+        }
+        nth_string(result, 0).filter(|h| h.starts_with("0x"))
+    }
+
+    /// Whether the id is the `0` ETHProxy sservers push work under.
+    pub fn id_is_zero(&self) -> bool {
+        matches!(self.id, Some("0") | Some("\"0\""))
+    }
+}
+
+/// The `n`th item of a JSON array text, when it is a string.
+fn nth_string(array: &str, n: usize) -> Option<String> {
+    let items: Vec<&RawValue> = serde_json::from_str(array).ok()?;
+    let text: std::borrow::Cow<'_, str> = serde_json::from_str(items.get(n)?.get()).ok()?;
+    Some(text.into_owned())
+}
+
+/// `line` without its line end.
+pub fn trim(line: &[u8]) -> &[u8] {
+    let mut end = line.len();
+    while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    &line[..end]
+}
+
+/// A stable 64-bit digest of a job ID (FNV-1a): the relay remembers jobs by digest, 8 bytes
+/// each whatever the sserver's job IDs look like, and the digest is the same in every process
+/// (a hot upgrade carries them over).
+pub fn job_digest(job_id: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in job_id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_requests_answers_and_work() {
+        let submit = br#"{"id":7,"method":"mining.submit","params":["a.b","btc-3","00","01","02"]}
+"#;
+        let line = Line::read(submit).expect("json");
+        assert_eq!(line.id, Some("7"));
+        assert_eq!(line.method.as_deref(), Some("mining.submit"));
+        assert_eq!(line.param_str(1).as_deref(), Some("btc-3"));
+        assert_eq!(line.param_count(), 5);
+
+        let notify = br#"{"id":null,"method":"mining.notify","params":["j1","p","c1","c2",[],"v","n","t",true]}"#;
+        let line = Line::read(notify).expect("json");
+        assert_eq!(line.id, None);
+        assert_eq!(line.param_str(0).as_deref(), Some("j1"));
+        assert_eq!(line.param_bool(8), Some(true));
+
+        let push = br#"{"id":0,"jsonrpc":"2.0","result":["0xabc","0xseed","0xtarget"]}"#;
+        let line = Line::read(push).expect("json");
+        assert!(line.id_is_zero());
+        assert_eq!(line.method, None);
+        assert_eq!(line.eth_work().as_deref(), Some("0xabc"));
+
+        let answer = br#"{"id":"sy-3","result":true,"error":null}"#;
+        let line = Line::read(answer).expect("json");
+        assert_eq!(line.id, Some("\"sy-3\""));
+        assert_eq!(line.result, Some("true"));
+        assert_eq!(line.eth_work(), None);
+
+        assert!(Line::read(b"not json\n").is_none());
+        assert!(Line::read(b"[1,2]").is_none());
+    }
+
+    #[test]
+    fn job_digests_are_stable() {
+        assert_eq!(job_digest(""), 0xcbf2_9ce4_8422_2325);
+        assert_ne!(job_digest("btc-1"), job_digest("btc-2"));
+    }
+}

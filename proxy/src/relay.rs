@@ -1,0 +1,1196 @@
+//! The relay of one logged-in session as a state machine over plain data, apart from sockets
+//! and futures (SPEC §4). The session task ([`crate::session`]) owns the sockets; it feeds this
+//! machine what happened (a line from the miner, a line from an upstream, an upstream opened,
+//! failed or lost, the user's coin changed, time passed) and carries out the [`Action`]s it
+//! returns (write these bytes to the miner or to an upstream, open an upstream, close one, end
+//! the session). Because [`Relay`] is data with serde derives, a hot upgrade can write it out
+//! and read it back, and a model test can drive it with a seeded generator.
+//!
+//! # States
+//!
+//! [`Phase`] says what the session is doing:
+//!
+//! - **`Relaying { current }`**: one upstream serves the session.
+//! - **`Switching { current, opening }`**: the user's coin changed; an upstream to the new coin
+//!   is being opened while `current` still serves (the miner's lines go to it: they name its
+//!   jobs).
+//! - **`Reconnecting { opening, queued }`**: the upstream was lost; one to the user's coin is
+//!   being opened; the miner's lines wait in `queued` (bounded: [`MAX_QUEUED_LINES`], then the
+//!   miner is not read).
+//!
+//! Beside the phase, [`Relay::draining`] holds the old upstreams of earlier switches (at most
+//! [`MAX_DRAINS`]): each still answers what it was sent and takes the shares of its own jobs,
+//! but nothing it announces reaches the miner.
+//!
+//! # Transitions
+//!
+//! | from | event | to |
+//! |---|---|---|
+//! | `Relaying{c}` | coin changed to X ≠ c.coin, X has an sserver | `Switching{c, open X}` |
+//! | `Switching{c, o}` | coin changed back to c.coin | `Relaying{c}`, the open of o cancelled |
+//! | `Switching{c, o}` | coin changed to Y ∉ {c, o} | `Switching{c, open Y}`, o cancelled |
+//! | `Switching{c, o}` | o opened | `Relaying{o}`, c drained |
+//! | `Switching{c, o}` | o failed | session ends (the miner reconnects and lands on the user's coin) |
+//! | `Switching{c, o}` | c lost | `Reconnecting{o}` |
+//! | `Relaying{c}` | c lost | `Reconnecting{open c.coin}` |
+//! | `Reconnecting{o, q}` | coin changed to Y ≠ o.coin | `Reconnecting{open Y, q}`, o cancelled |
+//! | `Reconnecting{o, q}` | o opened | `Relaying{o}`, q sent to it |
+//! | `Reconnecting{o, q}` | o failed | session ends |
+//! | any | a coin without an sserver, or the coin it is on or going to | unchanged |
+//! | any | a BTCAgent session's coin changed | session ends |
+//!
+//! Opening an upstream to a coin whose old upstream is still drained closes that drain first,
+//! so that one sserver never holds two connections with one session ID.
+//!
+//! A drained upstream is closed when it announced a `clean_jobs` job (its jobs are stale) and
+//! owes nothing, when the drain window ends ([`RelaySettings::drain_window`]), when it is lost,
+//! when more than [`MAX_DRAINS`] are held (the oldest goes), or when the process runs short of
+//! file descriptors ([`Relay::drop_drains`]).
+//!
+//! # Who owes the miner which answer
+//!
+//! Every request the miner sends with an id is counted on the upstream it went to
+//! ([`UpstreamState::owed`], a count per id: miners reuse ids freely). An answer from an
+//! upstream with an id it owes goes to the miner and is counted off; an answer nobody owes is
+//! relayed from the current upstream and dropped from a drained one. Authorize requests are
+//! sent under the proxy's own ids ([`Pending`]) so that their answers say which workers to
+//! replay; the proxy's replays are answered to the proxy only. When an upstream is closed or
+//! lost while it still owes answers, the proxy answers those requests itself with an error, and
+//! authorize requests are sent again to the next upstream: every request gets exactly one
+//! answer.
+//!
+//! # Shares go to the coin of their job
+//!
+//! Each upstream remembers the jobs it announced to the miner ([`UpstreamState::jobs`], digests,
+//! at most [`MAX_JOBS`]): `mining.notify` params\[0\], and for Ethereum the header hash of ETHProxy
+//! work. A `mining.submit` or `eth_submitWork` (job: params\[1\]) goes to the upstream that
+//! announced its job, drained or not; a job nobody holds goes to the current upstream.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::{
+    handshake::{Handshake, Login, NameRules, Request, error_line, normalize_worker, result_line},
+    message::{Line, job_digest},
+    upstream::suffixed_worker,
+};
+
+/// The most miner lines queued while reconnecting; beyond it the miner is not read until the
+/// new upstream is up (TCP holds the rest).
+pub const MAX_QUEUED_LINES: usize = 64;
+
+/// The most workers a session authorizes besides its login (mining proxies multiplex their
+/// workers over one connection); later ones are relayed without being replayed on a switch.
+pub const MAX_WORKERS: usize = 256;
+
+/// The most old upstreams one session drains at once; a switch beyond it closes the oldest.
+pub const MAX_DRAINS: usize = 4;
+
+/// The most jobs remembered per upstream (the oldest are forgotten first).
+pub const MAX_JOBS: usize = 32;
+
+/// The most requests the proxy has in flight under its own ids per upstream; beyond it, the
+/// miner's authorize is answered with an error instead of being relayed.
+pub const MAX_PENDING: usize = 512;
+
+/// The id prefix of requests the proxy sends under its own ids.
+const PROXY_ID_PREFIX: &str = "sy-";
+
+/// Error code of the answers the proxy gives itself for requests an upstream cannot answer
+/// any more (btcpool's 20, "Other/Unknown").
+const ERR_UNANSWERED: i64 = 20;
+
+/// A number naming one upstream connection of a session.
+pub type UpstreamId = u32;
+
+/// Settings of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelaySettings {
+    /// How long an old upstream is kept after a switch for the shares of its jobs, in ms.
+    pub drain_window_ms: u64,
+}
+
+impl RelaySettings {
+    /// The drain window.
+    pub fn drain_window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_window_ms)
+    }
+}
+
+/// A worker the connection authorized besides its login: the login method and its params,
+/// `params[0]` the normalized `sub.miner` name (without a suffix).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Worker {
+    /// `mining.authorize` or `eth_submitLogin`.
+    pub method: String,
+    /// The params.
+    pub params: Vec<Value>,
+}
+
+impl Worker {
+    fn name(&self) -> Option<&str> {
+        self.params.first().and_then(Value::as_str)
+    }
+}
+
+/// What a request sent under the proxy's own id is for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ProxyRequest {
+    /// The miner's authorize: its answer goes to the miner under `miner_id`; on success the
+    /// worker is replayed on every later upstream.
+    MinerAuth {
+        /// The miner's id.
+        miner_id: Value,
+        /// The worker.
+        worker: Worker,
+    },
+    /// A replayed authorize or `mining.suggest_difficulty`: its answer is the proxy's.
+    Replay,
+}
+
+/// A request in flight under the proxy's id `sy-<id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pending {
+    /// The number in the id.
+    pub id: u64,
+    /// What it is for.
+    pub request: ProxyRequest,
+}
+
+/// Miner requests in flight with one id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owed {
+    /// The id as JSON text.
+    pub id: String,
+    /// How many requests with this id await their answer.
+    pub count: u32,
+}
+
+/// One upstream connection as data (its socket lives in the session task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamState {
+    /// Its number.
+    pub id: UpstreamId,
+    /// Its coin.
+    pub coin: String,
+    /// Its login needed the `sub_SUFFIX` retry: replayed workers carry the suffix.
+    pub suffixed: bool,
+    /// The suffix of its coin.
+    pub user_suffix: String,
+    /// Miner requests it owes answers to.
+    pub owed: Vec<Owed>,
+    /// The proxy's requests awaiting its answer.
+    pub pending: Vec<Pending>,
+    /// Digests of the jobs it announced to the miner, oldest first.
+    pub jobs: VecDeque<u64>,
+}
+
+impl UpstreamState {
+    fn new(id: UpstreamId, coin: String, opened: &Opened) -> Self {
+        Self {
+            id,
+            coin,
+            suffixed: opened.suffixed,
+            user_suffix: opened.user_suffix.clone(),
+            owed: Vec::new(),
+            pending: Vec::new(),
+            jobs: VecDeque::new(),
+        }
+    }
+
+    fn owe(&mut self, id: &str) {
+        match self.owed.iter_mut().find(|o| o.id == id) {
+            Some(o) => o.count += 1,
+            None => self.owed.push(Owed {
+                id: id.to_string(),
+                count: 1,
+            }),
+        }
+    }
+
+    /// Counts off one answer to `id`; whether one was owed.
+    fn answered(&mut self, id: &str) -> bool {
+        let Some(i) = self.owed.iter().position(|o| o.id == id) else {
+            return false;
+        };
+        self.owed[i].count -= 1;
+        if self.owed[i].count == 0 {
+            self.owed.swap_remove(i);
+        }
+        true
+    }
+
+    fn has_job(&self, digest: u64) -> bool {
+        self.jobs.contains(&digest)
+    }
+
+    fn add_job(&mut self, digest: u64, clean: bool) {
+        if clean {
+            self.jobs.clear();
+        }
+        if self.jobs.back() == Some(&digest) {
+            return;
+        }
+        if self.jobs.len() >= MAX_JOBS {
+            self.jobs.pop_front();
+        }
+        self.jobs.push_back(digest);
+    }
+
+    fn owes_nothing(&self) -> bool {
+        self.owed.is_empty() && self.pending.is_empty()
+    }
+}
+
+/// An upstream being opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opening {
+    /// The number it will have.
+    pub id: UpstreamId,
+    /// Its coin.
+    pub coin: String,
+}
+
+/// What the session is doing; see the module doc.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Phase {
+    /// One upstream serves.
+    Relaying {
+        /// It.
+        current: UpstreamState,
+    },
+    /// An upstream to the new coin is being opened; `current` still serves.
+    Switching {
+        /// The upstream that serves meanwhile.
+        current: UpstreamState,
+        /// The one being opened.
+        opening: Opening,
+    },
+    /// The upstream was lost; another is being opened.
+    Reconnecting {
+        /// The one being opened.
+        opening: Opening,
+        /// Miner lines waiting for it.
+        queued: VecDeque<Bytes>,
+    },
+}
+
+/// An old upstream kept after a switch; see the module doc.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drain {
+    /// The upstream.
+    pub upstream: UpstreamState,
+    /// When it is closed whatever it still owes (ms since the Unix epoch).
+    pub until_ms: u64,
+    /// It announced a clean job: its jobs are stale, it is closed once it owes nothing.
+    pub stale: bool,
+}
+
+/// An upstream that finished its login (from [`crate::upstream::Upstream`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened {
+    /// Its login needed the suffix.
+    pub suffixed: bool,
+    /// The suffix of its coin.
+    pub user_suffix: String,
+    /// The version mask it allows.
+    pub allowed_mask: Option<u32>,
+    /// Lines it sent during the login (difficulty, jobs), raw without `\n`.
+    pub held: Vec<Bytes>,
+}
+
+/// Why the relay ends the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// A BTCAgent session's coin changed: it is closed instead of switched.
+    BtcAgentSwitched,
+    /// The upstream being opened could not be opened.
+    OpenFailed,
+}
+
+/// What the session task must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write these whole lines to the miner.
+    ToMiner(Bytes),
+    /// Write these whole lines to an upstream.
+    ToUpstream(UpstreamId, Bytes),
+    /// Open an upstream to a coin (with the session's login).
+    Open {
+        /// Its number.
+        id: UpstreamId,
+        /// The coin.
+        coin: String,
+        /// A reconnect rather than a switch.
+        reconnect: bool,
+    },
+    /// Stop opening this upstream.
+    CancelOpen(UpstreamId),
+    /// Close this upstream.
+    Close(UpstreamId),
+    /// A switch or reconnect ended: for the metrics and the log.
+    Outcome {
+        /// The coin.
+        coin: String,
+        /// `switch` or `reconnect`.
+        kind: &'static str,
+        /// `ok`, `failed`, `no_sserver`, `closed_btcagent`, `cancelled`.
+        outcome: &'static str,
+    },
+    /// End the session.
+    End(RelayEnd),
+}
+
+/// The relay state of one logged-in session; see the module doc. Everything here survives a
+/// hot upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Relay {
+    /// The handshake: SID, dialect, agent, version mask.
+    pub hs: Handshake,
+    /// The login.
+    pub login: Login,
+    /// Further workers authorized successfully.
+    pub workers: Vec<Worker>,
+    /// The params of the miner's last `mining.suggest_difficulty`.
+    pub suggested_difficulty: Option<Vec<Value>>,
+    /// What the session is doing.
+    pub phase: Phase,
+    /// Old upstreams, oldest first.
+    pub draining: Vec<Drain>,
+    /// Authorize requests whose upstream was lost, to send to the next one.
+    pub orphans: Vec<Pending>,
+    /// The next proxy request id.
+    pub next_request: u64,
+    /// The next upstream number.
+    pub next_upstream: UpstreamId,
+    /// Settings.
+    pub settings: RelaySettings,
+    /// Actions not yet taken by the session task.
+    #[serde(skip)]
+    out: Vec<Action>,
+}
+
+/// Where a miner request goes.
+enum Route {
+    Upstream(usize),
+    Queue,
+}
+
+impl Relay {
+    /// The relay of a session whose first upstream (number 0, coin `coin`) just logged in:
+    /// the miner gets the login answer, the version mask and what the upstream sent meanwhile;
+    /// the upstream gets the suggested difficulty and the requests the handshake held.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        hs: Handshake,
+        login: Login,
+        coin: String,
+        opened: Opened,
+        auth_answer: String,
+        held_requests: Vec<Bytes>,
+        settings: RelaySettings,
+    ) -> Self {
+        let current = UpstreamState::new(0, coin, &opened);
+        let mut relay = Self {
+            hs,
+            login,
+            workers: Vec::new(),
+            suggested_difficulty: None,
+            phase: Phase::Relaying { current },
+            draining: Vec::new(),
+            orphans: Vec::new(),
+            next_request: 1,
+            next_upstream: 1,
+            settings,
+            out: Vec::new(),
+        };
+        let mut first = auth_answer.into_bytes();
+        first.push(b'\n');
+        relay.out.push(Action::ToMiner(Bytes::from(first)));
+        relay.announce(&opened);
+        // What the miner asked during the handshake (suggest_difficulty, other requests), in
+        // order, as if it came now.
+        for line in held_requests {
+            relay.on_queued_line(with_newline(line));
+        }
+        relay
+    }
+
+    /// Takes the actions to carry out, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Whether the miner may be read (the queue has room).
+    pub fn reads_miner(&self) -> bool {
+        match &self.phase {
+            Phase::Reconnecting { queued, .. } => queued.len() < MAX_QUEUED_LINES,
+            _ => true,
+        }
+    }
+
+    /// The coin of the serving upstream, or of the one being opened when none serves.
+    pub fn coin(&self) -> &str {
+        match &self.phase {
+            Phase::Relaying { current } | Phase::Switching { current, .. } => &current.coin,
+            Phase::Reconnecting { opening, .. } => &opening.coin,
+        }
+    }
+
+    /// The coin the session is on or moving to.
+    pub fn target_coin(&self) -> &str {
+        match &self.phase {
+            Phase::Relaying { current } => &current.coin,
+            Phase::Switching { opening, .. } | Phase::Reconnecting { opening, .. } => &opening.coin,
+        }
+    }
+
+    /// The serving upstream.
+    pub fn current(&self) -> Option<&UpstreamState> {
+        match &self.phase {
+            Phase::Relaying { current } | Phase::Switching { current, .. } => Some(current),
+            Phase::Reconnecting { .. } => None,
+        }
+    }
+
+    fn current_mut(&mut self) -> Option<&mut UpstreamState> {
+        match &mut self.phase {
+            Phase::Relaying { current } | Phase::Switching { current, .. } => Some(current),
+            Phase::Reconnecting { .. } => None,
+        }
+    }
+
+    /// The upstream being opened.
+    pub fn opening(&self) -> Option<&Opening> {
+        match &self.phase {
+            Phase::Switching { opening, .. } | Phase::Reconnecting { opening, .. } => Some(opening),
+            Phase::Relaying { .. } => None,
+        }
+    }
+
+    /// When the next drain window ends (ms since the Unix epoch).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.draining.iter().map(|d| d.until_ms).min()
+    }
+
+    /// The numbers of the drained upstreams.
+    pub fn drained_ids(&self) -> impl Iterator<Item = UpstreamId> + '_ {
+        self.draining.iter().map(|d| d.upstream.id)
+    }
+
+    fn upstream_mut(&mut self, id: UpstreamId) -> Option<&mut UpstreamState> {
+        if self.current().is_some_and(|c| c.id == id) {
+            return self.current_mut();
+        }
+        self.draining
+            .iter_mut()
+            .map(|d| &mut d.upstream)
+            .find(|u| u.id == id)
+    }
+
+    fn proxy_id(&mut self) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        id
+    }
+
+    fn send_miner(&mut self, line: Bytes) {
+        self.out.push(Action::ToMiner(line));
+    }
+
+    fn miner_text(&mut self, text: String) {
+        let mut line = text.into_bytes();
+        line.push(b'\n');
+        self.send_miner(Bytes::from(line));
+    }
+
+    /// The proxy's own error answer under a miner id (JSON text).
+    fn answer_error(&mut self, id: &str, message: &str) {
+        let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
+        let line = error_line(
+            &id,
+            ERR_UNANSWERED,
+            message,
+            self.hs.server_id(),
+            self.hs.json_rpc2(),
+        );
+        self.miner_text(line);
+    }
+
+    // ----- the miner -----
+
+    /// A whole line (with its `\n`) from the miner.
+    pub fn on_miner_line(&mut self, line: Bytes, names: &dyn NameRules) {
+        let Some(read) = Line::read(&line) else {
+            // Not JSON: the sserver's business, as it came.
+            return self.send_untracked(line);
+        };
+        match read.method.as_deref() {
+            Some("mining.authorize" | "eth_submitLogin") if read.id.is_some() => {
+                self.on_miner_authorize(&line, names)
+            }
+            Some("mining.extranonce.subscribe") => {
+                if let Some(id) = read.id {
+                    let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
+                    let answer = self.hs.result_line(&id, Value::Bool(true));
+                    self.miner_text(answer);
+                }
+            }
+            Some("mining.suggest_difficulty") => {
+                if let Some(params) = read
+                    .params
+                    .and_then(|p| serde_json::from_str::<Vec<Value>>(p).ok())
+                {
+                    self.suggested_difficulty = Some(params);
+                }
+                // Answered (or not) by the sserver: relayed without being owed.
+                self.send_untracked(line);
+            }
+            Some(method) if read.id.is_some() => {
+                let job = match method {
+                    "mining.submit" | "eth_submitWork" => read.param_str(1),
+                    _ => None,
+                };
+                let id = read.id.unwrap_or("null").to_string();
+                let route = self.route(job.as_deref());
+                self.send_owed(route, &id, line);
+            }
+            // A notification, or an answer to an sserver's request: the current upstream's.
+            _ => self.send_untracked(line),
+        }
+    }
+
+    /// Where a request naming `job` (if any) goes: the upstream that announced the job, or the
+    /// current one, or the queue.
+    fn route(&self, job: Option<&str>) -> Route {
+        if let Some(job) = job {
+            let digest = job_digest(job);
+            let holds = |u: &UpstreamState| u.has_job(digest);
+            if self.current().is_some_and(holds) {
+                return Route::Upstream(usize::MAX);
+            }
+            if let Some(i) = self.draining.iter().position(|d| holds(&d.upstream)) {
+                return Route::Upstream(i);
+            }
+        }
+        match self.current() {
+            Some(_) => Route::Upstream(usize::MAX),
+            None => Route::Queue,
+        }
+    }
+
+    fn route_target(&mut self, route: &Route) -> Option<&mut UpstreamState> {
+        match route {
+            Route::Queue => None,
+            Route::Upstream(usize::MAX) => self.current_mut(),
+            Route::Upstream(i) => self.draining.get_mut(*i).map(|d| &mut d.upstream),
+        }
+    }
+
+    fn queue(&mut self, line: Bytes) {
+        if let Phase::Reconnecting { queued, .. } = &mut self.phase {
+            queued.push_back(line);
+        }
+    }
+
+    fn send_owed(&mut self, route: Route, id: &str, line: Bytes) {
+        match self.route_target(&route) {
+            Some(upstream) => {
+                upstream.owe(id);
+                let to = upstream.id;
+                self.out.push(Action::ToUpstream(to, line));
+            }
+            None => self.queue(line),
+        }
+    }
+
+    fn send_untracked(&mut self, line: Bytes) {
+        match self.current() {
+            Some(current) => {
+                let to = current.id;
+                self.out.push(Action::ToUpstream(to, line));
+            }
+            None => self.queue(line),
+        }
+    }
+
+    /// A later authorize (another worker on this connection): normalized, and sent under the
+    /// proxy's id so that its answer tells whether to replay it.
+    fn on_miner_authorize(&mut self, line: &[u8], names: &dyn NameRules) {
+        let Some(request) = Request::parse(line) else {
+            return;
+        };
+        let name = match request.params.first().map(Value::as_str) {
+            None => Err(crate::handshake::StratumError::TooFewParams),
+            Some(None) => Err(crate::handshake::StratumError::WorkerNameMustBeString),
+            Some(Some(raw)) => {
+                normalize_worker(raw, request.worker.as_deref(), self.hs.chain(), names)
+            }
+        };
+        let (sub, miner_name) = match name {
+            Ok(parts) => parts,
+            Err(error) => {
+                let line = self.hs.error_line(&request.id, error);
+                return self.miner_text(line);
+            }
+        };
+        let mut params = request.params;
+        params[0] = Value::String(format!("{sub}{miner_name}"));
+        let pending = Pending {
+            id: 0,
+            request: ProxyRequest::MinerAuth {
+                miner_id: request.id,
+                worker: Worker {
+                    method: request.method,
+                    params,
+                },
+            },
+        };
+        self.send_pending(pending);
+    }
+
+    /// Sends a proxy request to the current upstream, or keeps it for the next one.
+    fn send_pending(&mut self, mut pending: Pending) {
+        let Some((full, suffixed, suffix)) = self.current().map(|c| {
+            (
+                c.pending.len() >= MAX_PENDING,
+                c.suffixed,
+                c.user_suffix.clone(),
+            )
+        }) else {
+            self.orphans.push(pending);
+            return;
+        };
+        if full {
+            if let ProxyRequest::MinerAuth { miner_id, .. } = &pending.request {
+                let id = miner_id.to_string();
+                self.answer_error(&id, "Too many requests in flight");
+            }
+            return;
+        }
+        pending.id = self.proxy_id();
+        let line = self.pending_line(&pending, suffixed, &suffix);
+        let Some(current) = self.current_mut() else {
+            return;
+        };
+        let to = current.id;
+        current.pending.push(pending);
+        self.out.push(Action::ToUpstream(to, line));
+    }
+
+    fn pending_line(&self, pending: &Pending, suffixed: bool, suffix: &str) -> Bytes {
+        let id = format!("{PROXY_ID_PREFIX}{}", pending.id);
+        let mut object = match &pending.request {
+            ProxyRequest::MinerAuth { worker, .. } => {
+                let mut params = worker.params.clone();
+                if suffixed && let Some(Value::String(name)) = params.first_mut() {
+                    *name = suffixed_worker(name, suffix);
+                }
+                json!({"id": id, "method": worker.method, "params": params})
+            }
+            ProxyRequest::Replay => Value::Null,
+        };
+        if self.hs.json_rpc2() && object.is_object() {
+            object["jsonrpc"] = json!("2.0");
+        }
+        text_line(&object)
+    }
+
+    /// Replays a worker or the suggested difficulty on the current upstream.
+    fn replay(&mut self, method: &str, params: Vec<Value>) {
+        let Some(current) = self.current() else {
+            return;
+        };
+        let mut params = params;
+        if method != "mining.suggest_difficulty"
+            && current.suffixed
+            && let Some(Value::String(name)) = params.first_mut()
+        {
+            *name = suffixed_worker(name, &current.user_suffix);
+        }
+        let id = self.proxy_id();
+        let mut object =
+            json!({"id": format!("{PROXY_ID_PREFIX}{id}"), "method": method, "params": params});
+        if self.hs.json_rpc2() {
+            object["jsonrpc"] = json!("2.0");
+        }
+        let line = text_line(&object);
+        let Some(current) = self.current_mut() else {
+            return;
+        };
+        let to = current.id;
+        current.pending.push(Pending {
+            id,
+            request: ProxyRequest::Replay,
+        });
+        self.out.push(Action::ToUpstream(to, line));
+    }
+
+    // ----- upstreams -----
+
+    /// A whole line (with its `\n`) from upstream `from`.
+    pub fn on_upstream_line(&mut self, from: UpstreamId, line: Bytes, now_ms: u64) {
+        let is_current = self.current().is_some_and(|c| c.id == from);
+        let drain = self.draining.iter().position(|d| d.upstream.id == from);
+        if !is_current && drain.is_none() {
+            return; // closed meanwhile
+        }
+        let Some(read) = Line::read(&line) else {
+            if is_current {
+                self.send_miner(line);
+            }
+            return;
+        };
+        if let Some(method) = read.method.as_deref() {
+            if method == "mining.notify"
+                && let Some(job) = read.param_str(0)
+            {
+                let clean = self.notify_is_clean(&read);
+                match drain {
+                    Some(i) => {
+                        if clean {
+                            self.draining[i].stale = true;
+                            self.draining[i].upstream.jobs.clear();
+                            self.close_settled_drains(now_ms);
+                        }
+                        return;
+                    }
+                    None => {
+                        if let Some(current) = self.current_mut() {
+                            current.add_job(job_digest(&job), clean);
+                        }
+                    }
+                }
+            }
+            if is_current {
+                self.send_miner(line);
+            }
+            return;
+        }
+        // An answer, or ETHProxy work pushed as one.
+        if let Some(number) = read.id.and_then(proxy_request_number) {
+            self.on_proxy_answer(from, number, &read);
+            self.close_settled_drains(now_ms);
+            return;
+        }
+        let work = if self.hs.chain() == crate::session_id::ChainType::Ethereum {
+            read.eth_work()
+        } else {
+            None
+        };
+        let owed = match read.id {
+            Some(id) if !(work.is_some() && read.id_is_zero()) => {
+                self.upstream_mut(from).is_some_and(|u| u.answered(id))
+            }
+            _ => false,
+        };
+        if let Some(work) = &work
+            && is_current
+            && let Some(current) = self.current_mut()
+        {
+            current.add_job(job_digest(work), false);
+        }
+        if owed || is_current {
+            self.send_miner(line);
+        }
+        if drain.is_some() {
+            self.close_settled_drains(now_ms);
+        }
+    }
+
+    fn notify_is_clean(&self, read: &Line<'_>) -> bool {
+        match self.hs.chain() {
+            crate::session_id::ChainType::Ethereum => read.param_bool(3).unwrap_or(false),
+            _ => read.param_bool(8).unwrap_or(false),
+        }
+    }
+
+    fn on_proxy_answer(&mut self, from: UpstreamId, number: u64, read: &Line<'_>) {
+        let from_current = self.current().is_some_and(|c| c.id == from);
+        let Some(upstream) = self.upstream_mut(from) else {
+            return;
+        };
+        let Some(i) = upstream.pending.iter().position(|p| p.id == number) else {
+            return;
+        };
+        let pending = upstream.pending.swap_remove(i);
+        let ProxyRequest::MinerAuth { miner_id, worker } = pending.request else {
+            return;
+        };
+        let result: Value = read
+            .result
+            .and_then(|r| serde_json::from_str(r).ok())
+            .unwrap_or(Value::Null);
+        let error: Value = read
+            .error
+            .and_then(|e| serde_json::from_str(e).ok())
+            .unwrap_or(Value::Null);
+        let accepted = result == Value::Bool(true);
+        let answer = result_line(&miner_id, result, error, self.hs.json_rpc2());
+        self.miner_text(answer);
+        if !accepted || worker.name() == self.login.params.first().and_then(Value::as_str) {
+            return;
+        }
+        if self.workers.iter().any(|w| w.name() == worker.name())
+            || self.workers.len() >= MAX_WORKERS
+        {
+            return;
+        }
+        // Authorized by an old upstream after the switch: authorize it on the current one too.
+        if !from_current {
+            self.replay(&worker.method, worker.params.clone());
+        }
+        self.workers.push(worker);
+    }
+
+    /// An upstream's connection ended (closed, failed, or a line over the bound).
+    pub fn on_upstream_lost(&mut self, id: UpstreamId, now_ms: u64) {
+        if let Some(i) = self.draining.iter().position(|d| d.upstream.id == id) {
+            let drain = self.draining.remove(i);
+            self.settle(drain.upstream, "Stratum server connection lost");
+            self.resend_orphans();
+            return;
+        }
+        if self.current().is_none_or(|c| c.id != id) {
+            return;
+        }
+        let phase = std::mem::replace(
+            &mut self.phase,
+            Phase::Reconnecting {
+                opening: Opening {
+                    id: 0,
+                    coin: String::new(),
+                },
+                queued: VecDeque::new(),
+            },
+        );
+        let (lost, opening) = match phase {
+            Phase::Relaying { current } => {
+                let opening = self.new_opening(current.coin.clone());
+                self.out.push(Action::Open {
+                    id: opening.id,
+                    coin: opening.coin.clone(),
+                    reconnect: true,
+                });
+                (current, opening)
+            }
+            Phase::Switching { current, opening } => (current, opening),
+            reconnecting @ Phase::Reconnecting { .. } => {
+                self.phase = reconnecting;
+                return;
+            }
+        };
+        self.phase = Phase::Reconnecting {
+            opening,
+            queued: VecDeque::new(),
+        };
+        self.settle(lost, "Stratum server connection lost");
+        let _ = now_ms;
+    }
+
+    /// Answers what `upstream` still owes with errors, keeps its miner authorizes for the
+    /// next upstream, and closes it.
+    fn settle(&mut self, upstream: UpstreamState, message: &str) {
+        for owed in &upstream.owed {
+            for _ in 0..owed.count {
+                self.answer_error(&owed.id, message);
+            }
+        }
+        for pending in upstream.pending {
+            if matches!(pending.request, ProxyRequest::MinerAuth { .. }) {
+                self.orphans.push(pending);
+            }
+        }
+        self.out.push(Action::Close(upstream.id));
+    }
+
+    fn resend_orphans(&mut self) {
+        if self.current().is_none() {
+            return;
+        }
+        for pending in std::mem::take(&mut self.orphans) {
+            self.send_pending(pending);
+        }
+    }
+
+    fn new_opening(&mut self, coin: String) -> Opening {
+        let id = self.next_upstream;
+        self.next_upstream += 1;
+        // One sserver never holds two connections with one session ID.
+        if let Some(i) = self.draining.iter().position(|d| d.upstream.coin == coin) {
+            let drain = self.draining.remove(i);
+            self.settle(drain.upstream, "Stratum server connection closed");
+        }
+        Opening { id, coin }
+    }
+
+    /// The user's coin changed to `coin`; `has_sserver` says whether the proxy serves it.
+    pub fn on_coin_changed(&mut self, coin: &str, has_sserver: bool) {
+        if coin == self.target_coin() {
+            return;
+        }
+        if !has_sserver {
+            self.out.push(Action::Outcome {
+                coin: coin.to_string(),
+                kind: "switch",
+                outcome: "no_sserver",
+            });
+            return;
+        }
+        if self.hs.is_btc_agent() {
+            self.out.push(Action::Outcome {
+                coin: coin.to_string(),
+                kind: "switch",
+                outcome: "closed_btcagent",
+            });
+            self.out.push(Action::End(RelayEnd::BtcAgentSwitched));
+            return;
+        }
+        let phase = std::mem::replace(
+            &mut self.phase,
+            Phase::Reconnecting {
+                opening: Opening {
+                    id: 0,
+                    coin: String::new(),
+                },
+                queued: VecDeque::new(),
+            },
+        );
+        self.phase = match phase {
+            Phase::Relaying { current } => {
+                let opening = self.new_opening(coin.to_string());
+                self.open(&opening, false);
+                Phase::Switching { current, opening }
+            }
+            Phase::Switching { current, opening } => {
+                self.out.push(Action::CancelOpen(opening.id));
+                self.out.push(Action::Outcome {
+                    coin: opening.coin.clone(),
+                    kind: "switch",
+                    outcome: "cancelled",
+                });
+                if current.coin == coin {
+                    Phase::Relaying { current }
+                } else {
+                    let opening = self.new_opening(coin.to_string());
+                    self.open(&opening, false);
+                    Phase::Switching { current, opening }
+                }
+            }
+            Phase::Reconnecting { opening, queued } => {
+                self.out.push(Action::CancelOpen(opening.id));
+                let opening = self.new_opening(coin.to_string());
+                self.open(&opening, true);
+                Phase::Reconnecting { opening, queued }
+            }
+        };
+    }
+
+    fn open(&mut self, opening: &Opening, reconnect: bool) {
+        self.out.push(Action::Open {
+            id: opening.id,
+            coin: opening.coin.clone(),
+            reconnect,
+        });
+    }
+
+    /// Upstream `id` finished its login.
+    pub fn on_opened(&mut self, id: UpstreamId, opened: Opened, now_ms: u64) {
+        if self.opening().is_none_or(|o| o.id != id) {
+            self.out.push(Action::Close(id));
+            return;
+        }
+        let phase = std::mem::replace(
+            &mut self.phase,
+            Phase::Reconnecting {
+                opening: Opening {
+                    id: 0,
+                    coin: String::new(),
+                },
+                queued: VecDeque::new(),
+            },
+        );
+        let (old, opening, queued, kind) = match phase {
+            Phase::Switching { current, opening } => {
+                (Some(current), opening, VecDeque::new(), "switch")
+            }
+            Phase::Reconnecting { opening, queued } => (None, opening, queued, "reconnect"),
+            relaying @ Phase::Relaying { .. } => {
+                self.phase = relaying;
+                return;
+            }
+        };
+        let mut current = UpstreamState::new(opening.id, opening.coin.clone(), &opened);
+        for line in &opened.held {
+            self.note_held_job(&mut current, line);
+        }
+        self.phase = Phase::Relaying { current };
+        self.out.push(Action::Outcome {
+            coin: opening.coin,
+            kind,
+            outcome: "ok",
+        });
+        if let Some(old) = old {
+            self.drain(old, now_ms);
+        }
+        self.announce(&opened);
+        // Every worker authorized so far, and the suggested difficulty, on the new upstream.
+        for worker in self.workers.clone() {
+            self.replay(&worker.method, worker.params);
+        }
+        if let Some(params) = self.suggested_difficulty.clone() {
+            self.replay("mining.suggest_difficulty", params);
+        }
+        self.resend_orphans();
+        for line in queued {
+            self.on_queued_line(line);
+        }
+    }
+
+    /// A miner line read earlier (queued during a reconnect, or held by the handshake).
+    fn on_queued_line(&mut self, line: Bytes) {
+        // Authorizes are never queued (they wait as orphans, normalized): no renaming here.
+        self.on_miner_line(line, &NoRenames);
+    }
+
+    fn note_held_job(&self, upstream: &mut UpstreamState, line: &[u8]) {
+        let Some(read) = Line::read(line) else {
+            return;
+        };
+        if read.method.as_deref() == Some("mining.notify") {
+            if let Some(job) = read.param_str(0) {
+                let clean = self.notify_is_clean(&read);
+                upstream.add_job(job_digest(&job), clean);
+            }
+        } else if self.hs.chain() == crate::session_id::ChainType::Ethereum
+            && let Some(work) = read.eth_work()
+        {
+            upstream.add_job(job_digest(&work), false);
+        }
+    }
+
+    /// After a login: the version mask (when the miner asked for version rolling), then the
+    /// lines the sserver sent during the login, in order, in one write.
+    fn announce(&mut self, opened: &Opened) {
+        let mut out =
+            Vec::with_capacity(128 + opened.held.iter().map(|l| l.len() + 1).sum::<usize>());
+        if let Some(mask) = self.hs.version_mask() {
+            let allowed = opened.allowed_mask.map_or(mask, |allowed| allowed & mask);
+            let line = json!({"id": null, "method": "mining.set_version_mask", "params": [format!("{allowed:08x}")]});
+            out.extend_from_slice(line.to_string().as_bytes());
+            out.push(b'\n');
+        }
+        for line in &opened.held {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        if !out.is_empty() {
+            self.send_miner(Bytes::from(out));
+        }
+    }
+
+    /// Keeps the old upstream of a switch for the shares of its jobs.
+    fn drain(&mut self, old: UpstreamState, now_ms: u64) {
+        if old.jobs.is_empty() && old.owes_nothing() {
+            self.out.push(Action::Close(old.id));
+            return;
+        }
+        if self.draining.len() >= MAX_DRAINS {
+            let oldest = self.draining.remove(0);
+            self.settle(oldest.upstream, "Stratum server connection closed");
+        }
+        self.draining.push(Drain {
+            upstream: old,
+            until_ms: now_ms + self.settings.drain_window_ms,
+            stale: false,
+        });
+    }
+
+    fn close_settled_drains(&mut self, now_ms: u64) {
+        let mut i = 0;
+        while i < self.draining.len() {
+            let d = &self.draining[i];
+            if d.stale && d.upstream.owes_nothing() {
+                let drain = self.draining.remove(i);
+                self.out.push(Action::Close(drain.upstream.id));
+            } else if d.until_ms <= now_ms {
+                let drain = self.draining.remove(i);
+                self.settle(drain.upstream, "Stratum server did not answer in time");
+            } else {
+                i += 1;
+            }
+        }
+        self.resend_orphans();
+    }
+
+    /// Time passed: drains whose window ended are closed.
+    pub fn on_tick(&mut self, now_ms: u64) {
+        self.close_settled_drains(now_ms);
+    }
+
+    /// Closes every drain (the process is short of file descriptors).
+    pub fn drop_drains(&mut self) {
+        for drain in std::mem::take(&mut self.draining) {
+            self.settle(drain.upstream, "Stratum server connection closed");
+        }
+        self.resend_orphans();
+    }
+
+    /// Upstream `id` could not be opened.
+    pub fn on_open_failed(&mut self, id: UpstreamId) {
+        let Some(opening) = self.opening().filter(|o| o.id == id) else {
+            return;
+        };
+        let kind = match self.phase {
+            Phase::Reconnecting { .. } => "reconnect",
+            _ => "switch",
+        };
+        self.out.push(Action::Outcome {
+            coin: opening.coin.clone(),
+            kind,
+            outcome: "failed",
+        });
+        self.out.push(Action::End(RelayEnd::OpenFailed));
+    }
+}
+
+/// Name rules that change nothing (for queued authorizes, normalized when they were read).
+struct NoRenames;
+
+impl NameRules for NoRenames {
+    fn case_insensitive(&self) -> bool {
+        false
+    }
+
+    fn canonical_name(&self, _lowercase: &str) -> Option<String> {
+        None
+    }
+}
+
+/// `"sy-N"` → N.
+fn proxy_request_number(id: &str) -> Option<u64> {
+    id.strip_prefix('"')?
+        .strip_suffix('"')?
+        .strip_prefix(PROXY_ID_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// `line` ending in `\n`.
+fn with_newline(line: Bytes) -> Bytes {
+    if line.ends_with(b"\n") {
+        return line;
+    }
+    let mut owned = line.to_vec();
+    owned.push(b'\n');
+    Bytes::from(owned)
+}
+
+fn text_line(value: &Value) -> Bytes {
+    let mut text = value.to_string().into_bytes();
+    text.push(b'\n');
+    Bytes::from(text)
+}
