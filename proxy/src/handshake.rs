@@ -195,9 +195,6 @@ pub fn filter_worker_name(name: &str) -> String {
         .collect()
 }
 
-/// The version bits BIP 320 leaves to miners: the most a miner is ever granted.
-pub const BIP320_VERSION_MASK: u32 = 0x1fff_e000;
-
 /// Where a NiceHash extranonce ends: they take at most 2 bytes.
 const NICEHASH_EXTRANONCE_DIGITS: usize = 4;
 
@@ -382,8 +379,8 @@ impl Handshake {
     }
 
     /// BIP 310: every extension asked for gets an answer. Version rolling is granted
-    /// provisionally with the miner's mask within the BIP 320 bits (the sserver's
-    /// `mining.set_version_mask` after the login narrows it); `subscribe-extranonce` is granted
+    /// provisionally with the miner's own mask (the sserver's `mining.set_version_mask`, sent
+    /// after the login and before any job, narrows it); `subscribe-extranonce` is granted
     /// (the session ID never changes); `minimum-difficulty` is refused (the sserver sets the
     /// difficulty; `mining.suggest_difficulty` is relayed instead); `info` is taken.
     fn configure(&mut self, request: Request) -> Step {
@@ -419,7 +416,7 @@ impl Handshake {
         }
         match mask {
             Some(mask) => {
-                let granted = mask & BIP320_VERSION_MASK;
+                let granted = mask;
                 self.version_mask = Some(granted);
                 answer.insert("version-rolling".into(), Value::Bool(true));
                 answer.insert(
@@ -649,13 +646,13 @@ mod tests {
             reply(hs.on_line(line, &SENSITIVE))["result"],
             json!({
                 "version-rolling": true,
-                "version-rolling.mask": "1fffe000",
+                "version-rolling.mask": "ffffffff",
                 "minimum-difficulty": false,
                 "subscribe-extranonce": true,
                 "info": true
             })
         );
-        assert_eq!(hs.version_mask(), Some(0x1fff_e000));
+        assert_eq!(hs.version_mask(), Some(0xffff_ffff));
     }
 
     #[test]

@@ -96,6 +96,12 @@ pub const MAX_JOBS: usize = 32;
 /// miner's authorize is answered with an error instead of being relayed.
 pub const MAX_PENDING: usize = 512;
 
+/// The most miner requests counted in flight per upstream. A miner with more unanswered
+/// requests than this (one flooding a stalled sserver) has the rest relayed untracked: they are
+/// answered if the upstream answers while it serves, and memory stays bounded (the proxy's own
+/// answers for a lost upstream are at most this many lines).
+pub const MAX_OWED: u32 = 1024;
+
 /// The id prefix of requests the proxy sends under its own ids.
 const PROXY_ID_PREFIX: &str = "sy-";
 
@@ -182,6 +188,8 @@ pub struct UpstreamState {
     pub user_suffix: String,
     /// Miner requests it owes answers to.
     pub owed: Vec<Owed>,
+    /// The sum of the counts in `owed` (at most [`MAX_OWED`]).
+    pub owed_total: u32,
     /// The proxy's requests awaiting its answer.
     pub pending: Vec<Pending>,
     /// Digests of the jobs it announced to the miner, oldest first.
@@ -196,12 +204,17 @@ impl UpstreamState {
             suffixed: opened.suffixed,
             user_suffix: opened.user_suffix.clone(),
             owed: Vec::new(),
+            owed_total: 0,
             pending: Vec::new(),
             jobs: VecDeque::new(),
         }
     }
 
     fn owe(&mut self, id: &str) {
+        if self.owed_total >= MAX_OWED {
+            return;
+        }
+        self.owed_total += 1;
         match self.owed.iter_mut().find(|o| o.id == id) {
             Some(o) => o.count += 1,
             None => self.owed.push(Owed {
@@ -217,6 +230,7 @@ impl UpstreamState {
             return false;
         };
         self.owed[i].count -= 1;
+        self.owed_total = self.owed_total.saturating_sub(1);
         if self.owed[i].count == 0 {
             self.owed.swap_remove(i);
         }
