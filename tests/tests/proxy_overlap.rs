@@ -277,6 +277,8 @@ async fn a_second_switch_within_the_drain_window_keeps_the_first_old_sserver() {
     ok("the bch login", bch1.answer_login(T).await);
     ok("bch sends a job", bch1.notify("bch-1", true).await);
     wait_job(&mut miner, "bch-1").await;
+    // bch owes an answer too when the second switch comes: then both old sservers must be
+    // kept (the engine at 292e18b keeps one draining upstream, replaced by the second).
     miner
         .send(&submit(51, "alice.rig1", "bch-1"))
         .await
