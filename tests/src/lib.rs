@@ -8,6 +8,7 @@
 //! - [`relay`]: a TCP relay a test can cut, to cut a client off a real server.
 //! - [`userlist`]: a pool backend's user-list API with scripted answers.
 //! - [`sserver`]: a simulated switcher-aware sserver (one coin's pool Stratum server).
+//! - [`scripted`]: an sserver whose every answer the test scripts, to drive interleavings.
 //! - [`proxy`]: the Stratum proxy, in-process or as its real binary.
 //! - [`miner`]: a simulated miner that checks every line it receives.
 
@@ -16,6 +17,7 @@ pub mod control;
 pub mod miner;
 pub mod proxy;
 pub mod relay;
+pub mod scripted;
 pub mod sserver;
 pub mod userlist;
 pub mod wait;

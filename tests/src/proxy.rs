@@ -32,6 +32,29 @@ pub fn proxy_config(
             json!({"URL": s.addr().to_string(), "UserSuffix": s.config().suffix()}),
         );
     }
+    config_with_map(control, map)
+}
+
+/// [`proxy_config`] for sservers given as (coin, address) pairs (scripted sservers, say), each
+/// with the default `UserSuffix` (the coin).
+pub fn proxy_config_for(
+    control: &[SocketAddr],
+    sservers: &[(&str, SocketAddr)],
+) -> Result<Value, ControlFixtureError> {
+    let mut map = serde_json::Map::new();
+    for (coin, addr) in sservers {
+        map.insert(
+            (*coin).to_string(),
+            json!({"URL": addr.to_string(), "UserSuffix": coin}),
+        );
+    }
+    config_with_map(control, map)
+}
+
+fn config_with_map(
+    control: &[SocketAddr],
+    map: serde_json::Map<String, Value>,
+) -> Result<Value, ControlFixtureError> {
     Ok(json!({
         "ServerID": 1,
         "ChainType": "bitcoin",

@@ -21,8 +21,13 @@
 //!
 //! Ethereum is minimal: `true` for plain Stratum and ETHProxy subscribes, the
 //! EthereumStratum/1.0.0 answer (with NiceHash's 4-digit extranonce) for that protocol, one
-//! `mining.notify` form `[job_id, seedhash, headerhash, clean]` for every dialect, and
-//! `eth_getWork`, `eth_submitWork`, `eth_submitHashrate` answered.
+//! `mining.notify` form `[job_id, seedhash, headerhash, clean]` for the Stratum dialects, and
+//! `eth_getWork`, `eth_submitWork`, `eth_submitHashrate` answered. A connection whose subscribe
+//! protocol is ETHProxy (`ETHProxy/1.0.0`, what the proxy sends for ETHProxy miners) gets its
+//! work the ETHProxy way instead: `{"id":0,"jsonrpc":"2.0","result":[header, seed, target]}`,
+//! and no `mining.set_difficulty`. The header hash identifies the job: the job ID recorded for
+//! an `eth_submitWork` is the job whose header it names (`eth-7`), or the header itself when it
+//! names none of this server's recent jobs.
 
 use std::{
     collections::HashSet,
@@ -62,6 +67,15 @@ pub const ERR_NOT_SUBSCRIBED: (i64, &str) = (25, "Not subscribed");
 
 /// Error 20, answered to a request the simulation does not know or cannot read.
 pub const ERR_OTHER: (i64, &str) = (20, "Other/Unknown");
+
+/// How many of its latest jobs an Ethereum sserver recognises by header hash in
+/// `eth_submitWork`.
+pub const ETH_JOBS_REMEMBERED: u64 = 1024;
+
+/// The target of Ethereum work (`eth_getWork` and ETHProxy pushes).
+fn eth_target() -> String {
+    format!("0x{:064x}", u128::MAX >> 32)
+}
 
 /// The chain dialect of the sserver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,7 +274,9 @@ pub struct Submit {
     pub coin: String,
     /// The worker name of the submit.
     pub worker: String,
-    /// The job ID of the submit (for `eth_submitWork`, the header hash).
+    /// The job ID of the submit (for `eth_submitWork`, the job whose header hash
+    /// `params[1]` names, or that hash when it names none of this server's last
+    /// [`ETH_JOBS_REMEMBERED`] jobs).
     pub job_id: String,
     /// Whether it was accepted (the worker is authorized on the connection).
     pub accepted: bool,
@@ -378,6 +394,21 @@ impl Shared {
 
     fn job_id(&self, job: Job) -> String {
         format!("{}-{}", self.config.coin, job.seq)
+    }
+
+    /// The ID of the recent job whose Ethereum header hash is `header` (`0x` optional, any
+    /// case), if any.
+    fn job_of_header(&self, header: &str) -> Option<String> {
+        let header = header
+            .strip_prefix("0x")
+            .or_else(|| header.strip_prefix("0X"))
+            .unwrap_or(header)
+            .to_ascii_lowercase();
+        let latest = self.jobs.borrow().seq;
+        (latest.saturating_sub(ETH_JOBS_REMEMBERED)..=latest)
+            .rev()
+            .find(|&seq| pseudo_hash(&self.config.coin, "header", seq) == header)
+            .map(|seq| format!("{}-{seq}", self.config.coin))
     }
 }
 
@@ -635,6 +666,8 @@ struct Session {
     subscribed: bool,
     /// EthereumStratum/1.0.0 was subscribed.
     ethereum_stratum: bool,
+    /// ETHProxy was subscribed: work is pushed as `id:0` results.
+    eth_proxy: bool,
     authorized: Vec<String>,
 }
 
@@ -655,6 +688,7 @@ async fn connection(stream: TcpStream, conn: u64, open: OpenGuard) {
         shared: Arc::clone(&shared),
         subscribed: false,
         ethereum_stratum: false,
+        eth_proxy: false,
         authorized: Vec::new(),
     };
     loop {
@@ -723,14 +757,14 @@ impl Session {
                     .map(str::to_owned)
                     .or_else(|| self.authorized.first().cloned())
                     .unwrap_or_default();
-                let job_id = param(1).unwrap_or_default();
+                let header = param(1).unwrap_or_default();
+                let job_id = self.shared.job_of_header(&header).unwrap_or(header);
                 self.submit(&id, v2, worker, job_id, &mut out);
             }
             "eth_getWork" => {
                 let job = *jobs.borrow();
                 let (seed, header) = self.eth_hashes(job);
-                let target = format!("0x{:064x}", u128::MAX >> 32);
-                reply(&mut out, &id, v2, json!([header, seed, target]));
+                reply(&mut out, &id, v2, json!([header, seed, eth_target()]));
             }
             "eth_submitHashrate" | "mining.extranonce.subscribe" => {
                 reply(&mut out, &id, v2, json!(true));
@@ -834,6 +868,10 @@ impl Session {
                 result = json!(!self.config().wrong_sid);
             }
             self.ethereum_stratum = es1;
+            self.eth_proxy = !es1
+                && protocol
+                    .as_deref()
+                    .is_some_and(|p| p.to_ascii_lowercase().starts_with("ethproxy"));
             answered_sid = sid_text;
         } else {
             let value = sid
@@ -895,11 +933,13 @@ impl Session {
                 self.authorized.push(worker.clone());
             }
             if first {
-                push(
-                    out,
-                    &json!({"id": null, "method": "mining.set_difficulty",
-                            "params": [self.config().difficulty]}),
-                );
+                if !self.eth_proxy {
+                    push(
+                        out,
+                        &json!({"id": null, "method": "mining.set_difficulty",
+                                "params": [self.config().difficulty]}),
+                    );
+                }
                 let job = *jobs.borrow_and_update();
                 out.push_str(&self.notify(job, true));
             }
@@ -949,9 +989,18 @@ impl Session {
         })
     }
 
-    /// The `mining.notify` line of `job`.
+    /// The `mining.notify` line of `job` (for an ETHProxy connection, its work line).
     fn notify(&self, job: Job, clean: bool) -> String {
         let job_id = self.shared.job_id(job);
+        if self.eth_proxy {
+            let (seed, header) = self.eth_hashes(job);
+            let mut out = String::new();
+            push(
+                &mut out,
+                &json!({"id": 0, "jsonrpc": "2.0", "result": [header, seed, eth_target()]}),
+            );
+            return out;
+        }
         let params = if self.ethereum() {
             let (seed, header) = self.eth_hashes(job);
             if self.ethereum_stratum {

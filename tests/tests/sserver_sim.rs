@@ -505,7 +505,8 @@ async fn ethereum_is_minimal_but_correct() {
             .job_interval(None),
     )
     .await;
-    // Plain Ethereum Stratum / ETHProxy: `true`, then a JSON-RPC 2.0 login.
+    // Plain Ethereum Stratum / ETHProxy: `true`, then a JSON-RPC 2.0 login. (ETHProxy work
+    // is pushed its own way: see the next test.)
     let mut client = Client::connect(server.addr()).await;
     client
         .send(&[
@@ -523,6 +524,19 @@ async fn ethereum_is_minimal_but_correct() {
         client.recv().await,
         json!({"id": "auth", "jsonrpc": "2.0", "result": true})
     );
+    let mut client = Client::connect(server.addr()).await;
+    client
+        .send(&[
+            json!({"id": "subscribe", "method": "mining.subscribe",
+                   "params": ["ethminer/0.19", "Stratum", "000180", LOCALHOST_IP]}),
+            json!({"id": "auth", "method": "mining.authorize", "params": ["alice.rig1", "x"]}),
+        ])
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!({"id": "subscribe", "result": true, "error": null})
+    );
+    assert_eq!(client.recv().await, ok(json!("auth")));
     assert_eq!(client.recv().await["method"], "mining.set_difficulty");
     let notify = client.recv().await;
     assert_eq!(notify["params"][0], "eth-1", "{notify}");
@@ -554,6 +568,84 @@ async fn ethereum_is_minimal_but_correct() {
     );
     assert_eq!(records.subscribes[0].sid.as_deref(), Some("000080"));
     assert_eq!(records.subscribes[0].client_ip, Some(LOCALHOST_IP));
+}
+
+/// An ETHProxy connection (subscribe protocol `ETHProxy/1.0.0`, as the proxy sends for ETHProxy
+/// miners) gets its work as `{"id":0,"jsonrpc":"2.0","result":[header, seed, target]}` lines,
+/// never `mining.notify` or `mining.set_difficulty`, and a share names its job by header hash:
+/// the submit is recorded under that job's ID.
+#[tokio::test]
+async fn ethproxy_connections_get_work_pushed_the_ethproxy_way() {
+    let server = start(
+        SserverConfig::new("etc")
+            .dialect(Dialect::Ethereum)
+            .job_interval(None),
+    )
+    .await;
+    let mut client = Client::connect(server.addr()).await;
+    client
+        .send(&[
+            json!({"id": "subscribe", "method": "mining.subscribe",
+                   "params": ["ETHProxy", "ETHProxy/1.0.0", "000280", LOCALHOST_IP]}),
+            json!({"id": "auth", "jsonrpc": "2.0", "method": "eth_submitLogin",
+                   "params": ["alice.rig1", "x"]}),
+        ])
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!({"id": "subscribe", "result": true, "error": null})
+    );
+    assert_eq!(
+        client.recv().await,
+        json!({"id": "auth", "jsonrpc": "2.0", "result": true})
+    );
+    let is_work = |work: &Value| {
+        work["id"] == json!(0)
+            && work["jsonrpc"] == "2.0"
+            && work.get("method").is_none()
+            && (0..3).all(|i| {
+                work["result"][i]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with("0x") && is_hex(&json!(h[2..]), 64))
+            })
+    };
+    let first = client.recv().await;
+    assert!(is_work(&first), "the current job as ETHProxy work: {first}");
+    let job = server.new_job();
+    assert_eq!(job, "etc-2");
+    let second = client.recv().await;
+    assert!(is_work(&second), "the next job as ETHProxy work: {second}");
+    assert_ne!(first["result"][0], second["result"][0], "a new header hash");
+
+    // Shares name their job by header hash (any case); an unknown header is recorded as is.
+    let header1 = first["result"][0].as_str().unwrap_or_default().to_string();
+    let header2 = second["result"][0].as_str().unwrap_or_default();
+    let header2 = format!("0x{}", header2.get(2..).unwrap_or_default().to_uppercase());
+    let unknown = format!("0x{}", "ab".repeat(32));
+    for (id, header) in [(4, &header1), (5, &header2), (6, &unknown)] {
+        client
+            .send(&[json!({"id": id, "jsonrpc": "2.0", "method": "eth_submitWork",
+                           "params": ["0x0000000000000001", header, format!("0x{}", "cd".repeat(32))]})])
+            .await;
+        assert_eq!(
+            client.recv().await,
+            json!({"id": id, "jsonrpc": "2.0", "result": true})
+        );
+    }
+    let records = server.records();
+    let jobs: Vec<&str> = records.submits.iter().map(|s| s.job_id.as_str()).collect();
+    assert_eq!(
+        jobs,
+        ["etc-1", "etc-2", unknown.as_str()],
+        "{}",
+        records.summary()
+    );
+    assert!(
+        records
+            .submits
+            .iter()
+            .all(|s| s.coin == "etc" && s.worker == "alice.rig1")
+    );
 }
 
 #[tokio::test]
