@@ -75,6 +75,7 @@ use serde_json::{Value, json};
 use crate::{
     handshake::{Handshake, Login, NameRules, Request, error_line, normalize_worker, result_line},
     message::{Line, job_digest},
+    session_id::ChainType,
     upstream::suffixed_worker,
 };
 
@@ -407,13 +408,14 @@ impl Relay {
         held_requests: Vec<Bytes>,
         settings: RelaySettings,
     ) -> Self {
-        let current = UpstreamState::new(0, coin, &opened);
         let mut relay = Self {
             hs,
             login,
             workers: Vec::new(),
             suggested_difficulty: None,
-            phase: Phase::Relaying { current },
+            phase: Phase::Relaying {
+                current: UpstreamState::new(0, coin, &opened),
+            },
             draining: Vec::new(),
             orphans: Vec::new(),
             next_request: 1,
@@ -421,6 +423,11 @@ impl Relay {
             settings,
             out: Vec::new(),
         };
+        for line in &opened.held {
+            if let Phase::Relaying { current } = &mut relay.phase {
+                note_held_job(relay.hs.chain(), current, line);
+            }
+        }
         let mut first = auth_answer.into_bytes();
         first.push(b'\n');
         relay.out.push(Action::ToMiner(Bytes::from(first)));
@@ -790,7 +797,7 @@ impl Relay {
             self.close_settled_drains(now_ms);
             return;
         }
-        let work = if self.hs.chain() == crate::session_id::ChainType::Ethereum {
+        let work = if self.hs.chain() == ChainType::Ethereum {
             read.eth_work()
         } else {
             None
@@ -816,10 +823,7 @@ impl Relay {
     }
 
     fn notify_is_clean(&self, read: &Line<'_>) -> bool {
-        match self.hs.chain() {
-            crate::session_id::ChainType::Ethereum => read.param_bool(3).unwrap_or(false),
-            _ => read.param_bool(8).unwrap_or(false),
-        }
+        notify_is_clean(self.hs.chain(), read)
     }
 
     fn on_proxy_answer(&mut self, from: UpstreamId, number: u64, read: &Line<'_>) {
@@ -1039,7 +1043,7 @@ impl Relay {
         };
         let mut current = UpstreamState::new(opening.id, opening.coin.clone(), &opened);
         for line in &opened.held {
-            self.note_held_job(&mut current, line);
+            note_held_job(self.hs.chain(), &mut current, line);
         }
         self.phase = Phase::Relaying { current };
         self.out.push(Action::Outcome {
@@ -1068,22 +1072,6 @@ impl Relay {
     fn on_queued_line(&mut self, line: Bytes) {
         // Authorizes are never queued (they wait as orphans, normalized): no renaming here.
         self.on_miner_line(line, &NoRenames);
-    }
-
-    fn note_held_job(&self, upstream: &mut UpstreamState, line: &[u8]) {
-        let Some(read) = Line::read(line) else {
-            return;
-        };
-        if read.method.as_deref() == Some("mining.notify") {
-            if let Some(job) = read.param_str(0) {
-                let clean = self.notify_is_clean(&read);
-                upstream.add_job(job_digest(&job), clean);
-            }
-        } else if self.hs.chain() == crate::session_id::ChainType::Ethereum
-            && let Some(work) = read.eth_work()
-        {
-            upstream.add_job(job_digest(&work), false);
-        }
     }
 
     /// After a login: the version mask (when the miner asked for version rolling), then the
@@ -1168,6 +1156,31 @@ impl Relay {
             outcome: "failed",
         });
         self.out.push(Action::End(RelayEnd::OpenFailed));
+    }
+}
+
+/// Whether a `mining.notify` asks the miner to drop its earlier jobs (bitcoin-like params[8],
+/// Ethereum params[3]).
+fn notify_is_clean(chain: ChainType, read: &Line<'_>) -> bool {
+    match chain {
+        ChainType::Ethereum => read.param_bool(3).unwrap_or(false),
+        _ => read.param_bool(8).unwrap_or(false),
+    }
+}
+
+/// Remembers the job a line the sserver sent during its login announces, if any.
+fn note_held_job(chain: ChainType, upstream: &mut UpstreamState, line: &[u8]) {
+    let Some(read) = Line::read(line) else {
+        return;
+    };
+    if read.method.as_deref() == Some("mining.notify") {
+        if let Some(job) = read.param_str(0) {
+            upstream.add_job(job_digest(&job), notify_is_clean(chain, &read));
+        }
+    } else if chain == ChainType::Ethereum
+        && let Some(work) = read.eth_work()
+    {
+        upstream.add_job(job_digest(&work), false);
     }
 }
 

@@ -221,10 +221,21 @@ impl World {
                         job_coin(&job),
                         self.miner_coin
                     );
-                    if line["params"][8] == json!(true) {
-                        self.miner_jobs.clear();
+                    // Old jobs stay around: shares found on them still come after a clean job
+                    // or a switch (work in the miner's pipeline).
+                    if self.miner_jobs.len() >= 16 {
+                        self.miner_jobs.remove(0);
                     }
                     self.miner_jobs.push(job);
+                }
+                Some("mining.set_difficulty") => {
+                    let difficulty = line["params"][0].as_u64().expect("difficulty");
+                    let coin = COINS[(difficulty / 1000) as usize % COINS.len()];
+                    assert_eq!(
+                        coin, self.miner_coin,
+                        "{coin}'s difficulty reached the miner after it moved to {}",
+                        self.miner_coin
+                    );
                 }
                 Some(_) => {}
                 None => {
@@ -384,9 +395,10 @@ impl World {
         let is_current = self.relay.current().is_some_and(|c| c.id == id);
         let conn = self.conns.get_mut(&id).expect("conn");
         let line = if difficulty {
-            Bytes::from_static(
-                b"{\"id\":null,\"method\":\"mining.set_difficulty\",\"params\":[2048]}\n",
-            )
+            Bytes::from(format!(
+                "{{\"id\":null,\"method\":\"mining.set_difficulty\",\"params\":[{}]}}\n",
+                difficulty_of(&conn.coin)
+            ))
         } else {
             let job = format!("{}-{id}-{}", conn.coin, conn.next_job);
             conn.next_job += 1;
@@ -432,9 +444,10 @@ impl World {
             user_suffix: conn.coin.clone(),
             allowed_mask: None,
             held: vec![
-                Bytes::from_static(
-                    b"{\"id\":null,\"method\":\"mining.set_difficulty\",\"params\":[1024]}",
-                ),
+                Bytes::from(format!(
+                    "{{\"id\":null,\"method\":\"mining.set_difficulty\",\"params\":[{}]}}",
+                    difficulty_of(&conn.coin)
+                )),
                 notify_line(&job, true),
             ],
         };
@@ -552,6 +565,12 @@ impl World {
     }
 }
 
+/// A difficulty that names its coin: 1000 × the coin's index, plus a little.
+fn difficulty_of(coin: &str) -> u64 {
+    let index = COINS.iter().position(|c| *c == coin).unwrap_or(0) as u64;
+    index * 1000 + 512
+}
+
 fn notify_line(job: &str, clean: bool) -> Bytes {
     Bytes::from(
         json!({"id": null, "method": "mining.notify",
@@ -571,9 +590,12 @@ fn run_case(seed: u64, steps: usize) {
         }
         world.settle();
         world.check_end();
-        world
     }));
     if let Err(panic) = outcome {
+        let start = world.log.len().saturating_sub(60);
+        for entry in &world.log[start..] {
+            eprintln!("  {entry}");
+        }
         let message = panic
             .downcast_ref::<String>()
             .cloned()
