@@ -149,8 +149,8 @@ impl World {
             self.log
                 .push(format!("{action:?}").chars().take(200).collect());
             match action {
-                Action::ToMiner(bytes) => self.to_miner(&bytes),
-                Action::ToUpstream(id, bytes) => self.to_upstream(id, &bytes),
+                Action::ToMiner(bytes) => self.miner_gets(&bytes),
+                Action::ToUpstream(id, bytes) => self.upstream_gets(id, &bytes),
                 Action::Open { id, coin, .. } => {
                     let clash = self
                         .conns
@@ -209,7 +209,7 @@ impl World {
             .collect()
     }
 
-    fn to_miner(&mut self, bytes: &[u8]) {
+    fn miner_gets(&mut self, bytes: &[u8]) {
         for line in Self::lines(bytes) {
             match line.get("method").and_then(Value::as_str) {
                 Some("mining.notify") => {
@@ -254,7 +254,7 @@ impl World {
         }
     }
 
-    fn to_upstream(&mut self, id: UpstreamId, bytes: &[u8]) {
+    fn upstream_gets(&mut self, id: UpstreamId, bytes: &[u8]) {
         let lines = Self::lines(bytes);
         let conns = &self.conns;
         let conn = conns
