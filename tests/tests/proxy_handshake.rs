@@ -251,8 +251,8 @@ async fn bitcoin_subscribe_configure_and_login_through_the_proxy_binary() {
     .await;
     assert_eq!(
         configured,
-        ok_v1(configure_id, json!({})),
-        "configure without a mask"
+        ok_v1(configure_id, json!({"minimum-difficulty": false})),
+        "configure without a mask: BIP 310 answers every extension asked for"
     );
     let (sub_id, subscribed) = ask(&mut bob, "mining.subscribe", json!([])).await;
     let bob_sid = subscribed["result"][1].as_str().unwrap_or("").to_string();
