@@ -513,6 +513,35 @@ mod tests {
         assert_eq!(settings.auto_reg_max_wait, 10);
         assert_eq!(settings.metrics_addr, "127.0.0.1:2222".parse().ok());
         assert_eq!(config.ignored_keys().len(), 4);
+        assert_eq!(
+            settings.drain_window,
+            Duration::from_secs(DEFAULT_DRAIN_WINDOW_SECONDS)
+        );
+        assert_eq!(
+            settings.tcp_keepalive,
+            Some(Duration::from_secs(DEFAULT_TCP_KEEPALIVE_SECONDS))
+        );
+        assert_eq!(
+            settings.upstream_limits.tcp_keepalive,
+            settings.tcp_keepalive
+        );
+    }
+
+    #[test]
+    fn drain_window_and_keepalive_are_set_or_turned_off() {
+        let mut value: serde_json::Value = serde_json::from_str(GO_CONFIG).expect("json");
+        value["DrainWindowSeconds"] = serde_json::json!(0);
+        value["TcpKeepaliveSeconds"] = serde_json::json!(0);
+        let (config, _) = ProxyConfig::from_json(&value.to_string()).expect("parse");
+        let settings = config.settings().expect("valid");
+        assert_eq!(settings.drain_window, Duration::ZERO);
+        assert_eq!(settings.tcp_keepalive, None);
+        value["DrainWindowSeconds"] = serde_json::json!(120);
+        value["TcpKeepaliveSeconds"] = serde_json::json!(30);
+        let (config, _) = ProxyConfig::from_json(&value.to_string()).expect("parse");
+        let settings = config.settings().expect("valid");
+        assert_eq!(settings.drain_window, Duration::from_secs(120));
+        assert_eq!(settings.tcp_keepalive, Some(Duration::from_secs(30)));
     }
 
     #[test]
@@ -536,6 +565,8 @@ mod tests {
                 r#"{"HandshakeTimeoutSeconds": 0}"#,
                 "HandshakeTimeoutSeconds",
             ),
+            (r#"{"DrainWindowSeconds": 3601}"#, "DrainWindowSeconds"),
+            (r#"{"TcpKeepaliveSeconds": 7201}"#, "TcpKeepaliveSeconds"),
         ] {
             let mut value: serde_json::Value = serde_json::from_str(GO_CONFIG).expect("json");
             let patch: serde_json::Value = serde_json::from_str(patch).expect("json");

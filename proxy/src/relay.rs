@@ -388,6 +388,19 @@ pub struct Relay {
     out: Vec<Action>,
 }
 
+/// Everything a session is, as data: its relay state and the bytes of any line not finished
+/// yet on either side (they live in the sockets' readers). What a hot upgrade writes for each
+/// session and reads back, beside the sockets it hands over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSnapshot {
+    /// The relay state.
+    pub relay: Relay,
+    /// The start of the miner's next line.
+    pub miner_partial: Bytes,
+    /// The start of the next line of each upstream (current and drained).
+    pub upstream_partials: Vec<(UpstreamId, Bytes)>,
+}
+
 /// Where a miner request goes.
 enum Route {
     Upstream(usize),

@@ -791,6 +791,28 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn keepalive_is_set_with_its_idle_time_or_left_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let on = TcpStream::connect(addr).await.expect("connect");
+        let off = TcpStream::connect(addr).await.expect("connect");
+        set_keepalive(&on, Some(Duration::from_secs(45))).expect("keepalive");
+        set_keepalive(&off, None).expect("nothing to do");
+        let on = socket2::SockRef::from(&on);
+        assert!(on.keepalive().expect("read"));
+        assert_eq!(
+            on.tcp_keepalive_time().expect("read"),
+            Duration::from_secs(45)
+        );
+        assert_eq!(
+            on.tcp_keepalive_interval().expect("read"),
+            KEEPALIVE_INTERVAL
+        );
+        assert_eq!(on.tcp_keepalive_retries().expect("read"), KEEPALIVE_PROBES);
+        assert!(!socket2::SockRef::from(&off).keepalive().expect("read"));
+    }
+
     fn limits() -> UpstreamLimits {
         UpstreamLimits {
             connect_timeout: DEADLINE,
