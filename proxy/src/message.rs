@@ -3,7 +3,12 @@
 //! read through borrowed slices of itself ([`RawValue`]), without building a JSON tree, so
 //! relaying a line costs one scan of it; the line itself is relayed as it came.
 
-use serde::Deserialize;
+use std::{borrow::Cow, fmt};
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{DeserializeSeed, IgnoredAny, SeqAccess, Visitor},
+};
 use serde_json::value::RawValue;
 
 /// The top-level fields the relay reads; every other field is skipped.
@@ -12,7 +17,7 @@ struct Peek<'a> {
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    method: Option<std::borrow::Cow<'a, str>>,
+    method: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     params: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -27,7 +32,7 @@ pub struct Line<'a> {
     /// The id as JSON text (`1`, `"abc"`); `None` when absent or `null`.
     pub id: Option<&'a str>,
     /// The method, when the line is a request or a notification.
-    pub method: Option<String>,
+    pub method: Option<Cow<'a, str>>,
     /// The params as JSON text.
     pub params: Option<&'a str>,
     /// The result as JSON text (answers; ETHProxy work pushed as an answer).
@@ -42,7 +47,7 @@ impl<'a> Line<'a> {
         let peek: Peek<'a> = serde_json::from_slice(trim(line)).ok()?;
         Some(Self {
             id: peek.id.map(RawValue::get).filter(|id| *id != "null"),
-            method: peek.method.map(|m| m.into_owned()),
+            method: peek.method,
             params: peek.params.map(RawValue::get),
             result: peek.result.map(RawValue::get).filter(|r| *r != "null"),
             error: peek.error.map(RawValue::get).filter(|e| *e != "null"),
@@ -50,14 +55,13 @@ impl<'a> Line<'a> {
     }
 
     /// The `n`th param when it is a string.
-    pub fn param_str(&self, n: usize) -> Option<String> {
-        nth_string(self.params?, n)
+    pub fn param_str(&self, n: usize) -> Option<Cow<'a, str>> {
+        nth::<Cow<'a, str>>(self.params?, n)
     }
 
     /// The `n`th param when it is a boolean.
     pub fn param_bool(&self, n: usize) -> Option<bool> {
-        let items: Vec<&RawValue> = serde_json::from_str(self.params?).ok()?;
-        serde_json::from_str(items.get(n)?.get()).ok()
+        nth::<bool>(self.params?, n)
     }
 
     /// The number of params (0 when absent or not an array).
@@ -69,12 +73,12 @@ impl<'a> Line<'a> {
 
     /// ETHProxy work: a result that is an array whose first item is a `0x` string, the header
     /// hash of the job (the answer to `eth_getWork`, or work the sserver pushes with id 0).
-    pub fn eth_work(&self) -> Option<String> {
+    pub fn eth_work(&self) -> Option<Cow<'a, str>> {
         let result = self.result?;
         if !result.starts_with('[') {
             return None;
         }
-        nth_string(result, 0).filter(|h| h.starts_with("0x"))
+        nth::<Cow<'a, str>>(result, 0).filter(|h| h.starts_with("0x"))
     }
 
     /// Whether the id is the `0` ETHProxy sservers push work under.
@@ -83,11 +87,54 @@ impl<'a> Line<'a> {
     }
 }
 
-/// The `n`th item of a JSON array text, when it is a string.
-fn nth_string(array: &str, n: usize) -> Option<String> {
-    let items: Vec<&RawValue> = serde_json::from_str(array).ok()?;
-    let text: std::borrow::Cow<'_, str> = serde_json::from_str(items.get(n)?.get()).ok()?;
-    Some(text.into_owned())
+/// The `n`th item of a JSON array text, when it is a `T`: read in one pass, the items before
+/// it skipped, nothing allocated for them.
+fn nth<'a, T: Deserialize<'a>>(array: &'a str, n: usize) -> Option<T> {
+    let mut de = serde_json::Deserializer::from_str(array);
+    de.deserialize_seq(NthItem::<T> {
+        n,
+        item: std::marker::PhantomData,
+    })
+    .ok()
+    .flatten()
+}
+
+/// A visitor of a JSON array that keeps its `n`th item.
+struct NthItem<T> {
+    n: usize,
+    item: std::marker::PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for NthItem<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        for _ in 0..self.n {
+            if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Ok(None);
+            }
+        }
+        // An item of another type is not an error of the line: it just is not a T.
+        let item = seq.next_element_seed(Maybe::<T>(std::marker::PhantomData))?;
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(item.flatten())
+    }
+}
+
+/// Deserializes a `T`, or `None` when the value is something else.
+struct Maybe<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Maybe<T> {
+    type Value = Option<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        let raw = <&'de RawValue>::deserialize(deserializer)?;
+        Ok(serde_json::from_str(raw.get()).ok())
+    }
 }
 
 /// `line` without its line end.

@@ -588,9 +588,15 @@ impl Relay {
                     "mining.submit" | "eth_submitWork" => read.param_str(1),
                     _ => None,
                 };
-                let id = read.id.unwrap_or("null").to_string();
                 let route = self.route(job.as_deref());
-                self.send_owed(route, &id, line);
+                let to = match self.route_target(&route) {
+                    Some(upstream) => {
+                        upstream.owe(read.id.unwrap_or("null"));
+                        upstream.id
+                    }
+                    None => return self.queue(line),
+                };
+                self.out.push(Action::ToUpstream(to, line));
             }
             // A notification, or an answer to an sserver's request: the current upstream's.
             _ => self.send_untracked(line),
@@ -627,17 +633,6 @@ impl Relay {
     fn queue(&mut self, line: Bytes) {
         if let Phase::Reconnecting { queued, .. } = &mut self.phase {
             queued.push_back(line);
-        }
-    }
-
-    fn send_owed(&mut self, route: Route, id: &str, line: Bytes) {
-        match self.route_target(&route) {
-            Some(upstream) => {
-                upstream.owe(id);
-                let to = upstream.id;
-                self.out.push(Action::ToUpstream(to, line));
-            }
-            None => self.queue(line),
         }
     }
 

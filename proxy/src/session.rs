@@ -196,7 +196,7 @@ pub async fn run(
         };
         let mut session = Session::new(ctx, sid, peer_ip);
         let end = tokio::select! {
-            end = session.run(socket) => end,
+            end = session.serve(socket) => end,
             () = shutdown.cancelled() => End::Shutdown,
         };
         match &end {
@@ -268,17 +268,31 @@ impl Session {
         self.state = Some((coin.to_string(), state));
     }
 
-    async fn run(&mut self, socket: TcpStream) -> End {
+    /// The session: its login, then the relay until it ends.
+    async fn serve(&mut self, socket: TcpStream) -> End {
+        // The login's futures live on the heap only while it runs: an idle session keeps just
+        // the relay loop's.
+        let mut parts = match Box::pin(self.login(socket)).await {
+            Ok(parts) => parts,
+            Err(end) => return end,
+        };
+        let end = self.relay(&mut parts).await;
+        parts.links.release(&self.ctx.drains);
+        end
+    }
+
+    /// The handshake, the coin lookup and the first upstream: what the relay starts from.
+    async fn login(&mut self, socket: TcpStream) -> Result<Box<RelayParts>, End> {
         let ctx = self.ctx.clone();
         let settings = &ctx.settings;
         let mut first = [0u8; 1];
         match timeout(settings.first_byte_timeout, socket.peek(&mut first)).await {
-            Err(_) => return self.failed_handshake(End::MinerTimeout("first byte"), "timeout"),
+            Err(_) => return Err(self.failed_handshake(End::MinerTimeout("first byte"), "timeout")),
             Ok(Ok(0)) | Ok(Err(_)) => {
-                return self.failed_handshake(End::MinerClosed, "closed");
+                return Err(self.failed_handshake(End::MinerClosed, "closed"));
             }
             Ok(Ok(_)) if first[0] != b'{' => {
-                return self.failed_handshake(End::FirstByteNotJson, "not_json");
+                return Err(self.failed_handshake(End::FirstByteNotJson, "not_json"));
             }
             Ok(Ok(_)) => {}
         }
@@ -297,23 +311,23 @@ impl Session {
         let mut held = Vec::new();
         let login = match Box::pin(self.handshake(&mut miner, &mut hs, &mut held, deadline)).await {
             Ok(login) => login,
-            Err(end) => return self.failed_handshake(end, "miner"),
+            Err(end) => return Err(self.failed_handshake(end, "miner")),
         };
         tracing::Span::current().record("worker", login.worker().as_str());
         let (coin, watch) =
             match Box::pin(self.resolve_coin(&mut miner, &hs, &login, deadline)).await {
                 Ok(found) => found,
-                Err(end) => return end,
+                Err(end) => return Err(end),
             };
         let Some(target) = settings.upstreams.get(&*coin).cloned() else {
-            return self
+            return Err(self
                 .refuse(
                     &mut miner,
                     &hs,
                     &login.id,
                     StratumError::StratumServerNotFound,
                 )
-                .await;
+                .await);
         };
         self.set_state(&coin, SessionState::Connecting);
         let up_login = upstream_login(&hs, &login, self.peer_ip);
@@ -329,10 +343,10 @@ impl Session {
                 self.ctx.metrics.handshake("failed", "auth_rejected");
                 let line = result_line(&login.id, result, error, hs.json_rpc2());
                 let _ = miner.write_text(&line).await;
-                return End::Upstream(UpstreamError::AuthRejected {
+                return Err(End::Upstream(UpstreamError::AuthRejected {
                     result: Value::Null,
                     error: Value::Null,
-                });
+                }));
             }
             Err(e @ (UpstreamError::Connect(_) | UpstreamError::Timeout)) => {
                 warn!(coin = %coin, error = %e, "cannot reach the sserver");
@@ -345,12 +359,12 @@ impl Session {
                     )
                     .await;
                 drop(end);
-                return End::Upstream(e);
+                return Err(End::Upstream(e));
             }
             Err(e) => {
                 warn!(coin = %coin, error = %e, "upstream handshake failed");
                 self.ctx.metrics.handshake("failed", e.reason());
-                return End::Upstream(e);
+                return Err(End::Upstream(e));
             }
         };
         // The auth answer under the miner's id, the version mask, then what the sserver sent
@@ -385,9 +399,14 @@ impl Session {
             draining: Vec::new(),
             opening: None,
             drain_permits: 0,
-            watch: Some(watch),
+            deadline: None,
         };
-        self.relay(miner, relay, links).await
+        Ok(Box::new(RelayParts {
+            miner,
+            relay,
+            links,
+            coin_change: Box::pin(next_coin(watch)),
+        }))
     }
 
     fn failed_handshake(&self, end: End, reason: &'static str) -> End {
@@ -511,19 +530,27 @@ impl Session {
 
     /// The relay loop: the miner, the serving upstream, the drained ones and the one being
     /// opened, in one `select!`, each event handed to the [`Relay`] state machine and its
-    /// actions carried out.
-    async fn relay(&mut self, mut miner: Miner, mut relay: Relay, mut links: Links) -> End {
-        let mut watch = links.watch.take();
+    /// actions carried out. The loop's state is on the heap ([`RelayParts`]) and the futures
+    /// that outlive one turn (the coin watch, the drain deadline) are kept, not made again per
+    /// line: an idle session stays small and a busy one cheap.
+    async fn relay(&mut self, parts: &mut RelayParts) -> End {
+        let ctx = self.ctx.clone();
         loop {
-            if let Err(end) = self.carry_out(&mut miner, &mut relay, &mut links).await {
+            let RelayParts {
+                miner,
+                relay,
+                links,
+                coin_change,
+            } = &mut *parts;
+            if let Err(end) = self.carry_out(miner, relay, links).await {
                 return end;
             }
+            links.set_deadline(relay.next_deadline());
             let reading_miner = relay.reads_miner();
-            let deadline = relay.next_deadline().map(instant_of);
-            let pressure = self.ctx.drains.pressure();
+            let draining = !links.draining.is_empty();
             tokio::select! {
                 line = miner.reader.read_raw_line(), if reading_miner => match line {
-                    Ok(Some(line)) => relay.on_miner_line(line, &*self.ctx),
+                    Ok(Some(line)) => relay.on_miner_line(line, &*ctx),
                     Ok(None) => return End::MinerClosed,
                     Err(e) => return End::MinerError(e),
                 },
@@ -535,23 +562,24 @@ impl Session {
                         relay.on_upstream_lost(id, now_ms());
                     }
                 },
-                (id, line) = read_any(&mut links.draining) => match line {
+                (id, line) = read_any(&mut links.draining), if draining => match line {
                     Some(line) => relay.on_upstream_line(id, line, now_ms()),
                     None => {
                         links.close(id);
                         relay.on_upstream_lost(id, now_ms());
                     }
                 },
-                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                () = wait_deadline(&mut links.deadline), if links.deadline.is_some() => {
                     relay.on_tick(now_ms());
                 }
-                () = pressure, if !links.draining.is_empty() => {
+                () = ctx.drains.pressure(), if draining => {
                     debug!("short of file descriptors: old sserver connections closed");
                     relay.drop_drains();
                 }
-                coin = changed(&mut watch) => {
+                (watch, coin) = coin_change.as_mut() => {
+                    *coin_change = Box::pin(next_coin(watch));
                     let Some(coin) = coin else { continue };
-                    let has_sserver = self.ctx.settings.upstreams.contains_key(&*coin);
+                    let has_sserver = ctx.settings.upstreams.contains_key(&*coin);
                     if !has_sserver {
                         warn!(coin = %coin, "the user's new coin has no sserver here: ignored");
                     } else if coin.as_ref() != relay.target_coin() {
@@ -565,8 +593,7 @@ impl Session {
                         Ok(upstream) => {
                             let opened = Opened {
                                 suffixed: upstream.suffixed,
-                                user_suffix: self
-                                    .ctx
+                                user_suffix: ctx
                                     .settings
                                     .upstreams
                                     .get(relay.target_coin())
@@ -731,9 +758,21 @@ struct Links {
     opening: Option<OpeningLink>,
     /// Drain permits held from the process's budget.
     drain_permits: usize,
-    /// The user's entry in the cache's index (taken by the relay loop).
-    watch: Option<UserWatch>,
+    /// The next drain deadline (ms since the Unix epoch) and its timer, while there is one.
+    deadline: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
 }
+
+/// A session's relay loop state, kept on the heap in one piece.
+struct RelayParts {
+    miner: Miner,
+    relay: Relay,
+    links: Links,
+    /// The next change of the user's coin (it owns the user's entry in the cache's index).
+    coin_change: CoinChange,
+}
+
+/// The next change of a user's coin, owning the user's watch until it comes.
+type CoinChange = Pin<Box<dyn Future<Output = (UserWatch, Option<Arc<str>>)> + Send>>;
 
 impl Links {
     fn get_mut(&mut self, id: UpstreamId) -> Option<&mut UpstreamLink> {
@@ -765,6 +804,29 @@ impl Links {
         }
         self.draining
             .retain(|l| relay.drained_ids().any(|id| id == l.id));
+    }
+
+    /// Arms the timer for the relay's next deadline (or drops it when there is none).
+    fn set_deadline(&mut self, deadline: Option<u64>) {
+        match (deadline, &mut self.deadline) {
+            (None, _) => self.deadline = None,
+            (Some(ms), Some((at, _))) if *at == ms => {}
+            (Some(ms), Some((at, sleep))) => {
+                *at = ms;
+                sleep.as_mut().reset(instant_of(ms));
+            }
+            (Some(ms), None) => {
+                self.deadline = Some((ms, Box::pin(sleep_until(instant_of(ms)))));
+            }
+        }
+    }
+
+    /// Gives the drain permits back (the session ended).
+    fn release(&mut self, budget: &DrainBudget) {
+        for _ in 0..self.drain_permits {
+            budget.give_back();
+        }
+        self.drain_permits = 0;
     }
 
     /// Holds a permit for every drained upstream; false when the budget has no room.
@@ -905,10 +967,16 @@ async fn poll_opening(
     }
 }
 
-/// The user's next coin; pending forever once the watch is gone.
-async fn changed(watch: &mut Option<UserWatch>) -> Option<Arc<str>> {
-    match watch {
-        Some(watch) => watch.changed().await,
+/// The user's next coin, with the watch handed back for the next one.
+async fn next_coin(mut watch: UserWatch) -> (UserWatch, Option<Arc<str>>) {
+    let coin = watch.changed().await;
+    (watch, coin)
+}
+
+/// Until the relay's deadline.
+async fn wait_deadline(deadline: &mut Option<(u64, Pin<Box<tokio::time::Sleep>>)>) {
+    match deadline {
+        Some((_, sleep)) => sleep.as_mut().await,
         None => std::future::pending().await,
     }
 }
