@@ -239,7 +239,8 @@ impl UpstreamState {
     }
 
     fn has_job(&self, digest: u64) -> bool {
-        self.jobs.contains(&digest)
+        // Newest first: nearly every share names the latest job.
+        self.jobs.iter().rev().any(|&j| j == digest)
     }
 
     fn add_job(&mut self, digest: u64, clean: bool) {

@@ -232,10 +232,9 @@ struct Miner {
 
 impl Miner {
     async fn write(&mut self, line: &[u8]) -> Result<(), End> {
-        match timeout(self.write_timeout, self.writer.write_all(line)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(End::MinerWriteFailed),
-        }
+        write_within(&mut self.writer, line, self.write_timeout)
+            .await
+            .map_err(|()| End::MinerWriteFailed)
     }
 
     /// Writes a line the proxy made (without its `\n`).
@@ -405,7 +404,7 @@ impl Session {
             miner,
             relay,
             links,
-            coin_change: Box::pin(next_coin(watch)),
+            coin_change: CoinWatch::new(watch),
         }))
     }
 
@@ -555,7 +554,7 @@ impl Session {
                     Err(e) => return End::MinerError(e),
                 },
                 (id, line) = read_current(&mut links.current) => match line {
-                    Some(line) => relay.on_upstream_line(id, line, now_ms()),
+                    Some(line) => relay.on_upstream_line(id, line, if draining { now_ms() } else { 0 }),
                     None => {
                         warn!(coin = %relay.coin(), "sserver connection lost: reconnecting");
                         links.close(id);
@@ -576,8 +575,8 @@ impl Session {
                     debug!("short of file descriptors: old sserver connections closed");
                     relay.drop_drains();
                 }
-                (watch, coin) = coin_change.as_mut() => {
-                    *coin_change = Box::pin(next_coin(watch));
+                (watch, coin) = std::future::poll_fn(|cx| coin_change.poll_change(cx)) => {
+                    coin_change.inner = Box::pin(next_coin(watch));
                     let Some(coin) = coin else { continue };
                     let has_sserver = ctx.settings.upstreams.contains_key(&*coin);
                     if !has_sserver {
@@ -624,17 +623,24 @@ impl Session {
         links: &mut Links,
     ) -> Result<(), End> {
         loop {
-            let actions = relay.take_actions();
+            let mut actions = relay.take_actions();
             if actions.is_empty() {
                 break;
             }
+            // One line for the miner (the common case) is written as it is; several are joined
+            // into one write.
+            let single_to_miner = actions
+                .iter()
+                .filter(|a| matches!(a, Action::ToMiner(_)))
+                .count()
+                == 1;
             let mut to_miner: Vec<u8> = Vec::new();
             let mut lost = Vec::new();
-            for action in actions {
+            for action in actions.drain(..) {
                 match action {
                     Action::ToMiner(line) => {
                         self.ctx.metrics.relayed(Direction::Downstream, line.len());
-                        if to_miner.is_empty() && line.len() > 256 {
+                        if single_to_miner {
                             // Relayed as it came: no copy unless lines are joined.
                             miner.write(&line).await?;
                         } else {
@@ -768,11 +774,76 @@ struct RelayParts {
     relay: Relay,
     links: Links,
     /// The next change of the user's coin (it owns the user's entry in the cache's index).
-    coin_change: CoinChange,
+    coin_change: CoinWatch,
 }
 
 /// The next change of a user's coin, owning the user's watch until it comes.
 type CoinChange = Pin<Box<dyn Future<Output = (UserWatch, Option<Arc<str>>)> + Send>>;
+
+/// The next change of the user's coin, polled only when it woke the session: the relay loop
+/// turns once per line, and polling the cache's channel each time (a lock) would cost every
+/// line for an event that comes once in hours.
+struct CoinWatch {
+    inner: CoinChange,
+    wake: Arc<CoinWake>,
+    /// Polled once since `inner` was made: its wake-up is registered.
+    armed: bool,
+}
+
+/// Set by the coin channel's wake-up, which it passes on to the session's task.
+#[derive(Default)]
+struct CoinWake {
+    woken: std::sync::atomic::AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for CoinWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl CoinWatch {
+    fn new(watch: UserWatch) -> Self {
+        Self {
+            inner: Box::pin(next_coin(watch)),
+            wake: Arc::default(),
+            armed: false,
+        }
+    }
+
+    fn poll_change(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<(UserWatch, Option<Arc<str>>)> {
+        self.wake.task.register(cx.waker());
+        if self.armed
+            && !self
+                .wake
+                .woken
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(Arc::clone(&self.wake));
+        let mut own = std::task::Context::from_waker(&waker);
+        match self.inner.as_mut().poll(&mut own) {
+            std::task::Poll::Ready(change) => {
+                self.armed = false;
+                std::task::Poll::Ready(change)
+            }
+            std::task::Poll::Pending => {
+                self.armed = true;
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
 
 impl Links {
     fn get_mut(&mut self, id: UpstreamId) -> Option<&mut UpstreamLink> {
@@ -904,6 +975,31 @@ impl DrainBudget {
     fn pressure(&self) -> tokio::sync::futures::Notified<'_> {
         self.relieve.notified()
     }
+}
+
+/// Writes `bytes` whole within `limit`. A write the socket takes at once (nearly all of them)
+/// arms no timer: the deadline only starts when the socket is full.
+async fn write_within(
+    writer: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<(), ()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match writer.try_write(&bytes[written..]) {
+            Ok(0) => return Err(()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return match timeout(limit, writer.write_all(&bytes[written..])).await {
+                    Ok(Ok(())) => Ok(()),
+                    _ => Err(()),
+                };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(())
 }
 
 /// The open-file limit of this process (`/proc/self/limits`), if it can be read.
