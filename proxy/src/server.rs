@@ -263,9 +263,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: Ca
             continue;
         };
         let ctx = ctx.clone();
-        let stop = shutdown.child_token();
+        // No cancellation token per session: at shutdown the set below aborts them all (a
+        // token polled on every turn of every session would cost each line a lock).
         sessions.spawn(async move {
-            session::run(ctx, socket, peer, stop).await;
+            session::run(ctx, socket, peer).await;
             drop(permit);
         });
     }

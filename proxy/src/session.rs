@@ -34,7 +34,6 @@ use tokio::{
     sync::Semaphore,
     time::{Instant, sleep, sleep_until, timeout, timeout_at},
 };
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
@@ -169,48 +168,36 @@ enum End {
     TooManyWaiting,
     Upstream(UpstreamError),
     Relay(RelayEnd),
-    Shutdown,
 }
 
 /// Runs one miner session to its end.
-pub async fn run(
-    ctx: Arc<ProxyContext>,
-    socket: TcpStream,
-    peer: SocketAddr,
-    shutdown: CancellationToken,
-) {
+pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
     let Some(sid) = ctx.session_ids.allocate() else {
         warn!(%peer, "no free session ID: connection refused");
         ctx.metrics.refused();
         return;
     };
-    let span = info_span!("session", sid = %sid.sid(), %peer, worker = tracing::field::Empty);
-    async move {
-        let _ = socket.set_nodelay(true);
-        if let Err(e) = upstream::set_keepalive(&socket, ctx.settings.tcp_keepalive) {
-            debug!(error = %e, "TCP keepalive not set on the miner socket");
-        }
-        let peer_ip = match peer.ip() {
-            IpAddr::V4(ip) => ip,
-            IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
-        };
-        let mut session = Session::new(ctx, sid, peer_ip);
-        let end = tokio::select! {
-            end = session.serve(socket) => end,
-            () = shutdown.cancelled() => End::Shutdown,
-        };
-        match &end {
-            End::MinerClosed | End::Shutdown => debug!(?end, "session ended"),
-            _ => info!(?end, "session ended"),
-        }
+    let _ = socket.set_nodelay(true);
+    if let Err(e) = upstream::set_keepalive(&socket, ctx.settings.tcp_keepalive) {
+        debug!(%peer, error = %e, "TCP keepalive not set on the miner socket");
     }
-    .instrument(span)
-    .await
+    let peer_ip = match peer.ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+    };
+    let mut session = Session::new(ctx, sid, peer, peer_ip);
+    let end = session.serve(socket).await;
+    let sid = session.sid.sid();
+    match &end {
+        End::MinerClosed => debug!(%sid, %peer, ?end, "session ended"),
+        _ => info!(%sid, %peer, ?end, "session ended"),
+    }
 }
 
 struct Session {
     ctx: Arc<ProxyContext>,
     sid: SessionIdGuard,
+    peer: SocketAddr,
     peer_ip: Ipv4Addr,
     state: Option<(String, SessionState)>,
 }
@@ -247,12 +234,18 @@ impl Miner {
 }
 
 impl Session {
-    fn new(ctx: Arc<ProxyContext>, sid: SessionIdGuard, peer_ip: Ipv4Addr) -> Self {
+    fn new(
+        ctx: Arc<ProxyContext>,
+        sid: SessionIdGuard,
+        peer: SocketAddr,
+        peer_ip: Ipv4Addr,
+    ) -> Self {
         ctx.metrics
             .session_moved(None, Some(("", SessionState::Handshake)));
         Self {
             ctx,
             sid,
+            peer,
             peer_ip,
             state: Some((String::new(), SessionState::Handshake)),
         }
@@ -271,7 +264,12 @@ impl Session {
     async fn serve(&mut self, socket: TcpStream) -> End {
         // The login's futures live on the heap only while it runs: an idle session keeps just
         // the relay loop's.
-        let mut parts = match Box::pin(self.login(socket)).await {
+        // The login's log lines carry the session in a span; the relay's name it in each line
+        // (a span entered on every turn of the relay would cost every line).
+        let span = info_span!("session", sid = %self.sid.sid(), peer = %self.peer,
+                              worker = tracing::field::Empty);
+        let login = self.login(socket).instrument(span);
+        let mut parts = match Box::pin(login).await {
             Ok(parts) => parts,
             Err(end) => return end,
         };
@@ -556,7 +554,8 @@ impl Session {
                 (id, line) = read_current(&mut links.current) => match line {
                     Some(line) => relay.on_upstream_line(id, line, if draining { now_ms() } else { 0 }),
                     None => {
-                        warn!(coin = %relay.coin(), "sserver connection lost: reconnecting");
+                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                              coin = %relay.coin(), "sserver connection lost: reconnecting");
                         links.close(id);
                         relay.on_upstream_lost(id, now_ms());
                     }
@@ -572,7 +571,7 @@ impl Session {
                     relay.on_tick(now_ms());
                 }
                 () = ctx.drains.pressure(), if draining => {
-                    debug!("short of file descriptors: old sserver connections closed");
+                    debug!(sid = %self.sid.sid(), "short of file descriptors: old sserver connections closed");
                     relay.drop_drains();
                 }
                 (watch, coin) = std::future::poll_fn(|cx| coin_change.poll_change(cx)) => {
@@ -580,9 +579,11 @@ impl Session {
                     let Some(coin) = coin else { continue };
                     let has_sserver = ctx.settings.upstreams.contains_key(&*coin);
                     if !has_sserver {
-                        warn!(coin = %coin, "the user's new coin has no sserver here: ignored");
+                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                              coin = %coin, "the user's new coin has no sserver here: ignored");
                     } else if coin.as_ref() != relay.target_coin() {
-                        info!(from = %relay.coin(), to = %coin, "switching");
+                        info!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                              from = %relay.coin(), to = %coin, "switching");
                     }
                     relay.on_coin_changed(&coin, has_sserver);
                 }
@@ -605,7 +606,8 @@ impl Session {
                             relay.on_opened(id, opened, now_ms());
                         }
                         Err(e) => {
-                            warn!(coin = %relay.target_coin(), error = %e, "cannot open the sserver connection");
+                            warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                                  coin = %relay.target_coin(), error = %e, "cannot open the sserver connection");
                             relay.on_open_failed(id);
                         }
                     }
@@ -673,7 +675,7 @@ impl Session {
                         let login = upstream_login(&relay.hs, &relay.login, self.peer_ip);
                         let limits = self.ctx.settings.upstream_limits.clone();
                         let tries = self.ctx.settings.reconnect_tries.max(1);
-                        debug!(coin = %coin, reconnect, "opening an sserver connection");
+                        debug!(sid = %self.sid.sid(), coin = %coin, reconnect, "opening an sserver connection");
                         links.opening = Some((
                             id,
                             Box::pin(open_with_retries(target, login, limits, tries)),
@@ -695,7 +697,8 @@ impl Session {
                             _ => self.ctx.metrics.switch(&coin, outcome),
                         }
                         if outcome == "ok" {
-                            info!(coin = %coin, kind, "relaying");
+                            info!(sid = %self.sid.sid(), peer = %self.peer,
+                                  worker = %relay.login.worker(), coin = %coin, kind, "relaying");
                         }
                     }
                     Action::End(end) => {
