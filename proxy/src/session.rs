@@ -824,15 +824,17 @@ impl CoinWatch {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<(UserWatch, Option<Arc<str>>)> {
-        self.wake.task.register(cx.waker());
-        if self.armed
-            && !self
-                .wake
-                .woken
-                .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
+        // Armed and not woken: the task waker registered at the last real poll is still in
+        // place (only a wake-up takes it), so nothing to do, not even an atomic write.
+        if self.armed && !self.wake.woken.load(std::sync::atomic::Ordering::Acquire) {
             return std::task::Poll::Pending;
         }
+        // The flag first, then the waker: a wake-up between the two finds the flag set again
+        // and wakes the task, which polls again.
+        self.wake
+            .woken
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.wake.task.register(cx.waker());
         let waker = std::task::Waker::from(Arc::clone(&self.wake));
         let mut own = std::task::Context::from_waker(&waker);
         match self.inner.as_mut().poll(&mut own) {
