@@ -10,7 +10,10 @@
 //!   cache, server-ID leases, auto-registration requests.
 //! - [`handshake`]: the miner side before the upstream (SPEC §1): dialects, answers, errors,
 //!   worker names.
-//! - [`session`]: one task per miner session: handshake, lookup, relay, switch, reconnect.
+//! - [`message`]: what the relay reads of a Stratum line (id, method, job), cheaply.
+//! - [`relay`]: the relay of a logged-in session as a state machine over plain data: switches,
+//!   reconnects, drains, job routing, who owes the miner which answer.
+//! - [`session`]: one task per miner session: handshake, lookup, then the relay's sockets.
 //! - [`server`]: the listener, limits, lease and shutdown: the proxy as a whole.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: the Go stratumSwitcher's JSON config plus Switchyard's settings.

@@ -4,7 +4,8 @@
 //! failed or lost, the user's coin changed, time passed) and carries out the [`Action`]s it
 //! returns (write these bytes to the miner or to an upstream, open an upstream, close one, end
 //! the session). Because [`Relay`] is data with serde derives, a hot upgrade can write it out
-//! and read it back, and a model test can drive it with a seeded generator.
+//! and read it back ([`SessionSnapshot`] adds the partial lines held by the sockets' readers),
+//! and a model test (`proxy/tests/relay_model.rs`) drives it with a seeded generator.
 //!
 //! # States
 //!
@@ -404,7 +405,11 @@ pub struct SessionSnapshot {
 
 /// Where a miner request goes.
 enum Route {
-    Upstream(usize),
+    /// The serving upstream.
+    Current,
+    /// The drained upstream at this index of [`Relay::draining`].
+    Drain(usize),
+    /// The queue (reconnecting: no upstream serves).
     Queue,
 }
 
@@ -526,6 +531,21 @@ impl Relay {
             .find(|u| u.id == id)
     }
 
+    /// Takes the phase out to move between states (a placeholder stands in until the new one
+    /// is put back, in the same call).
+    fn take_phase(&mut self) -> Phase {
+        std::mem::replace(
+            &mut self.phase,
+            Phase::Reconnecting {
+                opening: Opening {
+                    id: 0,
+                    coin: String::new(),
+                },
+                queued: VecDeque::new(),
+            },
+        )
+    }
+
     fn proxy_id(&mut self) -> u64 {
         let id = self.next_request;
         self.next_request += 1;
@@ -611,14 +631,14 @@ impl Relay {
             let digest = job_digest(job);
             let holds = |u: &UpstreamState| u.has_job(digest);
             if self.current().is_some_and(holds) {
-                return Route::Upstream(usize::MAX);
+                return Route::Current;
             }
             if let Some(i) = self.draining.iter().position(|d| holds(&d.upstream)) {
-                return Route::Upstream(i);
+                return Route::Drain(i);
             }
         }
         match self.current() {
-            Some(_) => Route::Upstream(usize::MAX),
+            Some(_) => Route::Current,
             None => Route::Queue,
         }
     }
@@ -626,8 +646,8 @@ impl Relay {
     fn route_target(&mut self, route: &Route) -> Option<&mut UpstreamState> {
         match route {
             Route::Queue => None,
-            Route::Upstream(usize::MAX) => self.current_mut(),
-            Route::Upstream(i) => self.draining.get_mut(*i).map(|d| &mut d.upstream),
+            Route::Current => self.current_mut(),
+            Route::Drain(i) => self.draining.get_mut(*i).map(|d| &mut d.upstream),
         }
     }
 
@@ -884,16 +904,7 @@ impl Relay {
         if self.current().is_none_or(|c| c.id != id) {
             return;
         }
-        let phase = std::mem::replace(
-            &mut self.phase,
-            Phase::Reconnecting {
-                opening: Opening {
-                    id: 0,
-                    coin: String::new(),
-                },
-                queued: VecDeque::new(),
-            },
-        );
+        let phase = self.take_phase();
         let (lost, opening) = match phase {
             Phase::Relaying { current } => {
                 let opening = self.new_opening(current.coin.clone());
@@ -976,16 +987,7 @@ impl Relay {
             self.out.push(Action::End(RelayEnd::BtcAgentSwitched));
             return;
         }
-        let phase = std::mem::replace(
-            &mut self.phase,
-            Phase::Reconnecting {
-                opening: Opening {
-                    id: 0,
-                    coin: String::new(),
-                },
-                queued: VecDeque::new(),
-            },
-        );
+        let phase = self.take_phase();
         self.phase = match phase {
             Phase::Relaying { current } => {
                 let opening = self.new_opening(coin.to_string());
@@ -1030,16 +1032,7 @@ impl Relay {
             self.out.push(Action::Close(id));
             return;
         }
-        let phase = std::mem::replace(
-            &mut self.phase,
-            Phase::Reconnecting {
-                opening: Opening {
-                    id: 0,
-                    coin: String::new(),
-                },
-                queued: VecDeque::new(),
-            },
-        );
+        let phase = self.take_phase();
         let (old, opening, queued, kind) = match phase {
             Phase::Switching { current, opening } => {
                 (Some(current), opening, VecDeque::new(), "switch")

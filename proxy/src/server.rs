@@ -143,9 +143,8 @@ impl Proxy {
             control: endpoints.clone(),
             metrics: metrics.clone(),
             registration_waiters: Arc::new(Semaphore::new(settings.auto_reg_max_wait)),
-            drains: session::DrainBudget::for_limits(
+            drains: session::DrainBudget::new(
                 session::open_file_limit().unwrap_or(FALLBACK_OPEN_FILES),
-                settings.max_sessions,
             ),
         }))
     }
@@ -226,13 +225,8 @@ fn bind_miners(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// The open-file limit assumed when `/proc/self/limits` cannot be read.
 const FALLBACK_OPEN_FILES: usize = 1024;
 
-/// Descriptors kept free for the listener, the control connection and the metrics endpoint:
-/// when fewer are left, drained upstreams are closed.
-const DESCRIPTOR_RESERVE: usize = 64;
-
 async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: CancellationToken) {
     let limit = Arc::new(Semaphore::new(ctx.settings.max_sessions));
-    let open_files = session::open_file_limit().unwrap_or(FALLBACK_OPEN_FILES);
     let mut sessions = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -253,8 +247,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: Ca
         };
         // Two descriptors per session, one per drain: close drains before any miner could be
         // refused for want of a descriptor.
-        let live = ctx.settings.max_sessions - limit.available_permits();
-        if 2 * (live + 1) + ctx.drains.in_use() + DESCRIPTOR_RESERVE >= open_files {
+        if ctx.drains.short_for_one_more() {
             ctx.drains.relieve();
         }
         let Ok(permit) = limit.clone().try_acquire_owned() else {

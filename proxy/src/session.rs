@@ -185,6 +185,8 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
         IpAddr::V4(ip) => ip,
         IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
     };
+    let budget = Arc::clone(&ctx);
+    let _live = budget.drains.session_started();
     let mut session = Session::new(ctx, sid, peer, peer_ip);
     let end = session.serve(socket).await;
     let sid = session.sid.sid();
@@ -678,7 +680,13 @@ impl Session {
                         debug!(sid = %self.sid.sid(), coin = %coin, reconnect, "opening an sserver connection");
                         links.opening = Some((
                             id,
-                            Box::pin(open_with_retries(target, login, limits, tries)),
+                            Box::pin(open_with_retries(
+                                Arc::clone(&self.ctx),
+                                target,
+                                login,
+                                limits,
+                                tries,
+                            )),
                         ));
                     }
                     Action::CancelOpen(id) => {
@@ -923,34 +931,35 @@ impl Links {
 
 /// The process's budget of drained upstream connections: each holds a file descriptor, and
 /// under pressure they are closed before any miner is refused (SPEC §4). A session takes a
-/// permit per drain; when none is left, it closes its drains at once.
+/// permit per drain; when none is left, it closes its drains at once. The budget is what the
+/// live sessions leave of the open-file limit: two descriptors each, plus headroom for the
+/// upstreams being opened (a mass switch opens one per session), so drains never take the
+/// descriptor a switch or a new miner needs.
 #[derive(Debug)]
 pub struct DrainBudget {
-    /// The most drains at once.
-    limit: usize,
+    /// The process's open-file limit.
+    open_files: usize,
+    /// Drains held now.
     in_use: std::sync::atomic::AtomicUsize,
-    /// Woken when the listener runs short of descriptors: every drain is closed.
+    /// Sessions alive now.
+    live: std::sync::atomic::AtomicUsize,
+    /// Woken when descriptors run short: every drain is closed.
     relieve: tokio::sync::Notify,
 }
 
+/// Descriptors always left free beside two per session: the listener, the control
+/// connection, the metrics endpoint, and upstreams being opened.
+const DESCRIPTOR_HEADROOM: usize = 256;
+
 impl DrainBudget {
-    /// A budget of `limit` drains.
-    pub fn new(limit: usize) -> Self {
+    /// A budget for a process allowed `open_files` descriptors.
+    pub fn new(open_files: usize) -> Self {
         Self {
-            limit,
+            open_files,
             in_use: std::sync::atomic::AtomicUsize::new(0),
+            live: std::sync::atomic::AtomicUsize::new(0),
             relieve: tokio::sync::Notify::new(),
         }
-    }
-
-    /// The budget for a process allowed `open_files` descriptors serving at most
-    /// `max_sessions` sessions: what two descriptors per session and a reserve leave over,
-    /// and at least a tenth of the descriptors, since sessions seldom reach their maximum
-    /// and pressure closes drains anyway.
-    pub fn for_limits(open_files: usize, max_sessions: usize) -> Self {
-        let reserve = 256;
-        let left = open_files.saturating_sub(2 * max_sessions + reserve);
-        Self::new(left.max(open_files / 10))
     }
 
     /// Drains held now.
@@ -958,11 +967,18 @@ impl DrainBudget {
         self.in_use.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Descriptors the live sessions and `drains` drains hold, with the headroom kept free for
+    /// upstreams being opened (an eighth of the sessions, at least [`DESCRIPTOR_HEADROOM`]).
+    fn committed(&self, drains: usize) -> usize {
+        let live = self.live.load(std::sync::atomic::Ordering::Relaxed);
+        2 * live + drains + DESCRIPTOR_HEADROOM.max(live / 8)
+    }
+
     fn take(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.in_use
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit).then_some(n + 1)
+                (self.committed(n + 1) <= self.open_files).then_some(n + 1)
             })
             .is_ok()
     }
@@ -972,14 +988,40 @@ impl DrainBudget {
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 
-    /// Asks every session to close its drains (the listener is short of descriptors).
+    /// Asks every session to close its drains (descriptors run short).
     pub fn relieve(&self) {
         self.relieve.notify_waiters();
+    }
+
+    /// Whether one more session would leave too few descriptors: drains should go.
+    pub fn short_for_one_more(&self) -> bool {
+        self.committed(self.in_use()) + 2 > self.open_files
     }
 
     fn pressure(&self) -> tokio::sync::futures::Notified<'_> {
         self.relieve.notified()
     }
+
+    fn session_started(&self) -> LiveSession<'_> {
+        self.live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LiveSession(self)
+    }
+}
+
+/// Counts a session as live while it exists.
+struct LiveSession<'a>(&'a DrainBudget);
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        self.0
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether an error means the process is out of file descriptors (EMFILE, ENFILE).
+fn out_of_descriptors(e: &UpstreamError) -> bool {
+    matches!(e, UpstreamError::Connect(io) if matches!(io.raw_os_error(), Some(23 | 24)))
 }
 
 /// Writes `bytes` whole within `limit`. A write the socket takes at once (nearly all of them)
@@ -995,7 +1037,10 @@ async fn write_within(
             Ok(0) => return Err(()),
             Ok(n) => written += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return match timeout(limit, writer.write_all(&bytes[written..])).await {
+                // The socket is full: wait for it, within the deadline. On the heap, so that
+                // the timer is not part of every idle session's future.
+                let rest = Box::pin(timeout(limit, writer.write_all(&bytes[written..])));
+                return match rest.await {
                     Ok(Ok(())) => Ok(()),
                     _ => Err(()),
                 };
@@ -1085,6 +1130,7 @@ async fn wait_deadline(deadline: &mut Option<(u64, Pin<Box<tokio::time::Sleep>>)
 /// Opens an upstream, trying again about a second apart (SPEC §4) unless the sserver refused
 /// the session outright.
 async fn open_with_retries(
+    ctx: Arc<ProxyContext>,
     target: UpstreamTarget,
     login: UpstreamLogin,
     limits: upstream::UpstreamLimits,
@@ -1097,6 +1143,12 @@ async fn open_with_retries(
             Ok(upstream) => return Ok(upstream),
             Err(e @ (UpstreamError::SidMismatch { .. } | UpstreamError::AuthRejected { .. })) => {
                 return Err(e);
+            }
+            // Out of descriptors: drained upstreams go first, then the open is tried again.
+            Err(e) if out_of_descriptors(&e) && attempt < tries.max(3) => {
+                warn!(coin = %target.coin, "out of file descriptors: closing old sserver connections");
+                ctx.drains.relieve();
+                sleep(Duration::from_millis(100)).await;
             }
             Err(e) if attempt >= tries => return Err(e),
             Err(e) => {
