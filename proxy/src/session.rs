@@ -678,6 +678,8 @@ impl Session {
                         let limits = self.ctx.settings.upstream_limits.clone();
                         let tries = self.ctx.settings.reconnect_tries.max(1);
                         debug!(sid = %self.sid.sid(), coin = %coin, reconnect, "opening an sserver connection");
+                        // The count first: the previous open (if any) is dropped after it.
+                        let counted = OpeningCount::new(&self.ctx);
                         links.opening = Some((
                             id,
                             Box::pin(open_with_retries(
@@ -687,10 +689,11 @@ impl Session {
                                 limits,
                                 tries,
                             )),
+                            counted,
                         ));
                     }
                     Action::CancelOpen(id) => {
-                        if links.opening.as_ref().is_some_and(|(o, _)| *o == id) {
+                        if links.opening.as_ref().is_some_and(|(o, _, _)| *o == id) {
                             links.opening = None;
                         }
                     }
@@ -763,7 +766,7 @@ impl UpstreamLink {
 type Opening = Pin<Box<dyn Future<Output = Result<Upstream, UpstreamError>> + Send>>;
 
 /// An upstream being opened: its number and the open.
-type OpeningLink = (UpstreamId, Opening);
+type OpeningLink = (UpstreamId, Opening, OpeningCount);
 
 /// The sockets and futures of a session's relay, arranged as its [`Relay`] says.
 struct Links {
@@ -943,6 +946,8 @@ pub struct DrainBudget {
     in_use: std::sync::atomic::AtomicUsize,
     /// Sessions alive now.
     live: std::sync::atomic::AtomicUsize,
+    /// Upstreams being opened now (each needs a descriptor).
+    opening: std::sync::atomic::AtomicUsize,
     /// Woken when descriptors run short: every drain is closed.
     relieve: tokio::sync::Notify,
 }
@@ -958,6 +963,7 @@ impl DrainBudget {
             open_files,
             in_use: std::sync::atomic::AtomicUsize::new(0),
             live: std::sync::atomic::AtomicUsize::new(0),
+            opening: std::sync::atomic::AtomicUsize::new(0),
             relieve: tokio::sync::Notify::new(),
         }
     }
@@ -967,11 +973,12 @@ impl DrainBudget {
         self.in_use.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Descriptors the live sessions and `drains` drains hold, with the headroom kept free for
-    /// upstreams being opened (an eighth of the sessions, at least [`DESCRIPTOR_HEADROOM`]).
+    /// Descriptors the live sessions, the upstreams being opened and `drains` drains hold,
+    /// with headroom kept free (an eighth of the sessions, at least [`DESCRIPTOR_HEADROOM`]).
     fn committed(&self, drains: usize) -> usize {
         let live = self.live.load(std::sync::atomic::Ordering::Relaxed);
-        2 * live + drains + DESCRIPTOR_HEADROOM.max(live / 8)
+        let opening = self.opening.load(std::sync::atomic::Ordering::Relaxed);
+        2 * live + opening + drains + DESCRIPTOR_HEADROOM.max(live / 8)
     }
 
     fn take(&self) -> bool {
@@ -1008,6 +1015,28 @@ impl DrainBudget {
     }
 }
 
+/// Counts an upstream being opened while it is (its descriptor is reserved: drains may not
+/// take it).
+struct OpeningCount(Arc<ProxyContext>);
+
+impl OpeningCount {
+    fn new(ctx: &Arc<ProxyContext>) -> Self {
+        ctx.drains
+            .opening
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(ctx))
+    }
+}
+
+impl Drop for OpeningCount {
+    fn drop(&mut self) {
+        self.0
+            .drains
+            .opening
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Counts a session as live while it exists.
 struct LiveSession<'a>(&'a DrainBudget);
 
@@ -1018,6 +1047,10 @@ impl Drop for LiveSession<'_> {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// How often an open that found no free descriptor is tried, 20 ms apart (drains are closed
+/// meanwhile, and a mass switch frees the old connections of the sessions it moved).
+const EMFILE_TRIES: u32 = 100;
 
 /// Whether an error means the process is out of file descriptors (EMFILE, ENFILE).
 fn out_of_descriptors(e: &UpstreamError) -> bool {
@@ -1108,7 +1141,7 @@ async fn poll_opening(
     opening: &mut Option<OpeningLink>,
 ) -> (UpstreamId, Result<Upstream, UpstreamError>) {
     match opening {
-        Some((id, future)) => (*id, future.await),
+        Some((id, future, _)) => (*id, future.await),
         None => std::future::pending().await,
     }
 }
@@ -1145,10 +1178,10 @@ async fn open_with_retries(
                 return Err(e);
             }
             // Out of descriptors: drained upstreams go first, then the open is tried again.
-            Err(e) if out_of_descriptors(&e) && attempt < tries.max(3) => {
+            Err(e) if out_of_descriptors(&e) && attempt < tries.max(EMFILE_TRIES) => {
                 warn!(coin = %target.coin, "out of file descriptors: closing old sserver connections");
                 ctx.drains.relieve();
-                sleep(Duration::from_millis(100)).await;
+                sleep(Duration::from_millis(20)).await;
             }
             Err(e) if attempt >= tries => return Err(e),
             Err(e) => {
