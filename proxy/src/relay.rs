@@ -898,7 +898,7 @@ impl Relay {
         if let Some(i) = self.draining.iter().position(|d| d.upstream.id == id) {
             let drain = self.draining.remove(i);
             self.settle(drain.upstream, "Stratum server connection lost");
-            self.resend_orphans();
+            self.close_settled_drains(now_ms);
             return;
         }
         if self.current().is_none_or(|c| c.id != id) {
@@ -926,7 +926,7 @@ impl Relay {
             queued: VecDeque::new(),
         };
         self.settle(lost, "Stratum server connection lost");
-        let _ = now_ms;
+        self.close_settled_drains(now_ms);
     }
 
     /// Answers what `upstream` still owes with errors, keeps its miner authorizes for the
