@@ -124,13 +124,6 @@ impl<'a> Line<'a> {
         nth::<bool>(self.params?, n)
     }
 
-    /// The number of params (0 when absent or not an array).
-    pub fn param_count(&self) -> usize {
-        self.params
-            .and_then(|p| serde_json::from_str::<Vec<&RawValue>>(p).ok())
-            .map_or(0, |items| items.len())
-    }
-
     /// ETHProxy work: a result that is an array whose first item is a `0x` string, the header
     /// hash of the job (the answer to `eth_getWork`, or work the sserver pushes with id 0).
     pub fn eth_work(&self) -> Option<Cow<'a, str>> {
@@ -279,7 +272,6 @@ mod tests {
         assert_eq!(line.id, Some("7"));
         assert_eq!(line.method.as_deref(), Some("mining.submit"));
         assert_eq!(line.param_str(1).as_deref(), Some("btc-3"));
-        assert_eq!(line.param_count(), 5);
 
         let notify = br#"{"id":null,"method":"mining.notify","params":["j1","p","c1","c2",[],"v","n","t",true]}"#;
         let line = Line::read(notify).expect("json");

@@ -121,13 +121,6 @@ pub struct RelaySettings {
     pub drain_window_ms: u64,
 }
 
-impl RelaySettings {
-    /// The drain window.
-    pub fn drain_window(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.drain_window_ms)
-    }
-}
-
 /// A worker the connection authorized besides its login: the login method and its params,
 /// `params[0]` the normalized `sub.miner` name (without a suffix).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
