@@ -5,8 +5,14 @@
 //! upstream's).
 
 use bytes::{Bytes, BytesMut};
+use std::{
+    mem::MaybeUninit,
+    pin::Pin,
+    task::{Context, Poll},
+};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt};
+
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// The default longest line, in bytes (without the `\n`).
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024;
@@ -62,9 +68,26 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 
     async fn read(&mut self, raw: bool) -> Result<Option<Bytes>, FrameError> {
+        std::future::poll_fn(|cx| self.poll_line(raw, cx)).await
+    }
+
+    /// [`Self::read_raw_line`] as a poll, for a loop that polls its sockets itself (the relay):
+    /// no future is kept between polls, only the buffer.
+    pub fn poll_raw_line(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, FrameError>> {
+        self.poll_line(true, cx)
+    }
+
+    fn poll_line(
+        &mut self,
+        raw: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, FrameError>> {
         loop {
             if let Some(line) = self.take_line(raw)? {
-                return Ok(Some(line));
+                return Poll::Ready(Ok(Some(line)));
             }
             // Small first reads, growing with a long line: an idle session holds no buffer
             // (it is released once every line in it is taken) and a busy one little.
@@ -74,13 +97,32 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 .clamp(FIRST_READ, MAX_READ)
                 .min(self.max_line + 1 - self.buffer.len())
                 .max(1);
-            self.buffer.reserve(want);
-            let n = (&mut self.inner)
-                .take(want as u64)
-                .read_buf(&mut self.buffer)
-                .await?;
-            if n == 0 {
-                return Ok(None);
+            if self.buffer.is_empty() {
+                // Nothing buffered (the common case between lines): read onto the stack and
+                // keep only what came, so that a poll that finds nothing allocates nothing.
+                let mut scratch = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+                let mut dst = ReadBuf::uninit(&mut scratch);
+                match Pin::new(&mut self.inner).poll_read(cx, &mut dst) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Ready(Ok(())) if dst.filled().is_empty() => {
+                        return Poll::Ready(Ok(None));
+                    }
+                    Poll::Ready(Ok(())) => self.buffer.extend_from_slice(dst.filled()),
+                }
+                continue;
+            }
+            let filled = self.buffer.len();
+            self.buffer.resize(filled + want, 0);
+            let mut dst = ReadBuf::new(&mut self.buffer[filled..]);
+            let read = Pin::new(&mut self.inner).poll_read(cx, &mut dst);
+            let n = dst.filled().len();
+            self.buffer.truncate(filled + n);
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(None)),
+                Poll::Ready(Ok(())) => {}
             }
         }
     }
@@ -93,13 +135,14 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 if end > self.max_line {
                     return Err(FrameError::TooLong(self.max_line));
                 }
-                let mut line = self.buffer.split_to(end + 1);
                 self.scanned = 0;
-                if self.buffer.is_empty() {
-                    // Let go of the rest of the allocation (it stays with the line until the
-                    // line is dropped): an idle session keeps no buffer.
-                    self.buffer = BytesMut::new();
-                }
+                let mut line = if end + 1 == self.buffer.len() {
+                    // The whole buffer is the line (the common case): handed over as it is,
+                    // and the session keeps no buffer while idle.
+                    std::mem::take(&mut self.buffer)
+                } else {
+                    self.buffer.split_to(end + 1)
+                };
                 if raw {
                     return Ok(Some(line.freeze()));
                 }

@@ -20,6 +20,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -399,12 +400,14 @@ impl Session {
             opening: None,
             drain_permits: 0,
             deadline: None,
+            pressure: None,
         };
         Ok(Box::new(RelayParts {
             miner,
             relay,
             links,
             coin_change: CoinWatch::new(watch),
+            miner_first: false,
         }))
     }
 
@@ -528,55 +531,53 @@ impl Session {
     }
 
     /// The relay loop: the miner, the serving upstream, the drained ones and the one being
-    /// opened, in one `select!`, each event handed to the [`Relay`] state machine and its
-    /// actions carried out. The loop's state is on the heap ([`RelayParts`]) and the futures
-    /// that outlive one turn (the coin watch, the drain deadline) are kept, not made again per
-    /// line: an idle session stays small and a busy one cheap.
+    /// opened, polled by hand ([`RelayParts::poll_event`]), each event handed to the [`Relay`]
+    /// state machine and its actions carried out. The loop's state is on the heap
+    /// ([`RelayParts`]), the futures that outlive one turn (the coin watch, the drain deadline,
+    /// an open) are kept, and no future is made per line: an idle session stays small and a
+    /// busy one cheap.
     async fn relay(&mut self, parts: &mut RelayParts) -> End {
         let ctx = self.ctx.clone();
         loop {
+            if let Err(end) = self.carry_out(parts).await {
+                return end;
+            }
+            let RelayParts { relay, links, .. } = &mut *parts;
+            links.set_deadline(relay.next_deadline());
+            links.watch_pressure(&ctx);
+            let event = std::future::poll_fn(|cx| parts.poll_event(cx)).await;
             let RelayParts {
-                miner,
                 relay,
                 links,
                 coin_change,
+                ..
             } = &mut *parts;
-            if let Err(end) = self.carry_out(miner, relay, links).await {
-                return end;
-            }
-            links.set_deadline(relay.next_deadline());
-            let reading_miner = relay.reads_miner();
-            let draining = !links.draining.is_empty();
-            tokio::select! {
-                line = miner.reader.read_raw_line(), if reading_miner => match line {
-                    Ok(Some(line)) => relay.on_miner_line(line, &*ctx),
-                    Ok(None) => return End::MinerClosed,
-                    Err(e) => return End::MinerError(e),
-                },
-                (id, line) = read_current(&mut links.current) => match line {
-                    Some(line) => relay.on_upstream_line(id, line, if draining { now_ms() } else { 0 }),
-                    None => {
+            match event {
+                Event::Miner(Ok(Some(line))) => relay.on_miner_line(line, &*ctx),
+                Event::Miner(Ok(None)) => return End::MinerClosed,
+                Event::Miner(Err(e)) => return End::MinerError(e),
+                Event::Upstream(id, Some(line)) => {
+                    let now = if links.draining.is_empty() {
+                        0
+                    } else {
+                        now_ms()
+                    };
+                    relay.on_upstream_line(id, line, now);
+                }
+                Event::Upstream(id, None) => {
+                    if links.current.as_ref().is_some_and(|c| c.id == id) {
                         warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
                               coin = %relay.coin(), "sserver connection lost: reconnecting");
-                        links.close(id);
-                        relay.on_upstream_lost(id, now_ms());
                     }
-                },
-                (id, line) = read_any(&mut links.draining), if draining => match line {
-                    Some(line) => relay.on_upstream_line(id, line, now_ms()),
-                    None => {
-                        links.close(id);
-                        relay.on_upstream_lost(id, now_ms());
-                    }
-                },
-                () = wait_deadline(&mut links.deadline), if links.deadline.is_some() => {
-                    relay.on_tick(now_ms());
+                    links.close(id);
+                    relay.on_upstream_lost(id, now_ms());
                 }
-                () = ctx.drains.pressure(), if draining => {
+                Event::Deadline => relay.on_tick(now_ms()),
+                Event::Pressure => {
                     debug!(sid = %self.sid.sid(), "short of file descriptors: old sserver connections closed");
                     relay.drop_drains();
                 }
-                (watch, coin) = std::future::poll_fn(|cx| coin_change.poll_change(cx)) => {
+                Event::Coin(watch, coin) => {
                     coin_change.inner = Box::pin(next_coin(watch));
                     let Some(coin) = coin else { continue };
                     let has_sserver = ctx.settings.upstreams.contains_key(&*coin);
@@ -589,7 +590,7 @@ impl Session {
                     }
                     relay.on_coin_changed(&coin, has_sserver);
                 }
-                (id, result) = poll_opening(&mut links.opening) => {
+                Event::Opened(id, result) => {
                     links.opening = None;
                     match result {
                         Ok(upstream) => {
@@ -604,7 +605,11 @@ impl Session {
                                 allowed_mask: upstream.allowed_mask,
                                 held: upstream.held,
                             };
-                            links.draining.push(UpstreamLink::new(id, upstream.reader, upstream.writer));
+                            links.draining.push(UpstreamLink::new(
+                                id,
+                                upstream.reader,
+                                upstream.writer,
+                            ));
                             relay.on_opened(id, opened, now_ms());
                         }
                         Err(e) => {
@@ -619,15 +624,49 @@ impl Session {
     }
 
     /// Carries out the relay's actions: writes, opens, closes, metrics; then puts the links in
-    /// the places the relay's state says and keeps the process's drain budget.
-    async fn carry_out(
-        &mut self,
-        miner: &mut Miner,
-        relay: &mut Relay,
-        links: &mut Links,
-    ) -> Result<(), End> {
+    /// the places the relay's state says and keeps the process's drain budget. Writes the
+    /// sockets take at once (nearly all) are done in place; only a full socket makes this
+    /// wait, in a future on the heap ([`BlockedWrite::finish`]).
+    async fn carry_out(&mut self, parts: &mut RelayParts) -> Result<(), End> {
+        let mut rest = Vec::new();
         loop {
-            let mut actions = relay.take_actions();
+            match self.carry_out_now(parts, rest)? {
+                None => return Ok(()),
+                Some((blocked, left)) => {
+                    rest = left;
+                    let to = blocked.to;
+                    let finished = Box::pin(blocked.finish(parts)).await;
+                    match (to, finished) {
+                        (_, Ok(())) => {}
+                        (None, Err(())) => return Err(End::MinerWriteFailed),
+                        (Some(id), Err(())) => {
+                            parts.links.close(id);
+                            parts.relay.on_upstream_lost(id, now_ms());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::carry_out`] up to the first write a socket cannot take at once: that write and
+    /// the actions after it are handed back.
+    #[allow(clippy::type_complexity)]
+    fn carry_out_now(
+        &mut self,
+        parts: &mut RelayParts,
+        mut actions: Vec<Action>,
+    ) -> Result<Option<(BlockedWrite, Vec<Action>)>, End> {
+        let RelayParts {
+            miner,
+            relay,
+            links,
+            ..
+        } = parts;
+        loop {
+            if actions.is_empty() {
+                actions = relay.take_actions();
+            }
             if actions.is_empty() {
                 break;
             }
@@ -640,13 +679,25 @@ impl Session {
                 == 1;
             let mut to_miner: Vec<u8> = Vec::new();
             let mut lost = Vec::new();
-            for action in actions.drain(..) {
+            let mut actions_iter = std::mem::take(&mut actions).into_iter();
+            while let Some(action) = actions_iter.next() {
                 match action {
                     Action::ToMiner(line) => {
                         self.ctx.metrics.relayed(Direction::Downstream, line.len());
                         if single_to_miner {
                             // Relayed as it came: no copy unless lines are joined.
-                            miner.write(&line).await?;
+                            match write_now(&miner.writer, &line) {
+                                Ok(n) if n == line.len() => {}
+                                Ok(n) => {
+                                    let blocked = BlockedWrite::new(
+                                        None,
+                                        line.slice(n..),
+                                        miner.write_timeout,
+                                    );
+                                    return Ok(Some((blocked, actions_iter.collect())));
+                                }
+                                Err(()) => return Err(End::MinerWriteFailed),
+                            }
                         } else {
                             to_miner.extend_from_slice(&line);
                         }
@@ -655,14 +706,28 @@ impl Session {
                         let Some(link) = links.get_mut(id) else {
                             continue;
                         };
-                        match timeout(
-                            self.ctx.settings.write_timeout,
-                            link.writer.write_all(&line),
-                        )
-                        .await
-                        {
-                            Ok(Ok(())) => self.ctx.metrics.relayed(Direction::Upstream, line.len()),
-                            _ => lost.push(id),
+                        match write_now(&link.writer, &line) {
+                            Ok(n) if n == line.len() => {
+                                self.ctx.metrics.relayed(Direction::Upstream, line.len());
+                            }
+                            Ok(n) => {
+                                self.ctx.metrics.relayed(Direction::Upstream, line.len());
+                                let write_timeout = self.ctx.settings.write_timeout;
+                                let blocked =
+                                    BlockedWrite::new(Some(id), line.slice(n..), write_timeout);
+                                let mut left: Vec<Action> = actions_iter.collect();
+                                if !to_miner.is_empty() {
+                                    left.push(Action::ToMiner(Bytes::from(std::mem::take(
+                                        &mut to_miner,
+                                    ))));
+                                }
+                                for id in lost {
+                                    links.close(id);
+                                    relay.on_upstream_lost(id, now_ms());
+                                }
+                                return Ok(Some((blocked, left)));
+                            }
+                            Err(()) => lost.push(id),
                         }
                     }
                     Action::Open {
@@ -714,14 +779,27 @@ impl Session {
                     }
                     Action::End(end) => {
                         if !to_miner.is_empty() {
-                            let _ = miner.write(&to_miner).await;
+                            let _ = write_now(&miner.writer, &to_miner);
                         }
                         return Err(End::Relay(end));
                     }
                 }
             }
             if !to_miner.is_empty() {
-                miner.write(&to_miner).await?;
+                match write_now(&miner.writer, &to_miner) {
+                    Ok(n) if n == to_miner.len() => {}
+                    Ok(n) => {
+                        to_miner.drain(..n);
+                        let blocked =
+                            BlockedWrite::new(None, Bytes::from(to_miner), miner.write_timeout);
+                        for id in lost {
+                            links.close(id);
+                            relay.on_upstream_lost(id, now_ms());
+                        }
+                        return Ok(Some((blocked, Vec::new())));
+                    }
+                    Err(()) => return Err(End::MinerWriteFailed),
+                }
             }
             for id in lost {
                 links.close(id);
@@ -731,21 +809,137 @@ impl Session {
         links.arrange(relay);
         if !links.keep_drain_budget(&self.ctx.drains) {
             relay.drop_drains();
-            return Box::pin(self.carry_out(miner, relay, links)).await;
+            return self.carry_out_now(parts, Vec::new());
         }
         let state = match relay.phase {
             Phase::Relaying { .. } => SessionState::Relaying,
             _ => SessionState::Switching,
         };
-        let coin = relay.coin().to_string();
         if self
             .state
             .as_ref()
-            .is_none_or(|(c, s)| *c != coin || *s != state)
+            .is_none_or(|(c, s)| c.as_str() != relay.coin() || *s != state)
         {
+            let coin = relay.coin().to_string();
             self.set_state(&coin, state);
         }
-        Ok(())
+        Ok(None)
+    }
+}
+
+/// A write a socket could not take at once: the rest of it, to the miner (`to: None`) or to an
+/// upstream, and how long the socket may take.
+struct BlockedWrite {
+    to: Option<UpstreamId>,
+    rest: Bytes,
+    limit: Duration,
+}
+
+impl BlockedWrite {
+    fn new(to: Option<UpstreamId>, rest: Bytes, limit: Duration) -> Self {
+        Self { to, rest, limit }
+    }
+
+    /// Writes the rest within the limit (the socket's link may have gone meanwhile: then
+    /// there is nothing to write).
+    async fn finish(self, parts: &mut RelayParts) -> Result<(), ()> {
+        let writer = match self.to {
+            None => &mut parts.miner.writer,
+            Some(id) => match parts.links.get_mut(id) {
+                Some(link) => &mut link.writer,
+                None => return Ok(()),
+            },
+        };
+        match timeout(self.limit, writer.write_all(&self.rest)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Writes what the socket takes at once: how many bytes (all of them, nearly always); an error
+/// when the socket failed.
+fn write_now(writer: &OwnedWriteHalf, bytes: &[u8]) -> Result<usize, ()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match writer.try_write(&bytes[written..]) {
+            Ok(0) => return Err(()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(written)
+}
+
+/// What woke the relay loop.
+enum Event {
+    /// A line from the miner, its end or its error.
+    Miner(Result<Option<Bytes>, FrameError>),
+    /// A line from an upstream, or `None` when it is gone.
+    Upstream(UpstreamId, Option<Bytes>),
+    /// The relay's deadline passed.
+    Deadline,
+    /// The process is short of descriptors: drains go.
+    Pressure,
+    /// The user's coin changed (or the watch woke without a coin).
+    Coin(UserWatch, Option<Arc<str>>),
+    /// The upstream being opened is open, or could not be.
+    Opened(UpstreamId, Result<Upstream, UpstreamError>),
+}
+
+impl RelayParts {
+    /// The next event. The rare ones (coin, open, deadline, pressure) first; then the miner
+    /// and the upstreams, which of the two first alternating by turn, so that neither side
+    /// can starve the other.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Poll::Ready((watch, coin)) = self.coin_change.poll_change(cx) {
+            return Poll::Ready(Event::Coin(watch, coin));
+        }
+        let links = &mut self.links;
+        if let Some((id, open, _)) = links.opening.as_mut()
+            && let Poll::Ready(result) = open.as_mut().poll(cx)
+        {
+            return Poll::Ready(Event::Opened(*id, result));
+        }
+        if let Some((_, sleep)) = links.deadline.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            links.deadline = None;
+            return Poll::Ready(Event::Deadline);
+        }
+        if let Some(pressure) = links.pressure.as_mut()
+            && pressure.as_mut().poll(cx).is_ready()
+        {
+            links.pressure = None;
+            return Poll::Ready(Event::Pressure);
+        }
+        self.miner_first = !self.miner_first;
+        let reads_miner = self.relay.reads_miner();
+        if self.miner_first
+            && reads_miner
+            && let Poll::Ready(line) = self.miner.reader.poll_raw_line(cx)
+        {
+            return Poll::Ready(Event::Miner(line));
+        }
+        let links = &mut self.links;
+        for link in links.current.iter_mut().chain(links.draining.iter_mut()) {
+            if let Poll::Ready(line) = link.reader.poll_raw_line(cx) {
+                let line = line.unwrap_or_else(|e| {
+                    debug!(error = %e, "sserver read failed");
+                    None
+                });
+                return Poll::Ready(Event::Upstream(link.id, line));
+            }
+        }
+        if !self.miner_first
+            && reads_miner
+            && let Poll::Ready(line) = self.miner.reader.poll_raw_line(cx)
+        {
+            return Poll::Ready(Event::Miner(line));
+        }
+        Poll::Pending
     }
 }
 
@@ -780,6 +974,8 @@ struct Links {
     drain_permits: usize,
     /// The next drain deadline (ms since the Unix epoch) and its timer, while there is one.
     deadline: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
+    /// The process running short of descriptors, watched while there are drains to close.
+    pressure: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 /// A session's relay loop state, kept on the heap in one piece.
@@ -789,6 +985,8 @@ struct RelayParts {
     links: Links,
     /// The next change of the user's coin (it owns the user's entry in the cache's index).
     coin_change: CoinWatch,
+    /// Whether the miner is polled before the upstreams this turn (alternates).
+    miner_first: bool,
 }
 
 /// The next change of a user's coin, owning the user's watch until it comes.
@@ -905,6 +1103,19 @@ impl Links {
             (Some(ms), None) => {
                 self.deadline = Some((ms, Box::pin(sleep_until(instant_of(ms)))));
             }
+        }
+    }
+
+    /// Watches the process's descriptor pressure while there are drains (and only then: the
+    /// watch is a waiter in a shared list).
+    fn watch_pressure(&mut self, ctx: &Arc<ProxyContext>) {
+        match (self.draining.is_empty(), self.pressure.is_some()) {
+            (true, true) => self.pressure = None,
+            (false, false) => {
+                let ctx = Arc::clone(ctx);
+                self.pressure = Some(Box::pin(async move { ctx.drains.pressure().await }));
+            }
+            _ => {}
         }
     }
 
@@ -1106,58 +1317,10 @@ fn instant_of(ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(ms.saturating_sub(now))
 }
 
-/// The next line of the serving upstream, with its number; `None` when it is gone. Pending
-/// forever when none serves.
-async fn read_current(current: &mut Option<UpstreamLink>) -> (UpstreamId, Option<Bytes>) {
-    match current {
-        Some(link) => (link.id, read_link(link).await),
-        None => std::future::pending().await,
-    }
-}
-
-/// The next line of any drained upstream. Pending forever when there are none.
-async fn read_any(links: &mut [UpstreamLink]) -> (UpstreamId, Option<Bytes>) {
-    if links.is_empty() {
-        return std::future::pending().await;
-    }
-    let reads = links
-        .iter_mut()
-        .map(|link| Box::pin(async move { (link.id, read_link(link).await) }));
-    futures::future::select_all(reads).await.0
-}
-
-async fn read_link(link: &mut UpstreamLink) -> Option<Bytes> {
-    match link.reader.read_raw_line().await {
-        Ok(Some(line)) => Some(line),
-        Ok(None) => None,
-        Err(e) => {
-            debug!(error = %e, "sserver read failed");
-            None
-        }
-    }
-}
-
-async fn poll_opening(
-    opening: &mut Option<OpeningLink>,
-) -> (UpstreamId, Result<Upstream, UpstreamError>) {
-    match opening {
-        Some((id, future, _)) => (*id, future.await),
-        None => std::future::pending().await,
-    }
-}
-
 /// The user's next coin, with the watch handed back for the next one.
 async fn next_coin(mut watch: UserWatch) -> (UserWatch, Option<Arc<str>>) {
     let coin = watch.changed().await;
     (watch, coin)
-}
-
-/// Until the relay's deadline.
-async fn wait_deadline(deadline: &mut Option<(u64, Pin<Box<tokio::time::Sleep>>)>) {
-    match deadline {
-        Some((_, sleep)) => sleep.as_mut().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Opens an upstream, trying again about a second apart (SPEC §4) unless the sserver refused
