@@ -539,8 +539,16 @@ impl Session {
     async fn relay(&mut self, parts: &mut RelayParts) -> End {
         let ctx = self.ctx.clone();
         loop {
-            if let Err(end) = self.carry_out(parts).await {
-                return end;
+            match self.carry_out_now(parts, Vec::new()) {
+                Ok(None) => {}
+                Ok(Some(blocked)) => {
+                    // A full socket: the wait (and the actions after it) on the heap, so that
+                    // the loop's future stays small.
+                    if let Err(end) = Box::pin(self.carry_out_blocked(parts, blocked)).await {
+                        return end;
+                    }
+                }
+                Err(end) => return end,
             }
             let RelayParts { relay, links, .. } = &mut *parts;
             links.set_deadline(relay.next_deadline());
@@ -623,34 +631,36 @@ impl Session {
         }
     }
 
-    /// Carries out the relay's actions: writes, opens, closes, metrics; then puts the links in
-    /// the places the relay's state says and keeps the process's drain budget. Writes the
-    /// sockets take at once (nearly all) are done in place; only a full socket makes this
-    /// wait, in a future on the heap ([`BlockedWrite::finish`]).
-    async fn carry_out(&mut self, parts: &mut RelayParts) -> Result<(), End> {
-        let mut rest = Vec::new();
+    /// Carries out the rest of the relay's actions after a write a socket could not take at
+    /// once: waits for that socket (within the write deadline), then goes on.
+    async fn carry_out_blocked(
+        &mut self,
+        parts: &mut RelayParts,
+        mut blocked: (BlockedWrite, Vec<Action>),
+    ) -> Result<(), End> {
         loop {
+            let (write, rest) = blocked;
+            let to = write.to;
+            match (to, write.finish(parts).await) {
+                (_, Ok(())) => {}
+                (None, Err(())) => return Err(End::MinerWriteFailed),
+                (Some(id), Err(())) => {
+                    parts.links.close(id);
+                    parts.relay.on_upstream_lost(id, now_ms());
+                }
+            }
             match self.carry_out_now(parts, rest)? {
                 None => return Ok(()),
-                Some((blocked, left)) => {
-                    rest = left;
-                    let to = blocked.to;
-                    let finished = Box::pin(blocked.finish(parts)).await;
-                    match (to, finished) {
-                        (_, Ok(())) => {}
-                        (None, Err(())) => return Err(End::MinerWriteFailed),
-                        (Some(id), Err(())) => {
-                            parts.links.close(id);
-                            parts.relay.on_upstream_lost(id, now_ms());
-                        }
-                    }
-                }
+                Some(next) => blocked = next,
             }
         }
     }
 
-    /// [`Self::carry_out`] up to the first write a socket cannot take at once: that write and
-    /// the actions after it are handed back.
+    /// Carries out the relay's actions: writes, opens, closes, metrics; then puts the links in
+    /// the places the relay's state says and keeps the process's drain budget. Writes the
+    /// sockets take at once (nearly all) are done in place; at the first one a socket cannot
+    /// take at once, that write and the actions after it are handed back (for
+    /// [`Self::carry_out_blocked`]).
     #[allow(clippy::type_complexity)]
     fn carry_out_now(
         &mut self,
