@@ -116,7 +116,11 @@ impl<'a> Line<'a> {
 
     /// The `n`th param when it is a string.
     pub fn param_str(&self, n: usize) -> Option<Cow<'a, str>> {
-        nth::<Cow<'a, str>>(self.params?, n)
+        let params = self.params?;
+        match nth_compact_str(params, n) {
+            Some(found) => found.map(Cow::Borrowed),
+            None => nth::<Cow<'a, str>>(params, n),
+        }
     }
 
     /// The `n`th param when it is a boolean.
@@ -188,6 +192,36 @@ impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Maybe<T> {
         let raw = <&'de RawValue>::deserialize(deserializer)?;
         Ok(serde_json::from_str(raw.get()).ok())
     }
+}
+
+/// The `n`th item of a compact JSON array (no whitespace) read by a scan: `Some(Some(text))`
+/// for a string without escapes, `Some(None)` when the item is something else or the array is
+/// shorter; `None` when the scan cannot tell (whitespace, escapes, a malformed array), which
+/// leaves the array to the parser.
+fn nth_compact_str(array: &str, n: usize) -> Option<Option<&str>> {
+    let mut rest = array.strip_prefix('[')?;
+    for i in 0..=n {
+        if rest.starts_with(']') {
+            return Some(None);
+        }
+        let end = value_end(rest)?;
+        let item = &rest[..end];
+        if i == n {
+            return match item.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+                Some(text) if !text.contains('\\') => Some(Some(text)),
+                Some(_) => None,
+                None if item.starts_with(|c: char| c.is_ascii_whitespace()) => None,
+                None => Some(None),
+            };
+        }
+        rest = &rest[end..];
+        rest = match rest.as_bytes().first() {
+            Some(b',') => &rest[1..],
+            Some(b']') => return Some(None),
+            _ => return None,
+        };
+    }
+    None
 }
 
 /// Where the JSON value at the start of `text` ends: after a string, an array or an object
@@ -263,6 +297,31 @@ pub fn job_digest(job_id: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scan_of_a_param_agrees_with_the_parser() {
+        let arrays = [
+            r#"["a.b","btc-3","00","01","02"]"#,
+            r#"["a.b",7,"x"]"#,
+            r#"[1,[2,"]"],{"k":"v,"},"four"]"#,
+            r#"[ "spaced" , "b"]"#,
+            r#"["esc\"aped","b"]"#,
+            r#"["a"]"#,
+            r#"[]"#,
+            r#"["a",null,true,"d"]"#,
+            r#"["cut"#,
+        ];
+        for array in arrays {
+            for n in 0..5 {
+                let parsed = nth::<Cow<'_, str>>(array, n).map(Cow::into_owned);
+                let scanned = match nth_compact_str(array, n) {
+                    Some(found) => found.map(str::to_owned),
+                    None => parsed.clone(),
+                };
+                assert_eq!(scanned, parsed, "{array} item {n}");
+            }
+        }
+    }
 
     #[test]
     fn reads_requests_answers_and_work() {

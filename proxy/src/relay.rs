@@ -67,7 +67,7 @@
 //! work. A `mining.submit` or `eth_submitWork` (job: params\[1\]) goes to the upstream that
 //! announced its job, drained or not; a job nobody holds goes to the current upstream.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, fmt};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -161,11 +161,81 @@ pub struct Pending {
     pub request: ProxyRequest,
 }
 
+/// A request id's JSON text. Ids are nearly always short (`1`, `"42"`): those are kept in
+/// place, so tracking a request in flight allocates nothing; longer ones on the heap.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub struct IdText(IdRepr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum IdRepr {
+    /// Up to [`INLINE_ID`] bytes, in place.
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    /// Longer.
+    Heap(Box<str>),
+}
+
+/// The longest id kept in place.
+const INLINE_ID: usize = 22;
+
+impl IdText {
+    /// The id `text`.
+    pub fn new(text: &str) -> Self {
+        if text.len() <= INLINE_ID {
+            let mut bytes = [0u8; INLINE_ID];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            Self(IdRepr::Inline {
+                len: text.len() as u8,
+                bytes,
+            })
+        } else {
+            Self(IdRepr::Heap(text.into()))
+        }
+    }
+
+    /// The text's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            IdRepr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            IdRepr::Heap(text) => text.as_bytes(),
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Always whole UTF-8: copied from a `&str` of at most INLINE_ID bytes.
+            IdRepr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            IdRepr::Heap(text) => text,
+        }
+    }
+}
+
+impl fmt::Debug for IdText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<String> for IdText {
+    fn from(text: String) -> Self {
+        Self::new(&text)
+    }
+}
+
+impl From<IdText> for String {
+    fn from(id: IdText) -> Self {
+        id.as_str().to_owned()
+    }
+}
+
 /// Miner requests in flight with one id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owed {
     /// The id as JSON text.
-    pub id: String,
+    pub id: IdText,
     /// How many requests with this id await their answer.
     pub count: u32,
 }
@@ -210,10 +280,14 @@ impl UpstreamState {
             return;
         }
         self.owed_total += 1;
-        match self.owed.iter_mut().find(|o| o.id == id) {
+        match self
+            .owed
+            .iter_mut()
+            .find(|o| o.id.as_bytes() == id.as_bytes())
+        {
             Some(o) => o.count += 1,
             None => self.owed.push(Owed {
-                id: id.to_string(),
+                id: IdText::new(id),
                 count: 1,
             }),
         }
@@ -221,7 +295,11 @@ impl UpstreamState {
 
     /// Counts off one answer to `id`; whether one was owed.
     fn answered(&mut self, id: &str) -> bool {
-        let Some(i) = self.owed.iter().position(|o| o.id == id) else {
+        let Some(i) = self
+            .owed
+            .iter()
+            .position(|o| o.id.as_bytes() == id.as_bytes())
+        else {
             return false;
         };
         self.owed[i].count -= 1;
@@ -927,7 +1005,7 @@ impl Relay {
     fn settle(&mut self, upstream: UpstreamState, message: &str) {
         for owed in &upstream.owed {
             for _ in 0..owed.count {
-                self.answer_error(&owed.id, message);
+                self.answer_error(owed.id.as_str(), message);
             }
         }
         for pending in upstream.pending {
