@@ -58,60 +58,74 @@ impl<'a> Line<'a> {
         })
     }
 
-    /// The shapes nearly every line has, read by a scan instead of the parser:
-    /// `{"id":ID,"method":"M","params":[...]...}` and `{"id":ID,"result":R,"error":E...}`, with
-    /// no spaces, in that key order, and no escapes in the method. Anything else (another
-    /// order, whitespace, escapes, a line cut short) is left to the parser, which reads the
-    /// same fields.
+    /// Compact lines (no whitespace between tokens, no escapes in keys or the method), read
+    /// by a scan instead of the parser, whatever the order of their keys: sservers write
+    /// `{"id":1,"result":true,"error":null}`, others `{"error":null,"id":1,"result":true}`.
+    /// Anything else (whitespace, escapes, a repeated key, a line cut short) is left to the
+    /// parser, which reads the same fields.
     fn read_compact(line: &'a [u8]) -> Option<Self> {
         let text = std::str::from_utf8(line).ok()?;
-        if !text.ends_with('}') {
-            return None;
-        }
-        let rest = text.strip_prefix("{\"id\":")?;
-        let id_end = value_end(rest)?;
-        let id = &rest[..id_end];
-        if id.starts_with(['[', '{']) {
-            return None;
-        }
-        let rest = rest[id_end..].strip_prefix(',')?;
-        let id = (id != "null").then_some(id);
-        if let Some(rest) = rest.strip_prefix("\"method\":\"") {
-            let quote = rest.find('"')?;
-            let method = &rest[..quote];
-            if method.contains('\\') {
-                return None;
-            }
-            let rest = &rest[quote + 1..];
-            let params = match rest.strip_prefix(",\"params\":") {
-                Some(p) if p.starts_with('[') => Some(&p[..value_end(p)?]),
-                Some(_) => return None,
-                None if rest == "}" => None,
-                None => return None,
-            };
-            return Some(Self {
-                id,
-                method: Some(Cow::Borrowed(method)),
-                params,
-                result: None,
-                error: None,
-            });
-        }
-        let rest = rest.strip_prefix("\"result\":")?;
-        let result_end = value_end(rest)?;
-        let result = &rest[..result_end];
-        let rest = &rest[result_end..];
-        let error = match rest.strip_prefix(",\"error\":") {
-            Some(e) => Some(&e[..value_end(e)?]),
-            None => None,
-        };
-        Some(Self {
-            id,
+        let mut rest = text.strip_prefix('{')?;
+        let mut read = Self {
+            id: None,
             method: None,
             params: None,
-            result: (result != "null").then_some(result),
-            error: error.filter(|e| *e != "null"),
-        })
+            result: None,
+            error: None,
+        };
+        if rest == "}" {
+            return Some(read);
+        }
+        let mut seen = 0u8;
+        loop {
+            let after_quote = rest.strip_prefix('"')?;
+            let key_end = after_quote.find('"')?;
+            let key = &after_quote[..key_end];
+            let after_key = after_quote[key_end + 1..].strip_prefix(':')?;
+            let end = value_end(after_key)?;
+            let value = &after_key[..end];
+            let bit = match key {
+                "id" => {
+                    if value.starts_with(['[', '{']) {
+                        return None;
+                    }
+                    read.id = (value != "null").then_some(value);
+                    1
+                }
+                "method" => {
+                    let method = value.strip_prefix('"')?.strip_suffix('"')?;
+                    if method.contains('\\') {
+                        return None;
+                    }
+                    read.method = Some(Cow::Borrowed(method));
+                    2
+                }
+                "params" => {
+                    read.params = Some(value);
+                    4
+                }
+                "result" => {
+                    read.result = (value != "null").then_some(value);
+                    8
+                }
+                "error" => {
+                    read.error = (value != "null").then_some(value);
+                    16
+                }
+                _ if key.contains('\\') => return None,
+                _ => 0,
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            rest = &after_key[end..];
+            match rest.as_bytes().first()? {
+                b',' => rest = &rest[1..],
+                b'}' if rest.len() == 1 => return Some(read),
+                _ => return None,
+            }
+        }
     }
 
     /// The `n`th param when it is a string.
@@ -297,6 +311,41 @@ pub fn job_digest(job_id: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scan_of_a_line_agrees_with_the_parser() {
+        let lines = [
+            r#"{"id":1,"result":true,"error":null}"#,
+            r#"{"error":null,"id":1,"result":true}"#,
+            r#"{"id":"a,b","method":"mining.submit","params":["w","j",1]}"#,
+            r#"{"params":["w"],"id":2,"method":"mining.authorize","jsonrpc":"2.0"}"#,
+            r#"{"id":null,"method":"mining.notify","params":["j",[1,{"x":"}"}],true]}"#,
+            r#"{"id":0,"jsonrpc":"2.0","result":["0xabc","0xs","0xt"]}"#,
+            r#"{"id":3,"result":null,"error":[21,"Job not found",null]}"#,
+            r#"{"id":[1],"result":true}"#,
+            r#"{"id":4,"method":"esc\u0061ped","params":[]}"#,
+            r#"{"id":5,"id":6,"result":true}"#,
+            r#"{"id": 7, "result": true}"#,
+            r#"{}"#,
+            r#"{"id":8,"result":true"#,
+        ];
+        for line in lines {
+            let parsed = serde_json::from_str::<Peek<'_>>(line)
+                .ok()
+                .map(|peek| Line {
+                    id: peek.id.map(RawValue::get).filter(|id| *id != "null"),
+                    method: peek.method,
+                    params: peek.params.map(RawValue::get),
+                    result: peek.result.map(RawValue::get).filter(|r| *r != "null"),
+                    error: peek.error.map(RawValue::get).filter(|e| *e != "null"),
+                });
+            if let Some(scanned) = Line::read_compact(line.as_bytes()) {
+                assert_eq!(Some(scanned), parsed, "{line}");
+            }
+            assert_eq!(Line::read(line.as_bytes()), parsed, "{line}");
+        }
+        assert!(Line::read_compact(br#"{"error":null,"id":1,"result":true}"#).is_some());
+    }
 
     #[test]
     fn the_scan_of_a_param_agrees_with_the_parser() {
