@@ -432,6 +432,9 @@ pub enum Action {
     End(RelayEnd),
 }
 
+/// Actions taken at once: nearly always one or two (a line to relay, an answer), kept in place.
+pub type Actions = smallvec::SmallVec<[Action; 2]>;
+
 /// The relay state of one logged-in session; see the module doc. Everything here survives a
 /// hot upgrade.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -458,7 +461,7 @@ pub struct Relay {
     pub settings: RelaySettings,
     /// Actions not yet taken by the session task.
     #[serde(skip)]
-    out: Vec<Action>,
+    out: Actions,
 }
 
 /// Everything a session is, as data: its relay state and the bytes of any line not finished
@@ -511,7 +514,7 @@ impl Relay {
             next_request: 1,
             next_upstream: 1,
             settings,
-            out: Vec::new(),
+            out: Actions::new(),
         };
         for line in &opened.held {
             if let Phase::Relaying { current } = &mut relay.phase {
@@ -531,7 +534,7 @@ impl Relay {
     }
 
     /// Takes the actions to carry out, in order.
-    pub fn take_actions(&mut self) -> Vec<Action> {
+    pub fn take_actions(&mut self) -> Actions {
         std::mem::take(&mut self.out)
     }
 

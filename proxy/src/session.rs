@@ -1,8 +1,9 @@
 //! One miner session, one task (SPEC §1, §2, §4): the handshake, the coin lookup (with
 //! auto-registration), the first upstream, then the relay loop. The task owns every socket of
 //! the session (the miner's, the serving upstream's, the drained ones' and the one being
-//! opened) and the user's entry in the cache's per-user index, all in one `select!` loop: no
-//! locks between halves, no races. What the relay does with each event is decided by the
+//! opened) and the user's entry in the cache's per-user index, all polled by one loop
+//! (`RelayParts::poll_event`, by hand rather than a `select!`, so that no future is made per
+//! line): no locks between halves, no races. What the relay does with each event is decided by the
 //! [`Relay`] state machine ([`crate::relay`]), which is plain data; this module carries out its
 //! actions.
 //!
@@ -46,7 +47,7 @@ use crate::{
         Dialect, Handshake, Login, NameRules, Request, Step, StratumError, error_line, result_line,
     },
     metrics::{Direction, Metrics, SessionState},
-    relay::{Action, Opened, Phase, Relay, RelayEnd, RelaySettings, UpstreamId},
+    relay::{Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, UpstreamId},
     session_id::{BadServerId, ChainType, SessionId, SessionIdAllocator},
     upstream::{
         self, EchoCheck, SubscribeParams, Upstream, UpstreamError, UpstreamLogin, UpstreamTarget,
@@ -539,7 +540,7 @@ impl Session {
     async fn relay(&mut self, parts: &mut RelayParts) -> End {
         let ctx = self.ctx.clone();
         loop {
-            match self.carry_out_now(parts, Vec::new()) {
+            match self.carry_out_now(parts, Actions::new()) {
                 Ok(None) => {}
                 Ok(Some(blocked)) => {
                     // A full socket: the wait (and the actions after it) on the heap, so that
@@ -636,7 +637,7 @@ impl Session {
     async fn carry_out_blocked(
         &mut self,
         parts: &mut RelayParts,
-        mut blocked: (BlockedWrite, Vec<Action>),
+        mut blocked: (BlockedWrite, Actions),
     ) -> Result<(), End> {
         loop {
             let (write, rest) = blocked;
@@ -665,8 +666,8 @@ impl Session {
     fn carry_out_now(
         &mut self,
         parts: &mut RelayParts,
-        mut actions: Vec<Action>,
-    ) -> Result<Option<(BlockedWrite, Vec<Action>)>, End> {
+        mut actions: Actions,
+    ) -> Result<Option<(BlockedWrite, Actions)>, End> {
         let RelayParts {
             miner,
             relay,
@@ -725,7 +726,7 @@ impl Session {
                                 let write_timeout = self.ctx.settings.write_timeout;
                                 let blocked =
                                     BlockedWrite::new(Some(id), line.slice(n..), write_timeout);
-                                let mut left: Vec<Action> = actions_iter.collect();
+                                let mut left: Actions = actions_iter.collect();
                                 if !to_miner.is_empty() {
                                     left.push(Action::ToMiner(Bytes::from(std::mem::take(
                                         &mut to_miner,
@@ -806,7 +807,7 @@ impl Session {
                             links.close(id);
                             relay.on_upstream_lost(id, now_ms());
                         }
-                        return Ok(Some((blocked, Vec::new())));
+                        return Ok(Some((blocked, Actions::new())));
                     }
                     Err(()) => return Err(End::MinerWriteFailed),
                 }
@@ -819,7 +820,7 @@ impl Session {
         links.arrange(relay);
         if !links.keep_drain_budget(&self.ctx.drains) {
             relay.drop_drains();
-            return self.carry_out_now(parts, Vec::new());
+            return self.carry_out_now(parts, Actions::new());
         }
         let state = match relay.phase {
             Phase::Relaying { .. } => SessionState::Relaying,
