@@ -19,6 +19,8 @@
 //! the index. A user the cache does not know yet can be watched too (a session waiting for an
 //! auto-registration): its watch wakes when the user arrives.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::{HashMap, HashSet},
     mem,

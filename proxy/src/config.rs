@@ -4,6 +4,8 @@
 //! [`ProxyConfig::settings`] validates the file into [`ProxySettings`], the values the proxy
 //! runs on.
 
+#![forbid(unsafe_code)]
+
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;

@@ -8,6 +8,8 @@
 //! proxy token is configured. Channels connect lazily (and reconnect by themselves), so a
 //! proxy starts, and keeps serving from its cache, while the control plane is away.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::HashMap,
     fmt,

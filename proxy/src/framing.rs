@@ -4,6 +4,8 @@
 //! rest arrives (and survives a switch of upstream: the reader is the miner's, not the
 //! upstream's).
 
+#![forbid(unsafe_code)]
+
 use bytes::{Bytes, BytesMut};
 use std::{
     mem::MaybeUninit,
@@ -166,6 +168,19 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     /// The bytes of a line not finished yet (kept for the next upstream on a switch).
     pub fn partial(&self) -> &[u8] {
         &self.buffer
+    }
+
+    /// A reader whose buffer starts with `partial`: the start of a line read by another
+    /// process (hot upgrade).
+    pub fn with_partial(inner: R, max_line: usize, partial: &[u8]) -> Self {
+        let mut reader = Self::new(inner, max_line);
+        reader.buffer.extend_from_slice(partial);
+        reader
+    }
+
+    /// The socket and the bytes of the line not finished yet.
+    pub fn into_parts(self) -> (R, Bytes) {
+        (self.inner, self.buffer.freeze())
     }
 
     /// The reader's socket.

@@ -3,6 +3,8 @@
 //! `eth_submitLogin`) into a [`Login`] with a normalized worker name. Pure logic over parsed
 //! lines: the session task feeds it lines and writes out what it answers.
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 

@@ -17,6 +17,9 @@
 //! - [`server`]: the listener, limits, lease and shutdown: the proxy as a whole.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: the Go stratumSwitcher's JSON config plus Switchyard's settings.
+//! - [`upgrade`]: the hot upgrade (SIGUSR2, SPEC §9): what a process hands its successor.
+//! - [`inherit`]: the descriptors a hot upgrade hands over, turned back into sockets: the one
+//!   module with `unsafe` (every other module forbids it).
 
 #![warn(clippy::unwrap_used)]
 
@@ -25,10 +28,12 @@ pub mod config;
 pub mod control;
 pub mod framing;
 pub mod handshake;
+pub mod inherit;
 pub mod message;
 pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod session;
 pub mod session_id;
+pub mod upgrade;
 pub mod upstream;

@@ -2,6 +2,8 @@
 //! keys plus the control endpoints), sets up logging, serves miners, and shuts down cleanly on
 //! SIGINT or SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -9,8 +11,9 @@ use clap::Parser;
 use switchyard_proxy::{
     config::{LogFormat, ProxyConfig, SETTINGS_HELP},
     server::Proxy,
+    upgrade::{self, Invocation},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// The Switchyard Stratum proxy: holds miners' connections and moves each to its user's coin's
@@ -64,15 +67,31 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Serves until SIGINT or SIGTERM; on SIGUSR2, upgrades in place (SPEC §9): when that
+/// fails, logs why and serves on.
+async fn serve_until_signal(
+    proxy: &mut Proxy,
+    invocation: Option<Invocation>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r.context("waiting for SIGINT"),
+            _ = term.recv() => return Ok(()),
+            _ = usr2.recv() => {
+                let Some(invocation) = &invocation else {
+                    error!("SIGUSR2: cannot upgrade, the binary's own path could not be read at start");
+                    continue;
+                };
+                info!(exe = %invocation.exe.display(), "SIGUSR2: hot upgrade");
+                if let Err(e) = proxy.upgrade(invocation).await {
+                    error!(error = %e, "hot upgrade not done: this process keeps serving");
+                }
+            }
+        }
     }
-    Ok(())
 }
 
 #[tokio::main]
@@ -89,11 +108,15 @@ async fn main() -> anyhow::Result<()> {
         config.proxy_token = Some(token.clone());
     }
     let settings = config.settings()?;
-    if args.check_config {
+    if args.check_config || std::env::var_os(upgrade::CHECK_ENV).is_some_and(|v| v == "1") {
         println!("configuration is valid");
         return Ok(());
     }
+    // Read before anything can replace the binary: the path an upgrade runs again.
+    let invocation = Invocation::current();
     init_logging(settings.log_format);
+    let handed =
+        upgrade::take_handed_over().context("reading what the previous binary handed over")?;
     for key in unknown {
         warn!(key, "unknown config key ignored");
     }
@@ -103,8 +126,17 @@ async fn main() -> anyhow::Result<()> {
             "ignored: the proxy never talks to ZooKeeper; set this on the control plane"
         );
     }
-    let proxy = Proxy::start(settings).await?;
-    shutdown_signal().await?;
+    let handed = handed.map(|(handed, unusable)| {
+        for peer in unusable {
+            warn!(%peer, "hot upgrade: a session's sockets were unusable: closed");
+        }
+        handed
+    });
+    let mut proxy = Proxy::start_with(settings, handed).await?;
+    if let Err(e) = &invocation {
+        warn!(error = %e, "the binary's own path cannot be read: SIGUSR2 upgrades are off");
+    }
+    serve_until_signal(&mut proxy, invocation.ok()).await?;
     info!("signal received");
     proxy.shutdown().await;
     info!("stopped");

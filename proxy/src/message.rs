@@ -3,6 +3,8 @@
 //! read through borrowed slices of itself ([`RawValue`]), without building a JSON tree, so
 //! relaying a line costs one scan of it; the line itself is relayed as it came.
 
+#![forbid(unsafe_code)]
+
 use std::{borrow::Cow, fmt};
 
 use serde::{

@@ -2,6 +2,8 @@
 //! serves them. Hot counters (lines and bytes relayed) are plain atomics; the labelled ones
 //! change only on session events and sit behind a short lock.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,

@@ -67,6 +67,8 @@
 //! work. A `mining.submit` or `eth_submitWork` (job: params\[1\]) goes to the upstream that
 //! announced its job, drained or not; a job nobody holds goes to the current upstream.
 
+#![forbid(unsafe_code)]
+
 use std::{collections::VecDeque, fmt};
 
 use bytes::Bytes;
@@ -1090,6 +1092,23 @@ impl Relay {
                 Phase::Reconnecting { opening, queued }
             }
         };
+    }
+
+    /// The relay restored from a [`SessionSnapshot`] by a new process (hot upgrade): nothing is
+    /// sent to either side; an upstream that was being opened is opened again (its open
+    /// did not survive the old process).
+    pub fn resume(&mut self) {
+        match &self.phase {
+            Phase::Relaying { .. } => {}
+            Phase::Switching { opening, .. } => {
+                let opening = opening.clone();
+                self.open(&opening, false);
+            }
+            Phase::Reconnecting { opening, .. } => {
+                let opening = opening.clone();
+                self.open(&opening, true);
+            }
+        }
     }
 
     fn open(&mut self, opening: &Opening, reconnect: bool) {

@@ -2,20 +2,27 @@
 //! control plane, the server-ID lease, the metrics endpoint, and a clean shutdown.
 //! [`Proxy::start`] is what the binary runs and what tests start in-process.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc, time::Duration};
 
 use thiserror::Error;
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, mpsc, oneshot},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
     cache::UserCoinCache,
     config::ProxySettings,
-    control::{self, ControlEndpoints, ControlError, LeaseRequest},
+    control::{self, ControlEndpoints, ControlError, LeaseRequest, ServerIdLease},
     metrics::{self, Metrics},
     session::{self, ProxyContext, SessionIds},
     session_id::BadServerId,
+    upgrade::{FREEZE_TIMEOUT, HandOver, HandedSession, Invocation, UpgradeError},
 };
 
 /// Why the proxy could not start.
@@ -35,6 +42,9 @@ pub enum StartError {
     /// A server ID out of range.
     #[error(transparent)]
     ServerId(#[from] BadServerId),
+    /// A hot upgrade handed over no listener.
+    #[error("the hot upgrade handed over no listener")]
+    NoHandedListener,
 }
 
 /// A running proxy.
@@ -47,6 +57,10 @@ pub struct Proxy {
     pub context: Arc<ProxyContext>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// The accept loop's orders (a hot upgrade's freeze).
+    accept_control: mpsc::Sender<AcceptControl>,
+    /// The server-ID lease, when the ID is leased (a hot upgrade hands it over).
+    lease: Option<ServerIdLease>,
 }
 
 impl Proxy {
@@ -54,14 +68,49 @@ impl Proxy {
     /// none is configured (this waits for a control replica to answer), and starts accepting
     /// miners.
     pub async fn start(settings: ProxySettings) -> Result<Self, StartError> {
-        let listener = bind_miners(settings.listen_addr).map_err(|source| StartError::Bind {
+        Self::start_with(settings, None).await
+    }
+
+    /// [`Self::start`], or, with what a previous image of this process handed over (hot
+    /// upgrade, SPEC §9), its listener, lease and sessions taken over.
+    pub async fn start_with(
+        settings: ProxySettings,
+        handed: Option<HandOver>,
+    ) -> Result<Self, StartError> {
+        let bind_error = |source| StartError::Bind {
             addr: settings.listen_addr,
             source,
-        })?;
-        let listen_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: settings.listen_addr,
-            source,
-        })?;
+        };
+        let (listener, old_listener, mut handed) = match handed {
+            None => (
+                bind_miners(settings.listen_addr).map_err(bind_error)?,
+                None,
+                None,
+            ),
+            Some(mut handed) => {
+                let inherited = handed
+                    .listener
+                    .take()
+                    .map(std::net::TcpListener::from)
+                    .ok_or(StartError::NoHandedListener)?;
+                let same = handed.listen_addr == settings.listen_addr
+                    || (settings.listen_addr.port() == 0
+                        && handed.listen_addr.ip() == settings.listen_addr.ip());
+                if same {
+                    (
+                        TcpListener::from_std(inherited).map_err(bind_error)?,
+                        None,
+                        Some(handed),
+                    )
+                } else {
+                    // The config moved the listener: the new address from now on; the
+                    // connections already queued on the old one are still served.
+                    let listener = bind_miners(settings.listen_addr).map_err(bind_error)?;
+                    (listener, Some(inherited), Some(handed))
+                }
+            }
+        };
+        let listen_addr = listener.local_addr().map_err(bind_error)?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let endpoints =
@@ -84,15 +133,26 @@ impl Proxy {
             host_name: host_name(),
             listen_addr: listen_addr.to_string(),
         };
-        let (server_id, lease) = match settings.server_id {
-            Some(id) => (id, None),
-            None => {
+        let handed_lease = handed.as_mut().and_then(|h| h.lease.take());
+        let (server_id, lease) = match (settings.server_id, handed_lease) {
+            (Some(id), _) => (id, None),
+            (None, Some(lease)) => {
+                info!(server_id = lease.server_id, "server-ID lease carried over");
+                (lease.server_id, Some(lease))
+            }
+            (None, None) => {
                 let lease = control::acquire_server_id(&endpoints, &lease_request).await?;
                 info!(server_id = lease.server_id, "server ID leased");
                 (lease.server_id, Some(lease))
             }
         };
         let context = Self::context(&settings, &cache, &endpoints, &metrics, server_id)?;
+        if let Some(handed) = &handed
+            && handed.server_id == server_id
+        {
+            context.session_ids.set_cursor(handed.sid_cursor);
+        }
+        let kept_lease = lease.clone();
         if let Some(lease) = lease {
             let (current, mut changes) = tokio::sync::watch::channel(server_id);
             let by_coin = metrics.clone();
@@ -125,7 +185,21 @@ impl Proxy {
                 }
             });
         }
-        Self::finish(settings, listener, listen_addr, context, shutdown, tasks).await
+        let mut proxy =
+            Self::finish(settings, listener, listen_addr, context, shutdown, tasks).await?;
+        proxy.lease = kept_lease;
+        if let Some(old) = old_listener {
+            proxy.serve_queued(old);
+        }
+        if let Some(handed) = handed {
+            info!(
+                sessions = handed.sessions.len(),
+                closed_in_handshake = handed.closed_in_handshake,
+                "hot upgrade: sessions taken over"
+            );
+            proxy.take_over(handed.sessions).await;
+        }
+        Ok(proxy)
     }
 
     fn context(
@@ -146,6 +220,7 @@ impl Proxy {
             drains: session::DrainBudget::new(
                 session::open_file_limit().unwrap_or(FALLBACK_OPEN_FILES),
             ),
+            handover: Arc::default(),
         }))
     }
 
@@ -176,10 +251,13 @@ impl Proxy {
             }
             None => None,
         };
+        let (accept_control, orders) = mpsc::channel(1);
         tasks.spawn(accept_loop(
             listener,
             context.clone(),
             shutdown.child_token(),
+            orders,
+            Sessions::new(settings.max_sessions),
         ));
         info!(%listen_addr, ?metrics_addr, server_id = context.session_ids.server_id(),
             chain = settings.chain.as_str(), "proxy listening");
@@ -189,7 +267,112 @@ impl Proxy {
             context,
             shutdown,
             tasks,
+            accept_control,
+            lease: None,
         })
+    }
+
+    /// Serves the connections queued on a listener the config moved away from, then closes
+    /// it.
+    fn serve_queued(&mut self, old: std::net::TcpListener) {
+        let ctx = self.context.clone();
+        self.tasks.spawn(async move {
+            let mut sessions = JoinSet::new();
+            if old.set_nonblocking(true).is_ok() {
+                while let Ok((socket, peer)) = old.accept() {
+                    let Ok(socket) = tokio::net::TcpStream::from_std(socket) else {
+                        continue;
+                    };
+                    sessions.spawn(session::run(ctx.clone(), socket, peer));
+                }
+            }
+            drop(old);
+            while sessions.join_next().await.is_some() {}
+        });
+    }
+
+    /// Runs sessions handed over by a hot upgrade, beside the ones the accept loop starts.
+    async fn take_over(&mut self, handed: Vec<HandedSession>) {
+        if handed.is_empty() {
+            return;
+        }
+        let (reply, frozen) = oneshot::channel();
+        if self
+            .accept_control
+            .send(AcceptControl::Adopt(handed, reply))
+            .await
+            .is_ok()
+        {
+            let _ = frozen.await;
+        }
+    }
+
+    /// The hot upgrade (SPEC §9, [`crate::upgrade`]): checks that `invocation` can start,
+    /// freezes the listener and the relaying sessions, and execs it with everything handed
+    /// over. Returns only when the upgrade did not happen; the proxy then keeps serving (the
+    /// sessions frozen meanwhile resume where they stopped).
+    pub async fn upgrade(&mut self, invocation: &Invocation) -> Result<(), UpgradeError> {
+        invocation.check().await?;
+        let (reply, frozen) = oneshot::channel();
+        self.accept_control
+            .send(AcceptControl::Freeze(reply))
+            .await
+            .map_err(|_| UpgradeError::ShuttingDown)?;
+        let Frozen {
+            listener,
+            sessions,
+            handed,
+            in_handshake,
+        } = frozen.await.map_err(|_| UpgradeError::ShuttingDown)?;
+        let server_id = self.context.session_ids.server_id();
+        let listener = match listener.into_std() {
+            Ok(listener) => OwnedFd::from(listener),
+            Err(e) => {
+                error!(error = %e, "cannot hand the listener over; serving on without it");
+                return Err(e.into());
+            }
+        };
+        let handover = HandOver {
+            listener: Some(listener),
+            listen_addr: self.listen_addr,
+            lease: self
+                .lease
+                .clone()
+                .map(|lease| ServerIdLease { server_id, ..lease }),
+            server_id,
+            sid_cursor: self.context.session_ids.cursor(),
+            closed_in_handshake: in_handshake,
+            sessions: handed,
+        };
+        info!(
+            sessions = handover.sessions.len(),
+            closed_in_handshake = in_handshake,
+            exe = %invocation.exe.display(),
+            "hot upgrade: handing over"
+        );
+        let (mut back, error) = handover.exec(invocation);
+        error!(%error, "hot upgrade failed: this process keeps serving every session");
+        self.context.handover.clear();
+        let listener = back
+            .listener
+            .take()
+            .map(std::net::TcpListener::from)
+            .and_then(|l| TcpListener::from_std(l).ok());
+        let Some(listener) = listener else {
+            error!("the listener could not be taken back: no new miners are accepted");
+            return Err(error);
+        };
+        let (accept_control, orders) = mpsc::channel(1);
+        self.accept_control = accept_control;
+        self.tasks.spawn(accept_loop(
+            listener,
+            self.context.clone(),
+            self.shutdown.child_token(),
+            orders,
+            sessions,
+        ));
+        self.take_over(back.sessions).await;
+        Err(error)
     }
 
     /// Stops accepting, ends every session, releases the lease, and waits for it all (at most
@@ -225,15 +408,105 @@ fn bind_miners(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// The open-file limit assumed when `/proc/self/limits` cannot be read.
 const FALLBACK_OPEN_FILES: usize = 1024;
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(ctx.settings.max_sessions));
-    let mut sessions = JoinSet::new();
+/// The sessions the accept loop runs, and the limit on how many (`MaxSessions`).
+struct Sessions {
+    tasks: JoinSet<()>,
+    limit: Arc<Semaphore>,
+}
+
+impl Sessions {
+    fn new(max_sessions: usize) -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            limit: Arc::new(Semaphore::new(max_sessions)),
+        }
+    }
+}
+
+/// Orders for the accept loop besides accepting.
+enum AcceptControl {
+    /// Stop accepting and gather the relaying sessions (hot upgrade).
+    Freeze(oneshot::Sender<Frozen>),
+    /// Run these sessions handed over by a hot upgrade.
+    Adopt(Vec<HandedSession>, oneshot::Sender<()>),
+}
+
+/// The accept loop stopped for a hot upgrade: its listener, the sessions it still runs (in
+/// their handshake), and the relaying ones handed over.
+struct Frozen {
+    listener: TcpListener,
+    sessions: Sessions,
+    handed: Vec<HandedSession>,
+    in_handshake: u64,
+}
+
+/// Asks every relaying session to hand over and waits until they have (at most
+/// [`FREEZE_TIMEOUT`]); the sessions handed over, and how many sessions remain (in their
+/// handshake, or stuck in a write).
+async fn freeze(ctx: &ProxyContext, sessions: &mut Sessions) -> (Vec<HandedSession>, u64) {
+    let relaying = ctx.handover.request();
+    let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
+    while ctx.handover.relaying() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            () = ctx.handover.progress() => {}
+            Some(_) = sessions.tasks.join_next(), if !sessions.tasks.is_empty() => {}
+        }
+    }
+    // The tasks of the sessions handed over end at once.
+    while let Ok(Some(_)) =
+        tokio::time::timeout(Duration::from_millis(20), sessions.tasks.join_next()).await
+    {}
+    let handed = ctx.handover.take_handed();
+    let remaining = sessions.tasks.len() as u64;
+    info!(
+        relaying,
+        handed = handed.len(),
+        remaining,
+        "hot upgrade: sessions frozen"
+    );
+    (handed, remaining)
+}
+
+/// Starts a session handed over by a hot upgrade.
+fn adopt(ctx: &Arc<ProxyContext>, sessions: &mut Sessions, handed: HandedSession) {
+    let sid = ctx.session_ids.claim(handed.sid);
+    // Over the limit (a config that lowered it): kept all the same, never dropped.
+    let permit = sessions.limit.clone().try_acquire_owned().ok();
+    let ctx = ctx.clone();
+    sessions.tasks.spawn(async move {
+        session::resume(ctx, handed, sid).await;
+        drop(permit);
+    });
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    shutdown: CancellationToken,
+    mut orders: mpsc::Receiver<AcceptControl>,
+    mut sessions: Sessions,
+) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            Some(_) = sessions.tasks.join_next(), if !sessions.tasks.is_empty() => continue,
+            Some(order) = orders.recv() => match order {
+                AcceptControl::Freeze(reply) => {
+                    let (handed, in_handshake) = freeze(&ctx, &mut sessions).await;
+                    let _ = reply.send(Frozen { listener, sessions, handed, in_handshake });
+                    return;
+                }
+                AcceptControl::Adopt(handed, reply) => {
+                    for session in handed {
+                        adopt(&ctx, &mut sessions, session);
+                    }
+                    let _ = reply.send(());
+                    continue;
+                }
+            },
             accepted = listener.accept() => accepted,
         };
+
         let (socket, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
@@ -250,7 +523,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: Ca
         if ctx.drains.short_for_one_more() {
             ctx.drains.relieve();
         }
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = sessions.limit.clone().try_acquire_owned() else {
             ctx.metrics.refused();
             drop(socket);
             continue;
@@ -258,12 +531,12 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: Ca
         let ctx = ctx.clone();
         // No cancellation token per session: at shutdown the set below aborts them all (a
         // token polled on every turn of every session would cost each line a lock).
-        sessions.spawn(async move {
+        sessions.tasks.spawn(async move {
             session::run(ctx, socket, peer).await;
             drop(permit);
         });
     }
-    sessions.shutdown().await;
+    sessions.tasks.shutdown().await;
 }
 
 /// The host name, for the lease.

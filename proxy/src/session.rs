@@ -16,9 +16,12 @@
 //!   or the listener runs short of descriptors, drains are closed first, never a miner refused
 //!   for them.
 
+#![forbid(unsafe_code)]
+
 use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::OwnedFd,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -47,8 +50,11 @@ use crate::{
         Dialect, Handshake, Login, NameRules, Request, Step, StratumError, error_line, result_line,
     },
     metrics::{Direction, Metrics, SessionState},
-    relay::{Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, UpstreamId},
+    relay::{
+        Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, SessionSnapshot, UpstreamId,
+    },
     session_id::{BadServerId, ChainType, SessionId, SessionIdAllocator},
+    upgrade::HandedSession,
     upstream::{
         self, EchoCheck, SubscribeParams, Upstream, UpstreamError, UpstreamLogin, UpstreamTarget,
     },
@@ -67,6 +73,8 @@ const DEFAULT_AGENT: &str = "stratumSwitcher";
 pub struct SessionIds {
     chain: ChainType,
     current: Mutex<Arc<Mutex<SessionIdAllocator>>>,
+    /// Allocators of other server IDs holding sessions handed over by a hot upgrade.
+    others: Mutex<std::collections::HashMap<u8, Arc<Mutex<SessionIdAllocator>>>>,
 }
 
 /// A session ID that goes back to its allocator when dropped.
@@ -100,6 +108,7 @@ impl SessionIds {
         Ok(Self {
             chain,
             current: Mutex::new(Arc::new(Mutex::new(allocator))),
+            others: Mutex::default(),
         })
     }
 
@@ -116,6 +125,44 @@ impl SessionIds {
     /// The server ID of new sessions.
     pub fn server_id(&self) -> u8 {
         lock(&lock(&self.current)).server_id()
+    }
+
+    /// Where the search for a free ID stands (handed over by a hot upgrade).
+    pub fn cursor(&self) -> u32 {
+        lock(&lock(&self.current)).cursor()
+    }
+
+    /// Moves the search for a free ID (from [`Self::cursor`] of the previous image).
+    pub fn set_cursor(&self, cursor: u32) {
+        lock(&lock(&self.current)).set_cursor(cursor);
+    }
+
+    /// Takes `sid` itself, for a session handed over by a hot upgrade. An ID under another
+    /// server ID than new sessions' (the lease changed) is held by an allocator of its own
+    /// server ID, shared by every such session.
+    pub fn claim(&self, sid: SessionId) -> SessionIdGuard {
+        let current = lock(&self.current).clone();
+        let allocator = if lock(&current).claim(sid) {
+            current
+        } else {
+            let server_id = (sid.0 >> self.chain.index_bits()) as u8;
+            let mut others = lock(&self.others);
+            let allocator = match others.get(&server_id) {
+                Some(allocator) => allocator.clone(),
+                None => {
+                    let allocator = SessionIdAllocator::new(u32::from(server_id), self.chain)
+                        .map(|a| Arc::new(Mutex::new(a)))
+                        .unwrap_or_else(|_| current.clone());
+                    others.insert(server_id, allocator.clone());
+                    allocator
+                }
+            };
+            // Taken twice (it cannot be, unless the state was tampered with): the session runs
+            // all the same, and the ID is freed once.
+            lock(&allocator).claim(sid);
+            allocator
+        };
+        SessionIdGuard { sid, allocator }
     }
 
     /// A free session ID, if any is left.
@@ -142,6 +189,83 @@ pub struct ProxyContext {
     pub registration_waiters: Arc<Semaphore>,
     /// The process's budget of drained upstream connections.
     pub drains: DrainBudget,
+    /// The hot upgrade's call to the relaying sessions.
+    pub handover: Arc<HandOverSignal>,
+}
+
+/// The hot upgrade's call to relaying sessions (SPEC §9): stop at the next turn and hand over
+/// sockets and state. Each relaying session registers its task's waker once; a request sets
+/// the flag (read by every session at every turn: a load of a line nobody writes meanwhile)
+/// and wakes them all.
+#[derive(Default)]
+pub struct HandOverSignal {
+    requested: std::sync::atomic::AtomicBool,
+    wakers: Mutex<std::collections::HashMap<u64, std::task::Waker>>,
+    next_key: std::sync::atomic::AtomicU64,
+    handed: Mutex<Vec<HandedSession>>,
+    progress: tokio::sync::Notify,
+}
+
+impl HandOverSignal {
+    fn requested(&self) -> bool {
+        self.requested.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn register(self: &Arc<Self>, waker: &std::task::Waker) -> HandOverRegistration {
+        let key = self
+            .next_key
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.wakers).insert(key, waker.clone());
+        HandOverRegistration {
+            key,
+            signal: Arc::clone(self),
+        }
+    }
+
+    /// Asks every relaying session to hand over; how many are relaying.
+    pub fn request(&self) -> usize {
+        self.requested
+            .store(true, std::sync::atomic::Ordering::Release);
+        let wakers = lock(&self.wakers);
+        for waker in wakers.values() {
+            waker.wake_by_ref();
+        }
+        wakers.len()
+    }
+
+    /// Sessions still relaying (registered and not handed over).
+    pub fn relaying(&self) -> usize {
+        lock(&self.wakers).len()
+    }
+
+    /// Until a session handed over or ended (or a while passed: a caller checks again).
+    pub async fn progress(&self) {
+        let _ = tokio::time::timeout(Duration::from_millis(50), self.progress.notified()).await;
+    }
+
+    /// The sessions handed over so far.
+    pub fn take_handed(&self) -> Vec<HandedSession> {
+        std::mem::take(&mut *lock(&self.handed))
+    }
+
+    /// Sessions relay on (the upgrade did not happen).
+    pub fn clear(&self) {
+        self.requested
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// A session's place in [`HandOverSignal`], left when dropped.
+struct HandOverRegistration {
+    key: u64,
+    signal: Arc<HandOverSignal>,
+}
+
+impl Drop for HandOverRegistration {
+    fn drop(&mut self) {
+        lock(&self.signal.wakers).remove(&self.key);
+        self.signal.progress.notify_waiters();
+    }
 }
 
 impl NameRules for ProxyContext {
@@ -170,6 +294,10 @@ enum End {
     TooManyWaiting,
     Upstream(UpstreamError),
     Relay(RelayEnd),
+    /// Handed over to a new image of the proxy (hot upgrade).
+    HandOver,
+    /// A hot upgrade could not hand the session over.
+    HandOverFailed(std::io::Error),
 }
 
 /// Runs one miner session to its end.
@@ -183,23 +311,58 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
     if let Err(e) = upstream::set_keepalive(&socket, ctx.settings.tcp_keepalive) {
         debug!(%peer, error = %e, "TCP keepalive not set on the miner socket");
     }
-    let peer_ip = match peer.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
-    };
+    let peer_ip = ipv4_of(peer);
     let budget = Arc::clone(&ctx);
     let _live = budget.drains.session_started();
     let mut session = Session::new(ctx, sid, peer, peer_ip);
     let end = session.serve(socket).await;
     let sid = session.sid.sid();
     match &end {
-        End::MinerClosed => debug!(%sid, %peer, ?end, "session ended"),
+        End::MinerClosed | End::HandOver => debug!(%sid, %peer, ?end, "session ended"),
         _ => info!(%sid, %peer, ?end, "session ended"),
     }
 }
 
+/// Runs a session handed over by a hot upgrade (from the previous image, or from this one when
+/// its `exec` failed) to its end: the relay goes on where it stopped.
+pub async fn resume(ctx: Arc<ProxyContext>, handed: HandedSession, sid: SessionIdGuard) {
+    let peer = handed.peer;
+    let budget = Arc::clone(&ctx);
+    let _live = budget.drains.session_started();
+    let mut session = Session::new(ctx, sid, peer, ipv4_of(peer));
+    let end = match session.rebuild(handed) {
+        Ok(mut parts) => {
+            let end = session.relay(&mut parts).await;
+            session.after_relay(parts, end)
+        }
+        Err(e) => End::HandOverFailed(e),
+    };
+    let sid = session.sid.sid();
+    match &end {
+        End::MinerClosed | End::HandOver => debug!(%sid, %peer, ?end, "session ended"),
+        _ => info!(%sid, %peer, ?end, "session ended"),
+    }
+}
+
+/// The miner's IPv4 address (what the sserver is told), or 0.0.0.0.
+fn ipv4_of(peer: SocketAddr) -> Ipv4Addr {
+    match peer.ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+    }
+}
+
+/// A socket's halves back together, out of tokio, as its descriptor.
+fn socket_fd(read: OwnedReadHalf, write: OwnedWriteHalf) -> std::io::Result<OwnedFd> {
+    let stream = read
+        .reunite(write)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(OwnedFd::from(stream.into_std()?))
+}
+
 struct Session {
     ctx: Arc<ProxyContext>,
+
     sid: SessionIdGuard,
     peer: SocketAddr,
     peer_ip: Ipv4Addr,
@@ -278,8 +441,114 @@ impl Session {
             Err(end) => return end,
         };
         let end = self.relay(&mut parts).await;
+        self.after_relay(parts, end)
+    }
+
+    /// Gives back the drain permits and, for a hot upgrade, hands the session over.
+    fn after_relay(&mut self, mut parts: Box<RelayParts>, end: End) -> End {
         parts.links.release(&self.ctx.drains);
-        end
+        if !matches!(end, End::HandOver) {
+            return end;
+        }
+        match self.hand_over(parts) {
+            Ok(()) => End::HandOver,
+            Err(e) => End::HandOverFailed(e),
+        }
+    }
+
+    /// Hands the session's sockets and state to the hot upgrade (SPEC §9): the sockets leave
+    /// tokio as they are (nothing is written to either side), the state as a
+    /// [`SessionSnapshot`].
+    fn hand_over(&mut self, parts: Box<RelayParts>) -> std::io::Result<()> {
+        let RelayParts {
+            miner,
+            relay,
+            links,
+            registration,
+            ..
+        } = *parts;
+        let Links {
+            current, draining, ..
+        } = links;
+        let (read, miner_partial) = miner.reader.into_parts();
+        let miner_fd = socket_fd(read, miner.writer)?;
+        let mut upstreams = Vec::new();
+        let mut upstream_partials = Vec::new();
+        for link in current.into_iter().chain(draining) {
+            let (read, partial) = link.reader.into_parts();
+            upstreams.push((link.id, socket_fd(read, link.writer)?));
+            upstream_partials.push((link.id, partial));
+        }
+        lock(&self.ctx.handover.handed).push(HandedSession {
+            sid: self.sid.sid(),
+            peer: self.peer,
+            miner: miner_fd,
+            upstreams,
+            snapshot: SessionSnapshot {
+                relay,
+                miner_partial,
+                upstream_partials,
+            },
+        });
+        // Counted as handed over only now (the registration's drop tells the upgrade).
+        drop(registration);
+        Ok(())
+    }
+
+    /// The relay loop's state rebuilt from a session handed over by a hot upgrade.
+    fn rebuild(&mut self, handed: HandedSession) -> std::io::Result<Box<RelayParts>> {
+        let HandedSession {
+            miner,
+            upstreams,
+            snapshot,
+            ..
+        } = handed;
+        let SessionSnapshot {
+            mut relay,
+            miner_partial,
+            upstream_partials,
+        } = snapshot;
+        let settings = &self.ctx.settings;
+        let (read, writer) = TcpStream::from_std(std::net::TcpStream::from(miner))?.into_split();
+        let miner = Miner {
+            reader: LineReader::with_partial(read, settings.max_line, &miner_partial),
+            writer,
+            write_timeout: settings.write_timeout,
+        };
+        let mut links = Links {
+            current: None,
+            draining: Vec::new(),
+            opening: None,
+            drain_permits: 0,
+            deadline: None,
+            pressure: None,
+        };
+        for (id, fd) in upstreams {
+            let (read, writer) = TcpStream::from_std(std::net::TcpStream::from(fd))?.into_split();
+            let partial = upstream_partials
+                .iter()
+                .find(|(of, _)| *of == id)
+                .map(|(_, bytes)| bytes.as_ref())
+                .unwrap_or_default();
+            let max_line = settings.upstream_limits.max_line;
+            links.draining.push(UpstreamLink::new(
+                id,
+                LineReader::with_partial(read, max_line, partial),
+                writer,
+            ));
+        }
+        links.arrange(&relay);
+        relay.resume();
+        let watch = self.ctx.cache.watch_user(&relay.login.sub_account);
+        Ok(Box::new(RelayParts {
+            miner,
+            relay,
+            links,
+            coin_change: CoinWatch::new(watch),
+            miner_first: false,
+            handover: Arc::clone(&self.ctx.handover),
+            registration: None,
+        }))
     }
 
     /// The handshake, the coin lookup and the first upstream: what the relay starts from.
@@ -409,6 +678,8 @@ impl Session {
             links,
             coin_change: CoinWatch::new(watch),
             miner_first: false,
+            handover: Arc::clone(&self.ctx.handover),
+            registration: None,
         }))
     }
 
@@ -581,6 +852,7 @@ impl Session {
                     links.close(id);
                     relay.on_upstream_lost(id, now_ms());
                 }
+                Event::HandOver => return End::HandOver,
                 Event::Deadline => relay.on_tick(now_ms()),
                 Event::Pressure => {
                     debug!(sid = %self.sid.sid(), "short of file descriptors: old sserver connections closed");
@@ -898,6 +1170,8 @@ enum Event {
     Coin(UserWatch, Option<Arc<str>>),
     /// The upstream being opened is open, or could not be.
     Opened(UpstreamId, Result<Upstream, UpstreamError>),
+    /// A hot upgrade asks for the session.
+    HandOver,
 }
 
 impl RelayParts {
@@ -905,6 +1179,15 @@ impl RelayParts {
     /// and the upstreams, which of the two first alternating by turn, so that neither side
     /// can starve the other.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.handover.requested() {
+            return Poll::Ready(Event::HandOver);
+        }
+        if self.registration.is_none() {
+            self.registration = Some(self.handover.register(cx.waker()));
+            if self.handover.requested() {
+                return Poll::Ready(Event::HandOver);
+            }
+        }
         if let Poll::Ready((watch, coin)) = self.coin_change.poll_change(cx) {
             return Poll::Ready(Event::Coin(watch, coin));
         }
@@ -998,6 +1281,10 @@ struct RelayParts {
     coin_change: CoinWatch,
     /// Whether the miner is polled before the upstreams this turn (alternates).
     miner_first: bool,
+    /// The hot upgrade's call.
+    handover: Arc<HandOverSignal>,
+    /// This session's place in it, taken at the first turn.
+    registration: Option<HandOverRegistration>,
 }
 
 /// The next change of a user's coin, owning the user's watch until it comes.

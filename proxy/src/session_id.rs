@@ -9,6 +9,8 @@
 //! - Ethereum moves by a stride of 256, so that NiceHash clients, which see only the first four
 //!   hex digits of the six-digit text, get distinct extranonces.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 use thiserror::Error;
@@ -191,6 +193,33 @@ impl SessionIdAllocator {
         None
     }
 
+    /// Takes `sid` itself (a session carried over by a hot upgrade); false when it is of
+    /// another server ID or taken already.
+    pub fn claim(&mut self, sid: SessionId) -> bool {
+        let bits = self.chain.index_bits();
+        if sid.0 >> bits != u32::from(self.server_id) {
+            return false;
+        }
+        let index = sid.0 & ((1 << bits) - 1);
+        if self.is_used(index) {
+            return false;
+        }
+        self.used[(index / 64) as usize] |= 1 << (index % 64);
+        self.in_use += 1;
+        true
+    }
+
+    /// Where the round-robin search stands (carried over by a hot upgrade, so that the new
+    /// process does not hand out at once the IDs the old one just freed).
+    pub fn cursor(&self) -> u32 {
+        self.next
+    }
+
+    /// Moves the round-robin search to `cursor` (from [`Self::cursor`] of the old process).
+    pub fn set_cursor(&mut self, cursor: u32) {
+        self.next = cursor % self.slots();
+    }
+
     /// Gives an ID back. IDs of another server ID, or not handed out, are ignored.
     pub fn free(&mut self, sid: SessionId) {
         let bits = self.chain.index_bits();
@@ -208,6 +237,22 @@ impl SessionIdAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claimed_id_is_not_handed_out_and_the_cursor_carries_over() {
+        let mut old = SessionIdAllocator::new(3, ChainType::Bitcoin).expect("server id");
+        let a = old.allocate().expect("free");
+        let b = old.allocate().expect("free");
+        let mut new = SessionIdAllocator::new(3, ChainType::Bitcoin).expect("server id");
+        assert!(new.claim(b));
+        assert!(!new.claim(b), "taken twice");
+        assert!(!new.claim(SessionId(0x0400_0080)), "another server ID");
+        new.set_cursor(old.cursor());
+        let c = new.allocate().expect("free");
+        assert_ne!(c, a, "a freed ID is not reused at once");
+        assert_ne!(c, b);
+        assert_eq!(new.in_use(), 2);
+    }
 
     #[test]
     fn bitcoin_ids_start_at_128_and_move_round_robin() {

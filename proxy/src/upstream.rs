@@ -29,6 +29,8 @@
 //! [`UpstreamError::BadAnswer`] (dropping lines instead would lose a difficulty or a job, and a
 //! real sserver sends a handful).
 
+#![forbid(unsafe_code)]
+
 use std::{io, net::Ipv4Addr, time::Duration};
 
 use bytes::Bytes;

@@ -18,6 +18,7 @@ pub mod miner;
 pub mod proxy;
 pub mod relay;
 pub mod scripted;
+pub mod session_harness;
 pub mod sserver;
 pub mod userlist;
 pub mod wait;

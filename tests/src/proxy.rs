@@ -233,6 +233,59 @@ impl ProxyProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Sends the process a signal (`USR2`, `TERM`, ...) with `kill`.
+    pub fn signal(&self, name: &str) -> Result<(), String> {
+        let pid = self.pid().ok_or("the proxy is not running")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .map_err(|e| format!("kill: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -{name} {pid}: {status}"))
+        }
+    }
+
+    /// The config file the process was started with (a test may rewrite it before an
+    /// upgrade).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
+    /// Whether the process still runs (the same PID: a hot upgrade keeps it).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// How many lines of the log contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(text)).count()
+    }
+
+    /// Waits until the log holds `count` lines containing `text`.
+    pub async fn wait_log(
+        &self,
+        text: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while self.log_count(text) < count {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no {count} log lines with {text:?} within {timeout:?}\n--- proxy log ---\n{}",
+                    self.log()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// The process's ID, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -403,6 +403,14 @@ impl ScriptedConn {
         Ok(seen)
     }
 
+    /// Writes `bytes` as they are (a line cut short, say).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.writer
+            .write_all(bytes)
+            .await
+            .map_err(|e| format!("{}: write failed: {e}", self.coin))
+    }
+
     /// Sends a bitcoin `mining.notify` for `job_id`:
     /// `[job_id, prevhash, coinb1, coinb2, [], version, nbits, ntime, clean]`.
     pub async fn notify(&mut self, job_id: &str, clean: bool) -> Result<(), String> {
