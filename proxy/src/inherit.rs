@@ -45,7 +45,7 @@ impl Inherited {
         Self::default()
     }
 
-    /// Owns inherited descriptor `fd`.
+    /// Owns inherited descriptor `fd`, close-on-exec again.
     pub fn take(&mut self, fd: RawFd) -> Result<OwnedFd, InheritError> {
         if (0..=2).contains(&fd) || fd < 0 {
             return Err(InheritError::Reserved(fd));
@@ -58,21 +58,21 @@ impl Inherited {
         // previous image handed it over across `exec`, and `taken` makes sure each number is
         // owned once).
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        rustix::io::fcntl_getfd(borrowed).map_err(|e| InheritError::NotOpen(fd, e))?;
+        // One call checks that it is open and makes it close-on-exec again (so that no child
+        // process inherits it).
+        rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| InheritError::NotOpen(fd, e))?;
         // SAFETY: `fd` is open (checked just above), was handed over by the previous image for
         // this process to own, and is owned by nothing else here: `taken` refuses a second
         // take of the same number, and no other code turns raw numbers into descriptors.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    /// Inherited descriptor `fd` as a connected TCP stream (non-blocking, for tokio).
+    /// Inherited descriptor `fd` as a connected TCP stream. It stays as the previous image
+    /// left it: non-blocking (tokio's sockets are), which is what tokio needs here too; not
+    /// set again, as thousands of sessions would pay a call each during the upgrade's pause.
     pub fn tcp_stream(&mut self, fd: RawFd) -> Result<std::net::TcpStream, InheritError> {
-        let owned = self.stream_socket(fd)?;
-        let stream = std::net::TcpStream::from(owned);
-        stream
-            .set_nonblocking(true)
-            .map_err(|_| InheritError::NotStreamSocket(fd))?;
-        Ok(stream)
+        Ok(std::net::TcpStream::from(self.stream_socket(fd)?))
     }
 
     /// Inherited descriptor `fd` as a listening TCP socket (non-blocking, for tokio).

@@ -126,12 +126,13 @@ async fn main() -> anyhow::Result<()> {
             "ignored: the proxy never talks to ZooKeeper; set this on the control plane"
         );
     }
-    let handed = handed.map(|(handed, unusable)| {
-        for peer in unusable {
-            warn!(%peer, "hot upgrade: a session's sockets were unusable: closed");
-        }
-        handed
-    });
+    if let Some(handed) = &handed {
+        info!(
+            sessions = handed.sessions,
+            paused_ms = upgrade::wall_ms().saturating_sub(handed.handed.frozen_at_ms),
+            "hot upgrade: the new binary takes over"
+        );
+    }
     let mut proxy = Proxy::start_with(settings, handed).await?;
     if let Err(e) = &invocation {
         warn!(error = %e, "the binary's own path cannot be read: SIGUSR2 upgrades are off");

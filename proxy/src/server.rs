@@ -22,7 +22,9 @@ use crate::{
     metrics::{self, Metrics},
     session::{self, ProxyContext, SessionIds},
     session_id::BadServerId,
-    upgrade::{FREEZE_TIMEOUT, HandOver, HandedSession, Invocation, UpgradeError},
+    upgrade::{
+        self, FREEZE_TIMEOUT, HandOver, HandedSession, Inheritance, Invocation, UpgradeError,
+    },
 };
 
 /// Why the proxy could not start.
@@ -75,19 +77,20 @@ impl Proxy {
     /// upgrade, SPEC §9), its listener, lease and sessions taken over.
     pub async fn start_with(
         settings: ProxySettings,
-        handed: Option<HandOver>,
+        mut inheritance: Option<Inheritance>,
     ) -> Result<Self, StartError> {
         let bind_error = |source| StartError::Bind {
             addr: settings.listen_addr,
             source,
         };
-        let (listener, old_listener, mut handed) = match handed {
+        let (listener, old_listener, mut handed) = match inheritance.as_mut().map(|i| &mut i.handed)
+        {
             None => (
                 bind_miners(settings.listen_addr).map_err(bind_error)?,
                 None,
                 None,
             ),
-            Some(mut handed) => {
+            Some(handed) => {
                 let inherited = handed
                     .listener
                     .take()
@@ -191,15 +194,32 @@ impl Proxy {
         if let Some(old) = old_listener {
             proxy.serve_queued(old);
         }
-        if let Some(handed) = handed {
-            info!(
-                sessions = handed.sessions.len(),
-                closed_in_handshake = handed.closed_in_handshake,
-                "hot upgrade: sessions taken over"
-            );
-            proxy.take_over(handed.sessions).await;
+        if let Some(inheritance) = inheritance {
+            proxy.take_over_inherited(inheritance).await;
         }
         Ok(proxy)
+    }
+
+    /// Takes over the sessions a previous image handed over. They are read at once, before
+    /// anything else runs (reading them beside resumed sessions, on two cores, made the last
+    /// ones wait longer: see docs/benchmarks.md, part 7).
+    async fn take_over_inherited(&mut self, inheritance: Inheritance) {
+        let handed_over = inheritance.sessions;
+        let closed_in_handshake = inheritance.handed.closed_in_handshake;
+        let frozen_at_ms = inheritance.handed.frozen_at_ms;
+        let (sessions, unusable) = inheritance.take_sessions();
+        for why in unusable {
+            warn!(%why, "hot upgrade: a session could not be taken over: closed");
+        }
+        let taken = sessions.len();
+        self.take_over(sessions).await;
+        info!(
+            sessions = taken,
+            handed_over,
+            closed_in_handshake,
+            paused_ms = upgrade::wall_ms().saturating_sub(frozen_at_ms),
+            "hot upgrade: sessions taken over"
+        );
     }
 
     fn context(
@@ -251,6 +271,7 @@ impl Proxy {
             }
             None => None,
         };
+        tasks.spawn(Arc::clone(&context.handover).keep_time());
         let (accept_control, orders) = mpsc::channel(1);
         tasks.spawn(accept_loop(
             listener,
@@ -313,6 +334,8 @@ impl Proxy {
     /// sessions frozen meanwhile resume where they stopped).
     pub async fn upgrade(&mut self, invocation: &Invocation) -> Result<(), UpgradeError> {
         invocation.check().await?;
+        let frozen_at_ms = upgrade::wall_ms();
+        let freezing = std::time::Instant::now();
         let (reply, frozen) = oneshot::channel();
         self.accept_control
             .send(AcceptControl::Freeze(reply))
@@ -321,9 +344,11 @@ impl Proxy {
         let Frozen {
             listener,
             sessions,
-            handed,
+            mut handed,
             in_handshake,
         } = frozen.await.map_err(|_| UpgradeError::ShuttingDown)?;
+        // The busiest first: the new image resumes them in this order.
+        handed.sort_by_key(|s| std::cmp::Reverse(s.active_at));
         let server_id = self.context.session_ids.server_id();
         let listener = match listener.into_std() {
             Ok(listener) => OwnedFd::from(listener),
@@ -342,11 +367,13 @@ impl Proxy {
             server_id,
             sid_cursor: self.context.session_ids.cursor(),
             closed_in_handshake: in_handshake,
+            frozen_at_ms,
             sessions: handed,
         };
         info!(
             sessions = handover.sessions.len(),
             closed_in_handshake = in_handshake,
+            freeze_ms = freezing.elapsed().as_millis() as u64,
             exe = %invocation.exe.display(),
             "hot upgrade: handing over"
         );
@@ -446,11 +473,10 @@ struct Frozen {
 async fn freeze(ctx: &ProxyContext, sessions: &mut Sessions) -> (Vec<HandedSession>, u64) {
     let relaying = ctx.handover.request();
     let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
+    // Woken once, by the last session to hand over (tasks that end are reaped after: a
+    // wake-up per ending task would compete with the sessions for the set's lock).
     while ctx.handover.relaying() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            () = ctx.handover.progress() => {}
-            Some(_) = sessions.tasks.join_next(), if !sessions.tasks.is_empty() => {}
-        }
+        ctx.handover.progress().await;
     }
     // The tasks of the sessions handed over end at once.
     while let Ok(Some(_)) =

@@ -21,7 +21,6 @@
 use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::OwnedFd,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -54,7 +53,7 @@ use crate::{
         Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, SessionSnapshot, UpstreamId,
     },
     session_id::{BadServerId, ChainType, SessionId, SessionIdAllocator},
-    upgrade::HandedSession,
+    upgrade::{HandedSession, HandedSocket},
     upstream::{
         self, EchoCheck, SubscribeParams, Upstream, UpstreamError, UpstreamLogin, UpstreamTarget,
     },
@@ -204,9 +203,31 @@ pub struct HandOverSignal {
     next_key: std::sync::atomic::AtomicU64,
     handed: Mutex<Vec<HandedSession>>,
     progress: tokio::sync::Notify,
+    /// A coarse clock (ticks of [`CLOCK_TICK`], moved by [`Self::keep_time`]): read on every
+    /// miner line, so a load of a line written four times a second, not a clock call.
+    clock: std::sync::atomic::AtomicU32,
 }
 
+/// The tick of [`HandOverSignal`]'s coarse clock.
+pub const CLOCK_TICK: Duration = Duration::from_millis(250);
+
 impl HandOverSignal {
+    /// The coarse clock's time.
+    fn now(&self) -> u32 {
+        self.clock.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves the coarse clock until the process ends.
+    pub async fn keep_time(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(CLOCK_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.clock
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     fn requested(&self) -> bool {
         self.requested.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -263,8 +284,14 @@ struct HandOverRegistration {
 
 impl Drop for HandOverRegistration {
     fn drop(&mut self) {
-        lock(&self.signal.wakers).remove(&self.key);
-        self.signal.progress.notify_waiters();
+        let mut wakers = lock(&self.signal.wakers);
+        wakers.remove(&self.key);
+        let last = wakers.is_empty();
+        drop(wakers);
+        // The upgrade waits for the last one (one wake-up, not one per session).
+        if last && self.signal.requested() {
+            self.signal.progress.notify_waiters();
+        }
     }
 }
 
@@ -352,12 +379,10 @@ fn ipv4_of(peer: SocketAddr) -> Ipv4Addr {
     }
 }
 
-/// A socket's halves back together, out of tokio, as its descriptor.
-fn socket_fd(read: OwnedReadHalf, write: OwnedWriteHalf) -> std::io::Result<OwnedFd> {
-    let stream = read
-        .reunite(write)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(OwnedFd::from(stream.into_std()?))
+/// A socket's halves back together.
+fn reunite(read: OwnedReadHalf, write: OwnedWriteHalf) -> std::io::Result<TcpStream> {
+    read.reunite(write)
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 struct Session {
@@ -465,31 +490,34 @@ impl Session {
             relay,
             links,
             registration,
+            active_at: activity,
             ..
         } = *parts;
         let Links {
             current, draining, ..
         } = links;
         let (read, miner_partial) = miner.reader.into_parts();
-        let miner_fd = socket_fd(read, miner.writer)?;
+        let miner_socket = reunite(read, miner.writer)?;
         let mut upstreams = Vec::new();
         let mut upstream_partials = Vec::new();
         for link in current.into_iter().chain(draining) {
             let (read, partial) = link.reader.into_parts();
-            upstreams.push((link.id, socket_fd(read, link.writer)?));
+            upstreams.push((link.id, HandedSocket::Live(reunite(read, link.writer)?)));
             upstream_partials.push((link.id, partial));
         }
-        lock(&self.ctx.handover.handed).push(HandedSession {
+        let handed = HandedSession {
             sid: self.sid.sid(),
             peer: self.peer,
-            miner: miner_fd,
+            miner: HandedSocket::Live(miner_socket),
             upstreams,
             snapshot: SessionSnapshot {
                 relay,
                 miner_partial,
                 upstream_partials,
             },
-        });
+            active_at: activity,
+        };
+        lock(&self.ctx.handover.handed).push(handed);
         // Counted as handed over only now (the registration's drop tells the upgrade).
         drop(registration);
         Ok(())
@@ -509,7 +537,7 @@ impl Session {
             upstream_partials,
         } = snapshot;
         let settings = &self.ctx.settings;
-        let (read, writer) = TcpStream::from_std(std::net::TcpStream::from(miner))?.into_split();
+        let (read, writer) = miner.into_tokio()?.into_split();
         let miner = Miner {
             reader: LineReader::with_partial(read, settings.max_line, &miner_partial),
             writer,
@@ -523,8 +551,8 @@ impl Session {
             deadline: None,
             pressure: None,
         };
-        for (id, fd) in upstreams {
-            let (read, writer) = TcpStream::from_std(std::net::TcpStream::from(fd))?.into_split();
+        for (id, socket) in upstreams {
+            let (read, writer) = socket.into_tokio()?.into_split();
             let partial = upstream_partials
                 .iter()
                 .find(|(of, _)| *of == id)
@@ -548,6 +576,7 @@ impl Session {
             miner_first: false,
             handover: Arc::clone(&self.ctx.handover),
             registration: None,
+            active_at: 0,
         }))
     }
 
@@ -680,6 +709,7 @@ impl Session {
             miner_first: false,
             handover: Arc::clone(&self.ctx.handover),
             registration: None,
+            active_at: 0,
         }))
     }
 
@@ -833,7 +863,10 @@ impl Session {
                 ..
             } = &mut *parts;
             match event {
-                Event::Miner(Ok(Some(line))) => relay.on_miner_line(line, &*ctx),
+                Event::Miner(Ok(Some(line))) => {
+                    parts.active_at = ctx.handover.now();
+                    parts.relay.on_miner_line(line, &*ctx);
+                }
                 Event::Miner(Ok(None)) => return End::MinerClosed,
                 Event::Miner(Err(e)) => return End::MinerError(e),
                 Event::Upstream(id, Some(line)) => {
@@ -1285,6 +1318,9 @@ struct RelayParts {
     handover: Arc<HandOverSignal>,
     /// This session's place in it, taken at the first turn.
     registration: Option<HandOverRegistration>,
+    /// When the miner last sent a line, on the process's coarse clock
+    /// ([`HandOverSignal::now`]): a hot upgrade resumes the busy sessions first.
+    active_at: u32,
 }
 
 /// The next change of a user's coin, owning the user's watch until it comes.

@@ -29,7 +29,7 @@
 
 use std::{
     ffi::OsString,
-    io::{Read, Seek, Write},
+    io::{BufRead, Seek, Write},
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
@@ -59,6 +59,13 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long relaying sessions get to hand over (one busy in a write to a full socket waits
 /// for it within its write deadline; one that does not make it closes at the `exec`).
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Milliseconds since the Unix epoch (wall time: it carries across the `exec`).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// The format of [`HandOverState`]; a new image refuses another.
 const FORMAT: u32 = 1;
@@ -184,7 +191,43 @@ impl Invocation {
     }
 }
 
-/// One relaying session as handed over, in the old process: its sockets and its state.
+/// A socket of a session handed over.
+#[derive(Debug)]
+pub enum HandedSocket {
+    /// In the old image: still registered with tokio. The `exec` closes the registry, and if
+    /// the `exec` fails the session resumes on it as it is (taking a socket out of tokio
+    /// costs a system call per socket, while every session waits).
+    Live(tokio::net::TcpStream),
+    /// In the new image: owned, not registered yet. The session's own task registers it (a
+    /// system call per socket, which the runtime's threads share).
+    Inherited(std::net::TcpStream),
+}
+
+impl HandedSocket {
+    /// The socket, registered with tokio.
+    pub fn into_tokio(self) -> std::io::Result<tokio::net::TcpStream> {
+        match self {
+            Self::Live(socket) => Ok(socket),
+            Self::Inherited(socket) => tokio::net::TcpStream::from_std(socket),
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Self::Live(socket) => socket.as_raw_fd(),
+            Self::Inherited(socket) => socket.as_raw_fd(),
+        }
+    }
+
+    fn set_cloexec(&self, cloexec: bool) -> std::io::Result<()> {
+        match self {
+            Self::Live(socket) => set_cloexec(socket, cloexec),
+            Self::Inherited(socket) => set_cloexec(socket, cloexec),
+        }
+    }
+}
+
+/// One relaying session as handed over: its sockets and its state.
 #[derive(Debug)]
 pub struct HandedSession {
     /// Its session ID.
@@ -192,16 +235,38 @@ pub struct HandedSession {
     /// The miner's address.
     pub peer: SocketAddr,
     /// The miner's socket.
-    pub miner: OwnedFd,
+    pub miner: HandedSocket,
     /// Its upstreams' sockets (the serving one and the drained ones), by number.
-    pub upstreams: Vec<(UpstreamId, OwnedFd)>,
+    pub upstreams: Vec<(UpstreamId, HandedSocket)>,
     /// Its state, partial lines included.
     pub snapshot: SessionSnapshot,
+    /// When its miner last sent a line (the old image's coarse clock): the busiest sessions
+    /// are written first, so the new image resumes them first.
+    pub active_at: u32,
 }
 
-/// What the old process hands over, as written for the new one.
+impl HandedSession {
+    /// Its line of the state (without the `\n`).
+    pub fn state_line(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&SessionState {
+            sid: self.sid.0,
+            peer: self.peer,
+            miner_fd: self.miner.raw_fd(),
+            upstream_fds: self
+                .upstreams
+                .iter()
+                .map(|(id, socket)| (*id, socket.raw_fd()))
+                .collect(),
+            snapshot: &self.snapshot,
+        })
+    }
+}
+
+/// What the old process hands over, as written for the new one: this header on the first
+/// line of the state, then one [`SessionState`] per line, so that the new image rebuilds the
+/// first sessions while it still reads the others.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct HandOverState {
+pub struct HandOverHeader {
     /// [`FORMAT`].
     pub format: u32,
     /// The miners' listener.
@@ -216,8 +281,11 @@ pub struct HandOverState {
     pub sid_cursor: u32,
     /// Sessions in their handshake, closed by the upgrade.
     pub closed_in_handshake: u64,
-    /// The relaying sessions.
-    pub sessions: Vec<SessionState>,
+    /// When the sessions were frozen (ms since the Unix epoch): the new image logs how long
+    /// they waited.
+    pub frozen_at_ms: u64,
+    /// How many session lines follow.
+    pub sessions: usize,
 }
 
 /// A server-ID lease as handed over.
@@ -251,9 +319,9 @@ impl From<LeaseState> for ServerIdLease {
     }
 }
 
-/// One session as handed over: descriptor numbers and state.
+/// One session as handed over (one line of the state): descriptor numbers and state.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct SessionState {
+pub struct SessionState<S = SessionSnapshot> {
     /// Its session ID.
     pub sid: u32,
     /// The miner's address.
@@ -262,8 +330,8 @@ pub struct SessionState {
     pub miner_fd: RawFd,
     /// Its upstreams' sockets, by number.
     pub upstream_fds: Vec<(UpstreamId, RawFd)>,
-    /// Its state.
-    pub snapshot: SessionSnapshot,
+    /// Its state (written from a reference: nothing is copied).
+    pub snapshot: S,
 }
 
 /// What the old process hands over, before it is written: the descriptors still owned.
@@ -281,6 +349,8 @@ pub struct HandOver {
     pub sid_cursor: u32,
     /// Sessions in their handshake, closed by the upgrade.
     pub closed_in_handshake: u64,
+    /// When the sessions were frozen (ms since the Unix epoch).
+    pub frozen_at_ms: u64,
     /// The relaying sessions.
     pub sessions: Vec<HandedSession>,
 }
@@ -289,10 +359,16 @@ impl HandOver {
     /// Writes the state, lets every descriptor through `exec` and execs `invocation`. Returns
     /// only when that failed, with everything handed back (close-on-exec set again).
     pub fn exec(self, invocation: &Invocation) -> (Self, UpgradeError) {
+        let writing = std::time::Instant::now();
         let state = match self.write_state() {
             Ok(state) => state,
             Err(e) => return (self, e),
         };
+        tracing::info!(
+            sessions = self.sessions.len(),
+            write_ms = writing.elapsed().as_millis() as u64,
+            "hot upgrade: state written; exec"
+        );
         if let Err(e) = self.set_inherited(true).and(set_cloexec(&state, false)) {
             let _ = self.set_inherited(false);
             return (self, e.into());
@@ -315,7 +391,7 @@ impl HandOver {
     }
 
     fn write_state(&self) -> Result<OwnedFd, UpgradeError> {
-        let state = HandOverState {
+        let header = HandOverHeader {
             format: FORMAT,
             listener_fd: self
                 .listener
@@ -327,27 +403,19 @@ impl HandOver {
             server_id: self.server_id,
             sid_cursor: self.sid_cursor,
             closed_in_handshake: self.closed_in_handshake,
-            sessions: self
-                .sessions
-                .iter()
-                .map(|s| SessionState {
-                    sid: s.sid.0,
-                    peer: s.peer,
-                    miner_fd: s.miner.as_raw_fd(),
-                    upstream_fds: s
-                        .upstreams
-                        .iter()
-                        .map(|(id, fd)| (*id, fd.as_raw_fd()))
-                        .collect(),
-                    snapshot: s.snapshot.clone(),
-                })
-                .collect(),
+            frozen_at_ms: self.frozen_at_ms,
+            sessions: self.sessions.len(),
         };
         let fd = rustix::fs::memfd_create("switchyard-upgrade", rustix::fs::MemfdFlags::CLOEXEC)
             .map_err(std::io::Error::from)?;
         let mut file = std::fs::File::from(fd);
-        let mut writer = std::io::BufWriter::new(&mut file);
-        serde_json::to_writer(&mut writer, &state)?;
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+        serde_json::to_writer(&mut writer, &header)?;
+        writer.write_all(b"\n")?;
+        for session in &self.sessions {
+            writer.write_all(&session.state_line()?)?;
+            writer.write_all(b"\n")?;
+        }
         writer.flush()?;
         drop(writer);
         file.rewind()?;
@@ -360,9 +428,9 @@ impl HandOver {
             set_cloexec(listener, !inherited)?;
         }
         for session in &self.sessions {
-            set_cloexec(&session.miner, !inherited)?;
-            for (_, fd) in &session.upstreams {
-                set_cloexec(fd, !inherited)?;
+            session.miner.set_cloexec(!inherited)?;
+            for (_, socket) in &session.upstreams {
+                socket.set_cloexec(!inherited)?;
             }
         }
         Ok(())
@@ -378,10 +446,98 @@ fn set_cloexec(fd: &impl AsFd, cloexec: bool) -> std::io::Result<()> {
     rustix::io::fcntl_setfd(fd, flags).map_err(std::io::Error::from)
 }
 
-/// In the new image: the state the old one handed over, if this process is one (its
-/// descriptors owned, close-on-exec set again), and the peers of sessions whose descriptors
-/// were unusable (closed).
-pub fn take_handed_over() -> Result<Option<(HandOver, Vec<SocketAddr>)>, ResumeError> {
+/// What a new image inherits: the header's part (listener, lease, IDs) as a [`HandOver`]
+/// without sessions, and the sessions still to read ([`Self::take_sessions`]).
+#[derive(Debug)]
+pub struct Inheritance {
+    /// The listener, lease and IDs; `sessions` is empty.
+    pub handed: HandOver,
+    /// How many sessions the old image handed over.
+    pub sessions: usize,
+    lines: std::io::Lines<std::io::BufReader<std::fs::File>>,
+    inherited: Inherited,
+}
+
+impl Inheritance {
+    /// The sessions: those rebuilt, and why others could not be (their descriptors, if
+    /// owned, are closed). Their lines are parsed on every core (every session waits for the
+    /// last), their descriptors then owned one by one.
+    pub fn take_sessions(self) -> (Vec<HandedSession>, Vec<String>) {
+        let Self {
+            mut inherited,
+            lines,
+            sessions,
+            ..
+        } = self;
+        let started = std::time::Instant::now();
+        let mut unusable = Vec::new();
+        let lines: Vec<String> = lines
+            .filter_map(|line| {
+                line.map_err(|e| unusable.push(format!("reading: {e}")))
+                    .ok()
+            })
+            .collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, 4);
+        let chunk = lines.len().div_ceil(threads).max(1);
+        let parsed: Vec<Result<SessionState, String>> = std::thread::scope(|scope| {
+            let parsers: Vec<_> = lines
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|l| {
+                                serde_json::from_str::<SessionState>(l)
+                                    .map_err(|e| format!("a session's state: {e}"))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parsers
+                .into_iter()
+                .flat_map(|p| {
+                    p.join()
+                        .unwrap_or_else(|_| vec![Err("a parser thread failed".to_string())])
+                })
+                .collect()
+        });
+        drop(lines);
+        let parsed_ms = started.elapsed().as_millis() as u64;
+        let mut handed = Vec::with_capacity(sessions);
+        for session in parsed {
+            let session = match session {
+                Ok(session) => session,
+                Err(e) => {
+                    unusable.push(e);
+                    continue;
+                }
+            };
+            match adopt_session(&mut inherited, &session) {
+                Ok((miner, upstreams)) => handed.push(HandedSession {
+                    sid: SessionId(session.sid),
+                    peer: session.peer,
+                    miner,
+                    upstreams,
+                    snapshot: session.snapshot,
+                    active_at: 0,
+                }),
+                Err(e) => unusable.push(format!("{}: {e}", session.peer)),
+            }
+        }
+        tracing::info!(
+            parsed_ms,
+            owned_ms = started.elapsed().as_millis() as u64 - parsed_ms,
+            "hot upgrade: sessions read"
+        );
+        (handed, unusable)
+    }
+}
+
+/// In the new image: what the old one handed over, if this process is one (the listener
+/// owned, close-on-exec set again; the sessions are read by [`Inheritance::take_sessions`]).
+pub fn take_handed_over() -> Result<Option<Inheritance>, ResumeError> {
     let Some(value) = std::env::var_os(STATE_FD_ENV) else {
         return Ok(None);
     };
@@ -392,57 +548,41 @@ pub fn take_handed_over() -> Result<Option<(HandOver, Vec<SocketAddr>)>, ResumeE
         .parse()
         .map_err(|_| ResumeError::BadVariable(text.clone()))?;
     let mut inherited = Inherited::new();
-    let mut file = inherited.file(fd)?;
-    set_cloexec(&file, true)?;
-    let mut json = Vec::new();
-    file.read_to_end(&mut json)?;
-    drop(file);
-    let state: HandOverState = serde_json::from_slice(&json)?;
-    if state.format != FORMAT {
-        return Err(ResumeError::Format(state.format));
+    let file = inherited.file(fd)?;
+    let mut lines = std::io::BufReader::with_capacity(1 << 20, file).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    let header: HandOverHeader = serde_json::from_str(&first)?;
+    if header.format != FORMAT {
+        return Err(ResumeError::Format(header.format));
     }
-    let listener = OwnedFd::from(inherited.tcp_listener(state.listener_fd)?);
-    set_cloexec(&listener, true)?;
-    let mut sessions = Vec::with_capacity(state.sessions.len());
-    let mut unusable = Vec::new();
-    for session in state.sessions {
-        match adopt_session(&mut inherited, &session) {
-            Ok((miner, upstreams)) => sessions.push(HandedSession {
-                sid: SessionId(session.sid),
-                peer: session.peer,
-                miner,
-                upstreams,
-                snapshot: session.snapshot,
-            }),
-            Err(_) => unusable.push(session.peer),
-        }
-    }
-    Ok(Some((
-        HandOver {
+    let listener = OwnedFd::from(inherited.tcp_listener(header.listener_fd)?);
+    Ok(Some(Inheritance {
+        handed: HandOver {
             listener: Some(listener),
-            listen_addr: state.listen_addr,
-            lease: state.lease.map(ServerIdLease::from),
-            server_id: state.server_id,
-            sid_cursor: state.sid_cursor,
-            closed_in_handshake: state.closed_in_handshake,
-            sessions,
+            listen_addr: header.listen_addr,
+            lease: header.lease.map(ServerIdLease::from),
+            server_id: header.server_id,
+            sid_cursor: header.sid_cursor,
+            closed_in_handshake: header.closed_in_handshake,
+            frozen_at_ms: header.frozen_at_ms,
+            sessions: Vec::new(),
         },
-        unusable,
-    )))
+        sessions: header.sessions,
+        lines,
+        inherited,
+    }))
 }
 
+/// A session's sockets, owned.
 #[allow(clippy::type_complexity)]
 fn adopt_session(
     inherited: &mut Inherited,
     session: &SessionState,
-) -> Result<(OwnedFd, Vec<(UpstreamId, OwnedFd)>), ResumeError> {
-    let miner = OwnedFd::from(inherited.tcp_stream(session.miner_fd)?);
-    set_cloexec(&miner, true)?;
+) -> Result<(HandedSocket, Vec<(UpstreamId, HandedSocket)>), ResumeError> {
+    let miner = HandedSocket::Inherited(inherited.tcp_stream(session.miner_fd)?);
     let mut upstreams = Vec::with_capacity(session.upstream_fds.len());
     for (id, fd) in &session.upstream_fds {
-        let upstream = OwnedFd::from(inherited.tcp_stream(*fd)?);
-        set_cloexec(&upstream, true)?;
-        upstreams.push((*id, upstream));
+        upstreams.push((*id, HandedSocket::Inherited(inherited.tcp_stream(*fd)?)));
     }
     Ok((miner, upstreams))
 }

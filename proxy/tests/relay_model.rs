@@ -587,11 +587,17 @@ fn notify_line(job: &str, clean: bool) -> Bytes {
 fn run_case(seed: u64, steps: usize) {
     let mut world = World::new(seed);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        for _ in 0..steps {
+        for step in 0..steps {
             if world.ended {
                 break;
             }
             world.step();
+            if step % 50 == 0 {
+                // What a hot upgrade writes and the new image reads back is the same relay.
+                let json = serde_json::to_string(&world.relay).expect("the relay serializes");
+                let back: Relay = serde_json::from_str(&json).expect("and reads back");
+                assert_eq!(back, world.relay, "the relay survives a round trip: {json}");
+            }
         }
         world.settle();
         world.check_end();
