@@ -568,6 +568,15 @@ impl Session {
         links.arrange(&relay);
         relay.resume();
         let watch = self.ctx.cache.watch_user(&relay.login.sub_account);
+        // A user switched while the sessions were handed over: the watch reports only later
+        // changes, so the coin it starts from is checked here (a cache not synced yet knows
+        // no coin; its first sync is then a change the watch reports).
+        if let Some(coin) = watch.current()
+            && *coin != *relay.target_coin()
+        {
+            let has_sserver = self.ctx.settings.upstreams.contains_key(&*coin);
+            relay.on_coin_changed(&coin, has_sserver);
+        }
         Ok(Box::new(RelayParts {
             miner,
             relay,

@@ -10,7 +10,8 @@
 //!   draining an old sserver (a submit in flight on it) survive an upgrade;
 //! - a new binary that cannot start (a bad config) costs nothing: the old process serves on,
 //!   and a later upgrade with the config fixed works (two upgrades in a row);
-//! - connections arriving during an upgrade are all accepted and served.
+//! - connections arriving during an upgrade are all accepted and served;
+//! - a user switched while the proxy upgraded is switched by the new image.
 
 use std::time::Duration;
 
@@ -292,4 +293,45 @@ async fn connections_arriving_during_an_upgrade_are_accepted() {
         .expect("the arrivals task")
         .unwrap_or_else(|e| panic!("{e}\n--- proxy log ---\n{}", proxy.log()));
     assert_eq!(logged_in, 60);
+}
+
+#[tokio::test]
+async fn a_user_switched_while_the_proxy_upgraded_is_switched_by_the_new_image() {
+    let btc = ScriptedSserver::start("btc").await;
+    let bch = ScriptedSserver::start("bch").await;
+    // The old image follows a control plane where alice mines btc; the config the new image
+    // reads names another, where she mines bch: the switch happens "during" the upgrade,
+    // where the old image cannot see it.
+    let mut node = node_with(&[("alice", "btc")], &[], "bitcoin", &[&btc, &bch]).await;
+    let moved = control(&[("alice", "bch")], &[]).await;
+    let mut miner = Miner::connect(node.proxy.addr).await.expect("connect");
+    let mut on_btc = login(&mut miner, "alice.rig", &btc).await;
+    ok("a btc job", on_btc.notify("b1", true).await);
+    wait_job(&mut miner, "b1").await;
+
+    let path = node.proxy.config_path().to_path_buf();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the config")).expect("json");
+    config["ControlEndpoints"] = json!([format!("http://{}", moved.addr)]);
+    std::fs::write(&path, config.to_string()).expect("the new config");
+    upgrade(&mut node.proxy, 1).await;
+
+    let mut on_bch = ok("the bch upstream", bch.next_conn(T).await);
+    let seen = ok("the bch login", on_bch.answer_login(T).await);
+    assert_eq!(seen.worker, "alice.rig");
+    ok("a bch job", on_bch.notify("c1", true).await);
+    wait_job(&mut miner, "c1").await;
+    miner
+        .send(&submit(7, "alice.rig", "c1"))
+        .await
+        .expect("send");
+    let request = ok(
+        "the bch submit",
+        on_bch.recv_method("mining.submit", T).await,
+    );
+    ok("answer", on_bch.reply(&request, json!(true)).await);
+    ok("answer", wait_answers(&mut miner, &[json!(7)], T).await);
+    assert_one_answer(&miner, json!(7));
+    assert_no_malformed(&miner);
+    assert_eq!(bch.accepted(), 1, "one bch connection");
 }
