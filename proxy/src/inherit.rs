@@ -3,8 +3,8 @@
 //! number read from the handed-over state becomes an owned descriptor here, and only here.
 //!
 //! [`Inherited::take`] checks each number before it is owned: not a standard stream, not taken
-//! twice, and open in this process. The sockets are then checked for their type by the safe
-//! conversions of [`Inherited::tcp_stream`] and [`Inherited::tcp_listener`].
+//! twice, and open in this process. The listener is also checked for its type
+//! ([`Inherited::tcp_listener`]).
 
 #![allow(unsafe_code)]
 
@@ -68,11 +68,12 @@ impl Inherited {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    /// Inherited descriptor `fd` as a connected TCP stream. It stays as the previous image
-    /// left it: non-blocking (tokio's sockets are), which is what tokio needs here too; not
-    /// set again, as thousands of sessions would pay a call each during the upgrade's pause.
+    /// Inherited descriptor `fd` as a connected TCP stream, taken as the previous image left
+    /// it: a non-blocking stream socket (tokio's sockets are). Neither is checked again here:
+    /// thousands of sessions would pay a system call each while every one of them waits (a
+    /// descriptor that were not one would fail the session's first read, nothing else).
     pub fn tcp_stream(&mut self, fd: RawFd) -> Result<std::net::TcpStream, InheritError> {
-        Ok(std::net::TcpStream::from(self.stream_socket(fd)?))
+        Ok(std::net::TcpStream::from(self.take(fd)?))
     }
 
     /// Inherited descriptor `fd` as a listening TCP socket (non-blocking, for tokio).
@@ -129,7 +130,7 @@ mod tests {
             .expect("open")
             .into_raw_fd();
         assert!(matches!(
-            fresh.tcp_stream(file),
+            fresh.tcp_listener(file),
             Err(InheritError::NotStreamSocket(_))
         ));
     }
