@@ -494,8 +494,11 @@ async fn freeze(ctx: &ProxyContext, sessions: &mut Sessions) -> (Vec<HandedSessi
 }
 
 /// Starts a session handed over by a hot upgrade.
-fn adopt(ctx: &Arc<ProxyContext>, sessions: &mut Sessions, handed: HandedSession) {
-    let sid = ctx.session_ids.claim(handed.sid);
+fn adopt(ctx: &Arc<ProxyContext>, sessions: &mut Sessions, mut handed: HandedSession) {
+    let sid = match handed.sid_guard.take() {
+        Some(held) => held,
+        None => ctx.session_ids.claim(handed.sid),
+    };
     // Over the limit (a config that lowered it): kept all the same, never dropped.
     let permit = sessions.limit.clone().try_acquire_owned().ok();
     let ctx = ctx.clone();

@@ -80,10 +80,21 @@ pub struct SessionIds {
 #[derive(Debug)]
 pub struct SessionIdGuard {
     sid: SessionId,
-    allocator: Arc<Mutex<SessionIdAllocator>>,
+    /// `None` once the ID was handed over with the session ([`Self::hand_over`]).
+    allocator: Option<Arc<Mutex<SessionIdAllocator>>>,
 }
 
 impl SessionIdGuard {
+    /// The guard itself, for a session handed over by a hot upgrade (if the upgrade does not
+    /// happen, the session resumes in this process with it, its ID never freed meanwhile);
+    /// `self` then frees nothing.
+    pub fn hand_over(&mut self) -> SessionIdGuard {
+        SessionIdGuard {
+            sid: self.sid,
+            allocator: self.allocator.take(),
+        }
+    }
+
     /// The session ID.
     pub fn sid(&self) -> SessionId {
         self.sid
@@ -92,7 +103,9 @@ impl SessionIdGuard {
 
 impl Drop for SessionIdGuard {
     fn drop(&mut self) {
-        lock(&self.allocator).free(self.sid);
+        if let Some(allocator) = &self.allocator {
+            lock(allocator).free(self.sid);
+        }
     }
 }
 
@@ -161,14 +174,20 @@ impl SessionIds {
             lock(&allocator).claim(sid);
             allocator
         };
-        SessionIdGuard { sid, allocator }
+        SessionIdGuard {
+            sid,
+            allocator: Some(allocator),
+        }
     }
 
     /// A free session ID, if any is left.
     pub fn allocate(&self) -> Option<SessionIdGuard> {
         let allocator = lock(&self.current).clone();
         let sid = lock(&allocator).allocate()?;
-        Some(SessionIdGuard { sid, allocator })
+        Some(SessionIdGuard {
+            sid,
+            allocator: Some(allocator),
+        })
     }
 }
 
@@ -516,6 +535,7 @@ impl Session {
                 upstream_partials,
             },
             active_at: activity,
+            sid_guard: Some(self.sid.hand_over()),
         };
         lock(&self.ctx.handover.handed).push(handed);
         // Counted as handed over only now (the registration's drop tells the upgrade).

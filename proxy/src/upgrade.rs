@@ -43,6 +43,7 @@ use crate::{
     control::ServerIdLease,
     inherit::{InheritError, Inherited},
     relay::{SessionSnapshot, UpstreamId},
+    session::SessionIdGuard,
     session_id::SessionId,
 };
 
@@ -243,6 +244,9 @@ pub struct HandedSession {
     /// When its miner last sent a line (the old image's coarse clock): the busiest sessions
     /// are written first, so the new image resumes them first.
     pub active_at: u32,
+    /// In the old image, its session ID, still held: if the `exec` fails, the session
+    /// resumes with it (never freed meanwhile, so never handed to another session).
+    pub sid_guard: Option<SessionIdGuard>,
 }
 
 impl HandedSession {
@@ -522,6 +526,7 @@ impl Inheritance {
                     upstreams,
                     snapshot: session.snapshot,
                     active_at: 0,
+                    sid_guard: None,
                 }),
                 Err(e) => unusable.push(format!("{}: {e}", session.peer)),
             }
