@@ -11,7 +11,8 @@
 //! - a new binary that cannot start (a bad config) costs nothing: the old process serves on,
 //!   and a later upgrade with the config fixed works (two upgrades in a row);
 //! - connections arriving during an upgrade are all accepted and served;
-//! - a user switched while the proxy upgraded is switched by the new image.
+//! - a user switched while the proxy upgraded is switched by the new image;
+//! - the server-ID lease carries over (the same lease, no new one) and so do the session IDs.
 
 use std::time::Duration;
 
@@ -334,4 +335,64 @@ async fn a_user_switched_while_the_proxy_upgraded_is_switched_by_the_new_image()
     assert_one_answer(&miner, json!(7));
     assert_no_malformed(&miner);
     assert_eq!(bch.accepted(), 1, "one bch connection");
+}
+
+#[tokio::test]
+async fn the_server_id_lease_and_the_session_ids_carry_over() {
+    let control = control(&[("alice", "btc")], &[]).await;
+    let btc = Sserver::start(SserverConfig::new("btc"))
+        .await
+        .expect("btc");
+    let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    config["ServerID"] = json!(0);
+    let mut proxy = ProxyProcess::start(&config)
+        .await
+        .expect("the proxy starts");
+    let proxies = || async {
+        control
+            .admin()
+            .list_proxies(switchyard_proto::v1::ListProxiesRequest {})
+            .await
+            .expect("ListProxies")
+            .into_inner()
+            .proxies
+    };
+    let before = proxies().await;
+    assert_eq!(before.len(), 1, "one lease: {before:?}");
+    let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    let (subscribed, _) = miner.bitcoin_login("alice.old", T).await.expect("login");
+    let sid = subscribed["result"][1].clone();
+    let leases_taken = proxy.log_count("server ID leased");
+
+    upgrade(&mut proxy, 1).await;
+
+    let after = proxies().await;
+    assert_eq!(after.len(), 1, "still one lease: {after:?}");
+    assert_eq!(
+        after[0].server_id, before[0].server_id,
+        "the same server ID"
+    );
+    assert_eq!(
+        after[0].instance_id, before[0].instance_id,
+        "the same lease"
+    );
+    assert_eq!(
+        proxy.log_count("server ID leased"),
+        leases_taken,
+        "no new lease was taken:\n{}",
+        proxy.log()
+    );
+    let mut newcomer = Miner::connect(proxy.addr).await.expect("connect");
+    let (subscribed, _) = newcomer.bitcoin_login("alice.new", T).await.expect("login");
+    let new_sid = subscribed["result"][1].clone();
+    assert_ne!(
+        new_sid, sid,
+        "the carried-over session's ID is not handed out again"
+    );
+    let prefix = |v: &serde_json::Value| v.as_str().unwrap_or_default()[..2].to_string();
+    assert_eq!(prefix(&new_sid), prefix(&sid), "under the same server ID");
+    miner
+        .wait_job_of("btc", T)
+        .await
+        .expect("the old session still gets jobs");
 }
