@@ -11,8 +11,9 @@
 //!    next turn (after it has carried out its actions, so no line is half written) and hands
 //!    over its sockets and its [`SessionSnapshot`] as a [`HandedSession`]. Sessions still in
 //!    their handshake are not waited for: they close at the `exec` (counted).
-//! 3. **Exec.** The [`HandOverState`] (descriptor numbers, snapshots, the server-ID lease and
-//!    the session-ID cursor) is written to an anonymous memory file; that file, the listener
+//! 3. **Exec.** The state (a [`HandOverHeader`] line: the listener's descriptor, the server-ID
+//!    lease and the session-ID cursor; then a [`SessionState`] line per session, busiest
+//!    first) is written to an anonymous memory file; that file, the listener
 //!    and every handed socket lose close-on-exec, and the process `exec`s the new binary with
 //!    the same arguments and [`STATE_FD_ENV`] naming the memory file. The same descriptors
 //!    carry over: none is duplicated, so an upgrade at the open-file limit needs none spare.
@@ -22,8 +23,9 @@
 //!    again, and the user's coin is checked against the new cache as soon as it is synced
 //!    (switching if it changed meanwhile).
 //!
-//! If `exec` itself fails, the old image rebuilds the same sessions from the same handed-over
-//! state, in place, and keeps serving.
+//! If `exec` itself fails, the old image resumes the same sessions in place, on the sockets it
+//! never let go of (still registered with tokio, their session IDs still held), and keeps
+//! serving.
 
 #![forbid(unsafe_code)]
 
