@@ -44,7 +44,7 @@
 //! so that one sserver never holds two connections with one session ID.
 //!
 //! A drained upstream is closed when it announced a `clean_jobs` job (its jobs are stale) and
-//! owes nothing, when the drain window ends ([`RelaySettings::drain_window`]), when it is lost,
+//! owes nothing, when the drain window ends ([`RelaySettings::drain_window_ms`]), when it is lost,
 //! when more than [`MAX_DRAINS`] are held (the oldest goes), or when the process runs short of
 //! file descriptors ([`Relay::drop_drains`]).
 //!

@@ -273,7 +273,7 @@ impl HandedSession {
 /// first sessions while it still reads the others.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HandOverHeader {
-    /// [`FORMAT`].
+    /// The format of this state (`FORMAT`); a new image refuses another.
     pub format: u32,
     /// The miners' listener.
     pub listener_fd: RawFd,

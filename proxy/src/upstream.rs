@@ -244,7 +244,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
 
 /// Turns TCP keepalive on (`Some(idle)`: probes after `idle` without traffic, every
-/// [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] of them) or leaves it off, so that a peer that
+/// `KEEPALIVE_INTERVAL`, `KEEPALIVE_PROBES` of them) or leaves it off, so that a peer that
 /// vanished without a FIN is noticed in bounded time.
 pub fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) -> io::Result<()> {
     let Some(idle) = idle else {
