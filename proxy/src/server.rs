@@ -475,9 +475,7 @@ async fn freeze(ctx: &ProxyContext, sessions: &mut Sessions) -> (Vec<HandedSessi
     let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
     // Woken once, by the last session to hand over (tasks that end are reaped after: a
     // wake-up per ending task would compete with the sessions for the set's lock).
-    while ctx.handover.relaying() > 0 && tokio::time::Instant::now() < deadline {
-        ctx.handover.progress().await;
-    }
+    ctx.handover.all_handed_over(deadline).await;
     // The tasks of the sessions handed over end at once.
     while let Ok(Some(_)) =
         tokio::time::timeout(Duration::from_millis(20), sessions.tasks.join_next()).await

@@ -278,9 +278,21 @@ impl HandOverSignal {
         lock(&self.wakers).len()
     }
 
-    /// Until a session handed over or ended (or a while passed: a caller checks again).
-    pub async fn progress(&self) {
-        let _ = tokio::time::timeout(Duration::from_millis(50), self.progress.notified()).await;
+    /// Waits until no session relays any more (each has handed over or ended), or until
+    /// `deadline`; whether none relays.
+    pub async fn all_handed_over(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            // Listening before looking: the last session's wake-up cannot fall in between.
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.relaying() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.relaying() == 0;
+            }
+        }
     }
 
     /// The sessions handed over so far.
@@ -563,14 +575,7 @@ impl Session {
             writer,
             write_timeout: settings.write_timeout,
         };
-        let mut links = Links {
-            current: None,
-            draining: Vec::new(),
-            opening: None,
-            drain_permits: 0,
-            deadline: None,
-            pressure: None,
-        };
+        let mut links = Links::new(None);
         for (id, socket) in upstreams {
             let (read, writer) = socket.into_tokio()?.into_split();
             let partial = upstream_partials
@@ -597,16 +602,7 @@ impl Session {
             let has_sserver = self.ctx.settings.upstreams.contains_key(&*coin);
             relay.on_coin_changed(&coin, has_sserver);
         }
-        Ok(Box::new(RelayParts {
-            miner,
-            relay,
-            links,
-            coin_change: CoinWatch::new(watch),
-            miner_first: false,
-            handover: Arc::clone(&self.ctx.handover),
-            registration: None,
-            active_at: 0,
-        }))
+        Ok(RelayParts::new(miner, relay, links, watch, &self.ctx))
     }
 
     /// The handshake, the coin lookup and the first upstream: what the relay starts from.
@@ -722,24 +718,8 @@ impl Session {
                 drain_window_ms: settings.drain_window.as_millis() as u64,
             },
         );
-        let links = Links {
-            current: Some(UpstreamLink::new(0, upstream.reader, upstream.writer)),
-            draining: Vec::new(),
-            opening: None,
-            drain_permits: 0,
-            deadline: None,
-            pressure: None,
-        };
-        Ok(Box::new(RelayParts {
-            miner,
-            relay,
-            links,
-            coin_change: CoinWatch::new(watch),
-            miner_first: false,
-            handover: Arc::clone(&self.ctx.handover),
-            registration: None,
-            active_at: 0,
-        }))
+        let links = Links::new(Some(UpstreamLink::new(0, upstream.reader, upstream.writer)));
+        Ok(RelayParts::new(miner, relay, links, watch, &self.ctx))
     }
 
     fn failed_handshake(&self, end: End, reason: &'static str) -> End {
@@ -1237,6 +1217,26 @@ enum Event {
 }
 
 impl RelayParts {
+    /// The relay loop's state, on the heap, watching the user's coin through `watch`.
+    fn new(
+        miner: Miner,
+        relay: Relay,
+        links: Links,
+        watch: UserWatch,
+        ctx: &ProxyContext,
+    ) -> Box<Self> {
+        Box::new(Self {
+            miner,
+            relay,
+            links,
+            coin_change: CoinWatch::new(watch),
+            miner_first: false,
+            handover: Arc::clone(&ctx.handover),
+            registration: None,
+            active_at: 0,
+        })
+    }
+
     /// The next event. The rare ones (coin, open, deadline, pressure) first; then the miner
     /// and the upstreams, which of the two first alternating by turn, so that neither side
     /// can starve the other.
@@ -1423,6 +1423,18 @@ impl CoinWatch {
 }
 
 impl Links {
+    /// Links with `current` serving and nothing else.
+    fn new(current: Option<UpstreamLink>) -> Self {
+        Self {
+            current,
+            draining: Vec::new(),
+            opening: None,
+            drain_permits: 0,
+            deadline: None,
+            pressure: None,
+        }
+    }
+
     fn get_mut(&mut self, id: UpstreamId) -> Option<&mut UpstreamLink> {
         if let Some(current) = self.current.as_mut().filter(|c| c.id == id) {
             return Some(current);
