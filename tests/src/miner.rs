@@ -72,6 +72,11 @@ impl Miner {
         })
     }
 
+    /// This end's address and the proxy's, of the connection.
+    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.writer.local_addr()?, self.writer.peer_addr()?))
+    }
+
     /// The connection's two halves, for a test that reads and writes from separate tasks.
     pub fn into_parts(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
         (self.reader, self.writer)

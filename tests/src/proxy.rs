@@ -273,17 +273,15 @@ impl ProxyProcess {
         count: usize,
         timeout: Duration,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        while self.log_count(text) < count {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "no {count} log lines with {text:?} within {timeout:?}\n--- proxy log ---\n{}",
-                    self.log()
-                ));
+        let what = format!("{count} log lines with {text:?}");
+        crate::wait::wait_until(timeout, &what, || async {
+            match self.log_count(text) {
+                n if n >= count => Ok(()),
+                n => Err(format!("{n} such lines")),
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        })
+        .await
+        .map_err(|e| format!("{e}\n--- proxy log ---\n{}", self.log()))
     }
 
     /// The process's ID, while it runs.

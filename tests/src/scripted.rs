@@ -195,6 +195,11 @@ pub struct ScriptedConn {
 }
 
 impl ScriptedConn {
+    /// This end's address and the proxy's, of the connection.
+    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.writer.local_addr()?, self.writer.peer_addr()?))
+    }
+
     /// The coin of the server that accepted it.
     pub fn coin(&self) -> &str {
         &self.coin

@@ -23,6 +23,7 @@ use switchyard_tests::{
     scripted::ScriptedSserver,
     session_harness::*,
     sserver::{Sserver, SserverConfig},
+    wait::{peer_read_all, wait_until},
 };
 
 /// The log line of the new image once it has taken the sessions over.
@@ -36,18 +37,16 @@ async fn upgrade(proxy: &mut ProxyProcess, n: usize) {
     ok("the upgrade", proxy.wait_log(TAKEN_OVER, n, T).await);
     assert!(proxy.running(), "the process still runs");
     assert_eq!(proxy.pid(), pid, "the PID stays");
-    let deadline = tokio::time::Instant::now() + T;
-    while !proxy
-        .metrics()
-        .await
-        .is_ok_and(|m| m.contains("switchyard_proxy_control_connected 1"))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new image never synced:\n{}",
-            proxy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let synced = wait_until(T, "the new image to sync", || async {
+        match proxy.metrics().await {
+            Ok(m) if m.contains("switchyard_proxy_control_connected 1") => Ok(()),
+            Ok(_) => Err("not synced".to_string()),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    if let Err(e) = synced {
+        panic!("{e}\n{}", proxy.log());
     }
 }
 
@@ -74,8 +73,17 @@ async fn sessions_with_requests_in_flight_and_partial_lines_survive_an_upgrade()
         json!({"id": null, "method": "mining.set_difficulty", "params": [2048]}).to_string();
     let (d_head, d_tail) = difficulty.split_at(25);
     ok("half a line", conn.send_raw(d_head.as_bytes()).await);
-    // Both halves are in the proxy before the signal.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both halves are in the proxy (read off its sockets) before the signal.
+    let (ours, proxy_end) = busy.addrs().expect("addrs");
+    ok(
+        "the miner's half read",
+        peer_read_all(ours, proxy_end, T).await,
+    );
+    let (ours, proxy_end) = conn.addrs().expect("addrs");
+    ok(
+        "the sserver's half read",
+        peer_read_all(ours, proxy_end, T).await,
+    );
 
     upgrade(&mut node.proxy, 1).await;
 
@@ -269,6 +277,8 @@ async fn connections_arriving_during_an_upgrade_are_accepted() {
         .expect("the proxy starts");
     let addr = proxy.addr;
     // Miners connect and log in one after another while the upgrade runs.
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let first_in = started.clone();
     let arrivals = tokio::spawn(async move {
         let mut logged_in = 0;
         for i in 0..60 {
@@ -283,11 +293,18 @@ async fn connections_arriving_during_an_upgrade_are_accepted() {
                 return Err(format!("login {i} refused: {auth}"));
             }
             logged_in += 1;
+            if logged_in == 5 {
+                first_in.notify_one();
+            }
+            // The arrivals' pace: spread over the upgrade.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok::<_, String>(logged_in)
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The upgrade starts once miners are arriving.
+    tokio::time::timeout(T, started.notified())
+        .await
+        .expect("the first miners log in");
     upgrade(&mut proxy, 1).await;
     let logged_in = arrivals
         .await
