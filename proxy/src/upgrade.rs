@@ -466,8 +466,8 @@ pub struct Inheritance {
 
 impl Inheritance {
     /// The sessions: those rebuilt, and why others could not be (their descriptors, if
-    /// owned, are closed). Their lines are parsed on every core (every session waits for the
-    /// last), their descriptors then owned one by one.
+    /// owned, are closed). One pass: each line read, parsed, its descriptors owned (parsing on
+    /// several threads was measured no faster for 9,000 sessions: docs/benchmarks.md part 7).
     pub fn take_sessions(self) -> (Vec<HandedSession>, Vec<String>) {
         let Self {
             mut inherited,
@@ -476,47 +476,16 @@ impl Inheritance {
             ..
         } = self;
         let started = std::time::Instant::now();
-        let mut unusable = Vec::new();
-        let lines: Vec<String> = lines
-            .filter_map(|line| {
-                line.map_err(|e| unusable.push(format!("reading: {e}")))
-                    .ok()
-            })
-            .collect();
-        let threads = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .clamp(1, 4);
-        let chunk = lines.len().div_ceil(threads).max(1);
-        let parsed: Vec<Result<SessionState, String>> = std::thread::scope(|scope| {
-            let parsers: Vec<_> = lines
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|l| {
-                                serde_json::from_str::<SessionState>(l)
-                                    .map_err(|e| format!("a session's state: {e}"))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            parsers
-                .into_iter()
-                .flat_map(|p| {
-                    p.join()
-                        .unwrap_or_else(|_| vec![Err("a parser thread failed".to_string())])
-                })
-                .collect()
-        });
-        drop(lines);
-        let parsed_ms = started.elapsed().as_millis() as u64;
         let mut handed = Vec::with_capacity(sessions);
-        for session in parsed {
-            let session = match session {
+        let mut unusable = Vec::new();
+        for line in lines {
+            let session = match line
+                .map_err(ResumeError::from)
+                .and_then(|l| serde_json::from_str::<SessionState>(&l).map_err(ResumeError::from))
+            {
                 Ok(session) => session,
                 Err(e) => {
-                    unusable.push(e);
+                    unusable.push(format!("a session's state: {e}"));
                     continue;
                 }
             };
@@ -534,8 +503,7 @@ impl Inheritance {
             }
         }
         tracing::info!(
-            parsed_ms,
-            owned_ms = started.elapsed().as_millis() as u64 - parsed_ms,
+            read_ms = started.elapsed().as_millis() as u64,
             "hot upgrade: sessions read"
         );
         (handed, unusable)
