@@ -612,6 +612,46 @@ impl SwitchCore {
             }))
     }
 
+    /// Reads one user straight from the store, for a proxy's read-through at login: a user
+    /// written a moment ago, by anyone, is found even before its change reaches the index.
+    /// Outside case-insensitive mode, a name with no record is looked up in the case index too
+    /// (when the store keeps one). `Ok(None)` when there is no such user.
+    pub async fn read_user_fresh(&self, user: &str) -> Result<Option<UserCoinRecord>, SwitchError> {
+        let user = self.normalize_user(user)?;
+        let found = |record: Option<Record>| {
+            record.and_then(|r| match (r.key, r.value) {
+                (RecordKey::User(user), Some(coin)) => Some(UserCoinRecord {
+                    user,
+                    coin,
+                    revision: r.revision,
+                }),
+                _ => None,
+            })
+        };
+        let record = self.store.read_fresh(&RecordKey::User(user.clone())).await?;
+        if let Some(record) = found(record) {
+            return Ok(Some(record));
+        }
+        if self.settings.case_insensitive || !self.settings.case_index {
+            return Ok(None);
+        }
+        let lowercase = user.to_lowercase();
+        let Some(Record {
+            value: Some(canonical),
+            ..
+        }) = self
+            .store
+            .read_fresh(&RecordKey::CaseIndex(lowercase))
+            .await?
+        else {
+            return Ok(None);
+        };
+        if canonical == user || validate_user(&canonical).is_err() {
+            return Ok(None);
+        }
+        Ok(found(self.store.read_fresh(&RecordKey::User(canonical)).await?))
+    }
+
     /// Up to `limit` users after `after` in name order, and the revision they were read at.
     pub fn list_user_coins(
         &self,

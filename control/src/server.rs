@@ -23,11 +23,12 @@ use crate::{
     config::{ConfigError, ControlConfig, StoreChoice},
     core::SwitchCore,
     cron,
-    grpc::{BearerAuth, admin::AdminService, proxy_control::ProxyControlService},
+    grpc::{BearerAuth, admin::AdminService, proxy_control::{ProxyControlService, UserLookups}},
     http::{self, SwitchApiAuth},
     ingest::CoreSink,
     leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
+    subpool::SubPoolApi,
 };
 
 /// The largest SwitcherAdmin request: 100,000 users of 128 bytes with room to spare.
@@ -80,6 +81,8 @@ pub struct ControlPlane {
     listed: Arc<ListedUsers>,
     /// The HTTP switch API's address and credentials, when enabled.
     http_api: Option<(std::net::SocketAddr, SwitchApiAuth)>,
+    /// The sub-pool coinbase API, served with the switch API.
+    sub_pool: Arc<SubPoolApi>,
     /// Whether the store can be reached: the health status follows it.
     available: tokio::sync::watch::Receiver<bool>,
     leases: Arc<dyn ServerIdLeases>,
@@ -129,6 +132,22 @@ impl ControlPlane {
             .await?,
         );
         tokio::spawn(Arc::clone(&core).run_pending(shutdown.clone()));
+        // The sub-pool coinbase API reaches job makers through ZooKeeper only.
+        let sub_pool = match (config.sub_pool()?, &zk_client) {
+            (None, _) => SubPoolApi::disabled(),
+            (Some(settings), None) => {
+                warn!(
+                    base_dir = %settings.base_dir,
+                    "ZKSubPoolUpdateBaseDir is set but the store is embedded: the sub-pool coinbase API needs ZooKeeper and answers 403"
+                );
+                SubPoolApi::without_zookeeper()
+            }
+            (Some(settings), Some(zk)) => SubPoolApi::zookeeper(
+                Arc::clone(zk),
+                settings,
+                config.zk_settings()?.request_timeout,
+            ),
+        };
         // Auto-registration: in the process on the embedded store, in ZKAutoRegWatchDir on
         // ZooKeeper (shared with the other replicas and the Go proxies).
         let registrations: Option<Arc<dyn UserRegistrations>> = match config.auto_reg()? {
@@ -184,6 +203,7 @@ impl ControlPlane {
         Ok(Self {
             listed,
             http_api,
+            sub_pool: Arc::new(sub_pool),
             available: store.available(),
             core,
             leases,
@@ -217,9 +237,14 @@ impl ControlPlane {
                             source,
                         })?;
                 // The switch API and the user-list API share ListenAddr, as in the Go programs.
-                let router = http::router(Arc::clone(&self.core), auth).merge(
-                    switchyard_initializer::api::router(Arc::clone(&self.listed)),
-                );
+                let router = http::router_with_sub_pool(
+                    Arc::clone(&self.core),
+                    auth,
+                    Arc::clone(&self.sub_pool),
+                )
+                .merge(switchyard_initializer::api::router(Arc::clone(
+                    &self.listed,
+                )));
                 Some(tokio::spawn(http::serve(
                     http_listener,
                     router,
@@ -253,7 +278,8 @@ impl ControlPlane {
                 Arc::clone(&self.leases),
                 shutdown.clone(),
             )
-            .with_registrations(self.registrations.clone()),
+            .with_registrations(self.registrations.clone())
+            .with_lookups(UserLookups::new(Arc::clone(&self.core))),
             BearerAuth::new(self.proxy_token.clone()),
         );
 

@@ -399,6 +399,14 @@ impl UserWatch {
         self.rx.borrow().clone()
     }
 
+    /// Takes `coin` as the user's coin this watch last reported: the session learned it
+    /// elsewhere (a read-through at login, newer than the cache), so the stream's delivery of
+    /// the same coin a moment later is no change. The cache itself is left as it is: the
+    /// stream, in order, is its only writer.
+    pub fn assume(&mut self, coin: Arc<str>) {
+        self.seen = Some(coin);
+    }
+
     /// Resolves when the user's coin changes to a value other than the one this watch last
     /// reported (or had when it began): `Some(new coin)`, or `None` when the user was removed.
     /// Cancel-safe: dropping the future (e.g. in `tokio::select!`) loses no change.

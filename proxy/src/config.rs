@@ -37,8 +37,21 @@ Switchyard's own settings:
   UpstreamTimeoutSeconds
                       The sserver's answers to subscribe and authorize within this.
                       Default 10.
-  ReconnectTries      A lost sserver is tried again this many times, about a second apart,
-                      before the miner is closed. Default 3.
+  ReconnectWindowSeconds
+                      A lost sserver is tried again, with backoff (0.25 s doubling to 5 s,
+                      jittered), for this long while the miner stays connected and its new
+                      lines wait (bounded); then the miner is closed. Default 60: an sserver
+                      restart takes well under a minute, and miners hash on their last job
+                      meanwhile. 0: one try.
+  ReconnectTries      Also stop after this many tries. Default: no limit (the window ends it).
+  ReadThroughMaxInFlight
+                      A user the cache does not know is read from the control plane (which
+                      reads its store) before the miner is told 201: at most this many such
+                      reads at once; a login that finds none free within 1 s is told 201.
+                      Default 32; 0 turns read-through off.
+  ReadThroughNegativeSeconds
+                      A name the control plane found unknown is not asked again for this
+                      long (the cache is still asked first). Default 5; 0: not remembered.
   WriteTimeoutSeconds A miner or sserver that does not take a line within this is closed
                       (nothing is buffered without end). Default 30.
   DrainWindowSeconds  After a switch the old sserver connection is kept this long for the
@@ -109,6 +122,12 @@ pub struct ProxyConfig {
     pub upstream_timeout_seconds: Option<u64>,
     #[serde(rename = "ReconnectTries")]
     pub reconnect_tries: Option<u32>,
+    #[serde(rename = "ReconnectWindowSeconds")]
+    pub reconnect_window_seconds: Option<u64>,
+    #[serde(rename = "ReadThroughMaxInFlight")]
+    pub read_through_max_in_flight: Option<usize>,
+    #[serde(rename = "ReadThroughNegativeSeconds")]
+    pub read_through_negative_seconds: Option<u64>,
     #[serde(rename = "WriteTimeoutSeconds")]
     pub write_timeout_seconds: Option<u64>,
     #[serde(rename = "DrainWindowSeconds")]
@@ -157,6 +176,13 @@ pub struct ProxyConfig {
 /// minute, not five.
 pub const DEFAULT_DRAIN_WINDOW_SECONDS: u64 = 60;
 
+/// The default of `ReconnectWindowSeconds`: a restarting sserver (btcpool's reconnects to
+/// Kafka and ZooKeeper and reads its job stream again) is back well within a minute, and a
+/// miner keeps hashing on its last job meanwhile, so a minute keeps miners through a restart
+/// and still closes them soon enough to fail over to a backup pool when the sserver is really
+/// gone.
+pub const DEFAULT_RECONNECT_WINDOW_SECONDS: u64 = 60;
+
 /// The default of `TcpKeepaliveSeconds`.
 pub const DEFAULT_TCP_KEEPALIVE_SECONDS: u64 = 60;
 
@@ -170,6 +196,9 @@ const KNOWN_KEYS: &[&str] = &[
     "HandshakeTimeoutSeconds",
     "UpstreamTimeoutSeconds",
     "ReconnectTries",
+    "ReconnectWindowSeconds",
+    "ReadThroughMaxInFlight",
+    "ReadThroughNegativeSeconds",
     "WriteTimeoutSeconds",
     "DrainWindowSeconds",
     "TcpKeepaliveSeconds",
@@ -270,8 +299,14 @@ pub struct ProxySettings {
     pub handshake_timeout: Duration,
     /// The sserver contract's limits.
     pub upstream_limits: UpstreamLimits,
-    /// Tries after a lost upstream.
+    /// How long a lost upstream is tried again (with backoff) before the miner is closed.
+    pub reconnect_window: Duration,
+    /// The most tries after a lost upstream (`u32::MAX`: the window alone ends them).
     pub reconnect_tries: u32,
+    /// Read-through lookups at once (0: off).
+    pub read_through_max_in_flight: usize,
+    /// How long a name found unknown is not asked again.
+    pub read_through_negative: Duration,
     /// The deadline of one write to a peer.
     pub write_timeout: Duration,
     /// How long an old upstream takes the shares of its jobs after a switch.
@@ -463,7 +498,32 @@ impl ProxyConfig {
                 max_line,
                 tcp_keepalive,
             },
-            reconnect_tries: self.reconnect_tries.unwrap_or(3).min(100),
+            reconnect_window: match self.reconnect_window_seconds {
+                Some(v) if v > 3_600 => {
+                    return Err(invalid("ReconnectWindowSeconds", "must be at most 3600"));
+                }
+                v => Duration::from_secs(v.unwrap_or(DEFAULT_RECONNECT_WINDOW_SECONDS)),
+            },
+            reconnect_tries: match self.reconnect_tries {
+                Some(0) => return Err(invalid("ReconnectTries", "must be at least 1")),
+                Some(n) => n,
+                None => u32::MAX,
+            },
+            read_through_max_in_flight: match self.read_through_max_in_flight {
+                Some(v) if v > 4_096 => {
+                    return Err(invalid("ReadThroughMaxInFlight", "must be at most 4096"));
+                }
+                v => v.unwrap_or(32),
+            },
+            read_through_negative: match self.read_through_negative_seconds {
+                Some(v) if v > 3_600 => {
+                    return Err(invalid(
+                        "ReadThroughNegativeSeconds",
+                        "must be at most 3600",
+                    ));
+                }
+                v => Duration::from_secs(v.unwrap_or(5)),
+            },
             write_timeout: seconds("WriteTimeoutSeconds", self.write_timeout_seconds, 30)?,
             drain_window: match self.drain_window_seconds {
                 Some(v) if v > 3_600 => {

@@ -24,7 +24,7 @@ use std::{
 use rand::Rng;
 use switchyard_proto::v1::{
     AcquireServerIdRequest, ReleaseServerIdRequest, RenewServerIdRequest,
-    RequestUserRegistrationRequest, WatchSwitchesRequest, proxy_control_client::ProxyControlClient,
+    LookupUserRequest, RequestUserRegistrationRequest, WatchSwitchesRequest, proxy_control_client::ProxyControlClient,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -762,6 +762,26 @@ async fn release(endpoints: &ControlEndpoints, chain_type: &str, lease: &ServerI
             "releasing the server-ID lease timed out; it expires by itself"
         ),
     }
+}
+
+/// Reads `user` straight from the control plane's store (LookupUser: the read-through at
+/// login, see [`crate::lookup`]): `Ok(Some((name as stored, coin)))`, or `Ok(None)` when there
+/// is no such user. Fails over across endpoints.
+pub async fn lookup_user(
+    endpoints: &ControlEndpoints,
+    user: &str,
+) -> Result<Option<(String, String)>, ControlError> {
+    let message = LookupUserRequest {
+        user: user.to_owned(),
+    };
+    let answer = endpoints
+        .call_each("LookupUser", |mut client| {
+            let request = endpoints.request(message.clone());
+            async move { client.lookup_user(request).await }
+        })
+        .await?;
+    Ok((answer.found && !answer.coin.is_empty() && !answer.user.is_empty())
+        .then_some((answer.user, answer.coin)))
 }
 
 /// Asks the control plane to register the unknown `user` (auto-registration, SPEC §7) for the

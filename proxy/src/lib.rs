@@ -29,6 +29,7 @@ pub mod control;
 pub mod framing;
 pub mod handshake;
 pub mod inherit;
+pub mod lookup;
 pub mod message;
 pub mod metrics;
 pub mod relay;

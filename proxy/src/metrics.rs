@@ -18,7 +18,7 @@ use axum::{Router, extract::State, http::header, response::IntoResponse, routing
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::UserCoinCache;
+use crate::{cache::UserCoinCache, lookup::UserLookups};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,6 +68,7 @@ pub struct Metrics {
     relayed: [RelayedShard; RELAYED_SHARDS],
     refused_connections: AtomicU64,
     cache: Mutex<Option<Arc<UserCoinCache>>>,
+    lookups: Mutex<Option<Arc<UserLookups>>>,
     server_id: AtomicU64,
 }
 
@@ -106,6 +107,11 @@ impl Metrics {
     /// Reports the cache's feed figures too.
     pub fn watch_cache(&self, cache: Arc<UserCoinCache>) {
         *lock(&self.cache) = Some(cache);
+    }
+
+    /// Reports the read-through's figures too.
+    pub fn watch_lookups(&self, lookups: Arc<UserLookups>) {
+        *lock(&self.lookups) = Some(lookups);
     }
 
     /// Records the server ID in use.
@@ -233,6 +239,44 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "switchyard_proxy_reconnects_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        if let Some(lookups) = lock(&self.lookups).clone() {
+            let counts = lookups.counts();
+            family(
+                &mut out,
+                "switchyard_proxy_user_lookups_total",
+                "counter",
+                "Read-through lookups of users the cache did not know, by outcome (found, \
+                 unknown, known_unknown: remembered as unknown, busy: no turn free, failed, off).",
+            );
+            for (outcome, n) in counts.by_outcome() {
+                let _ = writeln!(
+                    out,
+                    "switchyard_proxy_user_lookups_total{{outcome=\"{outcome}\"}} {n}"
+                );
+            }
+            family(
+                &mut out,
+                "switchyard_proxy_user_lookups_asked_total",
+                "counter",
+                "Read-through lookups that reached the control plane (each one store read there).",
+            );
+            let _ = writeln!(
+                out,
+                "switchyard_proxy_user_lookups_asked_total {}",
+                counts.asked.load(Ordering::Relaxed)
+            );
+            family(
+                &mut out,
+                "switchyard_proxy_user_lookups_peak_in_flight",
+                "gauge",
+                "The most read-through lookups in flight at once since start (ReadThroughMaxInFlight bounds it).",
+            );
+            let _ = writeln!(
+                out,
+                "switchyard_proxy_user_lookups_peak_in_flight {}",
+                counts.peak_in_flight.load(Ordering::Relaxed)
             );
         }
         let mut simple = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {

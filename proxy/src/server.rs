@@ -19,6 +19,7 @@ use crate::{
     cache::UserCoinCache,
     config::ProxySettings,
     control::{self, ControlEndpoints, ControlError, LeaseRequest, ServerIdLease},
+    lookup::UserLookups,
     metrics::{self, Metrics},
     session::{self, ProxyContext, SessionIds},
     session_id::BadServerId,
@@ -230,6 +231,12 @@ impl Proxy {
         server_id: u8,
     ) -> Result<Arc<ProxyContext>, StartError> {
         metrics.set_server_id(server_id);
+        let lookups = Arc::new(UserLookups::new(
+            endpoints.clone(),
+            settings.read_through_max_in_flight,
+            settings.read_through_negative,
+        ));
+        metrics.watch_lookups(Arc::clone(&lookups));
         Ok(Arc::new(ProxyContext {
             session_ids: SessionIds::new(server_id, settings.chain)?,
             settings: settings.clone(),
@@ -237,6 +244,7 @@ impl Proxy {
             control: endpoints.clone(),
             metrics: metrics.clone(),
             registration_waiters: Arc::new(Semaphore::new(settings.auto_reg_max_wait)),
+            lookups,
             drains: session::DrainBudget::new(
                 session::open_file_limit().unwrap_or(FALLBACK_OPEN_FILES),
             ),

@@ -45,6 +45,7 @@ use crate::{
     config::ProxySettings,
     control::{self, ControlEndpoints},
     framing::{FrameError, LineReader},
+    lookup::{Lookup, UserLookups},
     handshake::{
         Dialect, Handshake, Login, NameRules, Request, Step, StratumError, error_line, result_line,
     },
@@ -205,6 +206,8 @@ pub struct ProxyContext {
     pub session_ids: SessionIds,
     /// Permits of sessions waiting for an auto-registration (`AutoRegMaxWaitUsers`).
     pub registration_waiters: Arc<Semaphore>,
+    /// The read-through of users the cache does not know yet.
+    pub lookups: Arc<UserLookups>,
     /// The process's budget of drained upstream connections.
     pub drains: DrainBudget,
     /// The hot upgrade's call to the relaying sessions.
@@ -633,13 +636,13 @@ impl Session {
             self.ctx.session_ids.server_id(),
         );
         let mut held = Vec::new();
-        let login = match Box::pin(self.handshake(&mut miner, &mut hs, &mut held, deadline)).await {
+        let mut login = match Box::pin(self.handshake(&mut miner, &mut hs, &mut held, deadline)).await {
             Ok(login) => login,
             Err(end) => return Err(self.failed_handshake(end, "miner")),
         };
         tracing::Span::current().record("worker", login.worker().as_str());
         let (coin, watch) =
-            match Box::pin(self.resolve_coin(&mut miner, &hs, &login, deadline)).await {
+            match Box::pin(self.resolve_coin(&mut miner, &hs, &mut login, deadline)).await {
                 Ok(found) => found,
                 Err(end) => return Err(end),
             };
@@ -784,7 +787,7 @@ impl Session {
         &mut self,
         miner: &mut Miner,
         hs: &Handshake,
-        login: &Login,
+        login: &mut Login,
         deadline: Instant,
     ) -> Result<(Arc<str>, UserWatch), End> {
         let cache = self.ctx.cache.clone();
@@ -796,6 +799,32 @@ impl Session {
         let mut watch = cache.watch_user(&login.sub_account);
         if let Some(coin) = watch.current() {
             return Ok((coin, watch));
+        }
+        // Not in the cache: maybe written a moment ago, its change not streamed yet.
+        match self.ctx.lookups.lookup(&login.sub_account, deadline).await {
+            Lookup::Found { user, coin } => {
+                if let Some(coin) = watch.current() {
+                    // The stream brought it meanwhile: the stream's word is the newer one.
+                    return Ok((coin, watch));
+                }
+                if user != login.sub_account {
+                    // The case index mapped the name: the session is the stored user's.
+                    debug!(user = %user, "the control plane knows the user under its stored name");
+                    login.sub_account = user;
+                    let worker = login.worker();
+                    if let Some(first) = login.params.first_mut() {
+                        *first = Value::String(worker);
+                    }
+                    watch = cache.watch_user(&login.sub_account);
+                    if let Some(coin) = watch.current() {
+                        return Ok((coin, watch));
+                    }
+                }
+                let coin: Arc<str> = Arc::from(coin.as_str());
+                watch.assume(Arc::clone(&coin));
+                return Ok((coin, watch));
+            }
+            outcome => debug!(outcome = outcome.label(), "user not found by read-through"),
         }
         if !self.ctx.settings.auto_reg {
             return Err(self
@@ -1066,6 +1095,7 @@ impl Session {
                         };
                         let login = upstream_login(&relay.hs, &relay.login, self.peer_ip);
                         let limits = self.ctx.settings.upstream_limits.clone();
+                        let window = self.ctx.settings.reconnect_window;
                         let tries = self.ctx.settings.reconnect_tries.max(1);
                         debug!(sid = %self.sid.sid(), coin = %coin, reconnect, "opening an sserver connection");
                         // The count first: the previous open (if any) is dropped after it.
@@ -1077,6 +1107,7 @@ impl Session {
                                 target,
                                 login,
                                 limits,
+                                window,
                                 tries,
                             )),
                             counted,
@@ -1698,33 +1729,51 @@ async fn next_coin(mut watch: UserWatch) -> (UserWatch, Option<Arc<str>>) {
     (watch, coin)
 }
 
-/// Opens an upstream, trying again about a second apart (SPEC §4) unless the sserver refused
-/// the session outright.
+/// The first wait between tries to open an sserver connection; each next wait doubles, up to
+/// [`RETRY_MAX`], each jittered down by up to half so that a fleet's sessions do not all knock
+/// on a restarted sserver in the same instant.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+
+/// The longest wait between two tries.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Opens an upstream, trying again with backoff ([`RETRY_FIRST`] doubling to [`RETRY_MAX`])
+/// until `window` has passed since the first try or `tries` tries were made, whichever comes
+/// first. A refusal (wrong session ID, authorize refused) is not tried again: the sserver
+/// answered.
 async fn open_with_retries(
     ctx: Arc<ProxyContext>,
     target: UpstreamTarget,
     login: UpstreamLogin,
     limits: upstream::UpstreamLimits,
+    window: Duration,
     tries: u32,
 ) -> Result<Upstream, UpstreamError> {
-    let mut attempt = 0;
+    let give_up_at = tokio::time::Instant::now() + window;
+    let mut attempt: u32 = 0;
+    let mut wait = RETRY_FIRST;
     loop {
-        attempt += 1;
+        attempt = attempt.saturating_add(1);
         match upstream::open(&target, &login, &limits).await {
             Ok(upstream) => return Ok(upstream),
             Err(e @ (UpstreamError::SidMismatch { .. } | UpstreamError::AuthRejected { .. })) => {
                 return Err(e);
             }
             // Out of descriptors: drained upstreams go first, then the open is tried again.
-            Err(e) if out_of_descriptors(&e) && attempt < tries.max(EMFILE_TRIES) => {
+            Err(e) if out_of_descriptors(&e) && attempt < EMFILE_TRIES => {
                 warn!(coin = %target.coin, "out of file descriptors: closing old sserver connections");
                 ctx.drains.relieve();
                 sleep(Duration::from_millis(20)).await;
             }
-            Err(e) if attempt >= tries => return Err(e),
             Err(e) => {
+                let jittered = wait.mul_f64(rand::random_range(0.5..=1.0));
+                let next_try = tokio::time::Instant::now() + jittered;
+                if attempt >= tries || next_try > give_up_at {
+                    return Err(e);
+                }
                 debug!(coin = %target.coin, attempt, error = %e, "sserver not ready, trying again");
-                sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep_until(next_try).await;
+                wait = (wait * 2).min(RETRY_MAX);
             }
         }
     }

@@ -4,16 +4,23 @@
 //! Each WatchSwitches call gets one task that sends the starting point (a snapshot, or the
 //! changes since the client's revision) and then every change batch, in revision order. The
 //! task ends, and with it the stream, when the client goes away or the service shuts down.
+//!
+//! LookupUser is the proxies' read-through at login: a store read per call, so the service
+//! bounds how many run at once ([`LOOKUPS_IN_FLIGHT`]); a call that waits longer than
+//! [`LOOKUP_PERMIT_WAIT`] for its turn answers RESOURCE_EXHAUSTED, and the proxy answers its
+//! miner as for an unknown user. A flood of junk names costs the store at most that many
+//! reads at a time, whatever the number of proxies.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use switchyard_proto::v1::{
     AcquireServerIdRequest, AcquireServerIdResponse, CaseIndexEntry, ReleaseServerIdRequest,
     ReleaseServerIdResponse, RenewServerIdRequest, RenewServerIdResponse,
-    RequestUserRegistrationRequest, RequestUserRegistrationResponse, UserCoinEntry,
+    LookupUserRequest, LookupUserResponse, RequestUserRegistrationRequest,
+    RequestUserRegistrationResponse, UserCoinEntry,
     WatchSwitchesRequest, WatchSwitchesResponse, proxy_control_server::ProxyControl,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -21,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     autoreg::UserRegistrations,
+    core::SwitchCore,
     index::{ChangeBatch, UserCoinIndex, WatchStart},
     leases::{ProxyDescription, ServerIdLeases},
     store::{Record, RecordKey, Revision},
@@ -33,10 +41,35 @@ const RECORDS_PER_MESSAGE: usize = 1_000;
 /// Messages buffered per watcher before the sender waits for the client to read.
 const WATCH_BUFFER: usize = 16;
 
+/// LookupUser calls reading the store at once, at most (for all proxies together).
+pub const LOOKUPS_IN_FLIGHT: usize = 64;
+
+/// How long a LookupUser call waits for its turn before it answers RESOURCE_EXHAUSTED.
+pub const LOOKUP_PERMIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads users straight from the store for LookupUser, a bounded number at a time.
+#[derive(Debug, Clone)]
+pub struct UserLookups {
+    core: Arc<SwitchCore>,
+    permits: Arc<Semaphore>,
+}
+
+impl UserLookups {
+    /// Lookups through `core`, at most [`LOOKUPS_IN_FLIGHT`] at once.
+    pub fn new(core: Arc<SwitchCore>) -> Self {
+        Self {
+            core,
+            permits: Arc::new(Semaphore::new(LOOKUPS_IN_FLIGHT)),
+        }
+    }
+}
+
 /// The `ProxyControl` service.
 #[derive(Debug, Clone)]
 pub struct ProxyControlService {
     index: Arc<UserCoinIndex>,
+    /// LookupUser's reads (`None`: it answers UNIMPLEMENTED).
+    lookups: Option<UserLookups>,
     leases: Arc<dyn ServerIdLeases>,
     /// Auto-registration, when enabled (`EnableUserAutoReg`).
     registrations: Option<Arc<dyn UserRegistrations>>,
@@ -53,9 +86,16 @@ impl ProxyControlService {
         Self {
             index,
             leases,
+            lookups: None,
             registrations: None,
             shutdown,
         }
+    }
+
+    /// The service with LookupUser reading through `lookups`.
+    pub fn with_lookups(mut self, lookups: UserLookups) -> Self {
+        self.lookups = Some(lookups);
+        self
     }
 
     /// The service with auto-registration (`None`: RequestUserRegistration answers
@@ -310,6 +350,36 @@ impl ProxyControl for ProxyControlService {
             .await;
         info!(server_id = r.server_id, chain_type = %r.chain_type, "server ID released");
         Ok(Response::new(ReleaseServerIdResponse {}))
+    }
+
+    async fn lookup_user(
+        &self,
+        request: Request<LookupUserRequest>,
+    ) -> Result<Response<LookupUserResponse>, Status> {
+        let Some(lookups) = &self.lookups else {
+            return Err(Status::unimplemented(
+                "this control service does not read users for proxies",
+            ));
+        };
+        let r = request.into_inner();
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(LOOKUP_PERMIT_WAIT, lookups.permits.acquire()).await
+        else {
+            debug!("user lookup refused: too many in flight");
+            return Err(Status::resource_exhausted(format!(
+                "{LOOKUPS_IN_FLIGHT} user lookups are in flight; try again"
+            )));
+        };
+        let answer = match lookups.core.read_user_fresh(&r.user).await? {
+            Some(record) => LookupUserResponse {
+                found: true,
+                user: record.user,
+                coin: record.coin,
+                revision: record.revision,
+            },
+            None => LookupUserResponse::default(),
+        };
+        Ok(Response::new(answer))
     }
 
     async fn request_user_registration(

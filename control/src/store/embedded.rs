@@ -314,6 +314,29 @@ impl UserCoinStore for EmbeddedStore {
             .map_err(unavailable)?
     }
 
+    async fn read_fresh(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        // Every write is committed before it is acknowledged: a read sees them all.
+        let key = key.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let (table, name) = match &key {
+                RecordKey::User(name) => (USERS, name),
+                RecordKey::CaseIndex(name) => (CASE_INDEX, name),
+            };
+            let table = txn.open_table(table).map_err(unavailable)?;
+            let row = table.get(name.as_str()).map_err(unavailable)?;
+            Ok(row.map(|row| {
+                let (revision, value) = row.value();
+                Record {
+                    key: key.clone(),
+                    value: Some(value.to_owned()),
+                    revision,
+                }
+            }))
+        })
+        .await
+    }
+
     async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>> {
         self.write_all(writes, false)
             .await

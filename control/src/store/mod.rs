@@ -123,6 +123,12 @@ pub trait UserCoinStore: Send + Sync + 'static {
         writes: Vec<StoreWrite>,
     ) -> Vec<Result<Option<Record>, StoreError>>;
 
+    /// Reads one record straight from the store, as fresh as the store can give: every write
+    /// acknowledged to any client before the call is seen (on ZooKeeper a `sync`, then a read).
+    /// For a proxy's read-through at login (a user written a moment ago, whose change has not
+    /// reached the streams yet). `Ok(None)` when there is no such record.
+    async fn read_fresh(&self, key: &RecordKey) -> Result<Option<Record>, StoreError>;
+
     /// Starts feeding every change of the store, whoever made it, into `index` until
     /// `shutdown`; returns `false` when the store has no outside writers and the caller applies
     /// its own writes.

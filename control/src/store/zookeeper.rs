@@ -501,6 +501,28 @@ impl UserCoinStore for ZooKeeperStore {
         })
     }
 
+    async fn read_fresh(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let Some(path) = self.path_of(key) else {
+            return Ok(None);
+        };
+        // `sync` and the read on one session: the read then sees every write the leader had
+        // committed when the sync reached it, whichever client made it.
+        let client = self.batch.client().await?;
+        let timeout = self.settings.request_timeout;
+        session::timed(timeout, client.sync(&path))
+            .await
+            .map_err(|e| session::zk_error("sync", &path, e))?;
+        match session::timed(timeout, client.get_data(&path)).await {
+            Ok((data, stat)) => Ok(parse_value(&data).map(|value| Record {
+                key: key.clone(),
+                value: Some(value),
+                revision: stat.mzxid as Revision,
+            })),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(session::zk_error("get", &path, e)),
+        }
+    }
+
     async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>> {
         stream::iter(writes)
             .map(|w| self.write_one(w))
