@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use switchyard_cli::{LogArgs, go_style_args};
 use switchyard_control::{
     ControlPlane,
     config::{ControlConfig, LogFormat, SETTINGS_HELP},
@@ -13,15 +14,16 @@ use switchyard_control::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// The Switchyard control plane: owns the user→coin state, serves the switch APIs over gRPC,
 /// and streams every change to the Stratum proxies.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-control", version, after_long_help = SETTINGS_HELP)]
+#[command(name = "switchyard-control", version, after_long_help = SETTINGS_HELP,
+          disable_help_flag = true)]
 struct Args {
     /// The JSON config file (the Go switcher API server's and initUserCoin's keys are accepted
     /// as they are). Without it, every setting takes its default and the flags below.
+    /// `-config=FILE` and `-config FILE`, as the Go programs took it, work too.
     #[arg(short, long, env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
 
@@ -52,6 +54,9 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn load_config(args: &Args) -> anyhow::Result<(ControlConfig, Vec<String>)> {
@@ -81,17 +86,6 @@ fn load_config(args: &Args) -> anyhow::Result<(ControlConfig, Vec<String>)> {
     Ok((config, unknown))
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Resolves when SIGINT or SIGTERM arrives.
 async fn shutdown_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -105,13 +99,17 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = Args::parse_from(go_style_args(std::env::args_os()));
     let (config, unknown) = load_config(&args)?;
     if args.check_config {
         println!("configuration is valid");
         return Ok(());
     }
-    init_logging(config.log_format()?);
+    let format = match config.log_format()? {
+        LogFormat::Text => switchyard_cli::LogFormat::Text,
+        LogFormat::Json => switchyard_cli::LogFormat::Json,
+    };
+    args.log.init("switchyard-control", format)?;
     for key in unknown {
         warn!(key, "unknown config key ignored");
     }

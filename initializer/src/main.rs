@@ -6,6 +6,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
+use switchyard_cli::{LogArgs, LogFormat, go_style_args};
 use switchyard_initializer::{
     api,
     config::{InitConfig, SETTINGS_HELP},
@@ -15,13 +16,14 @@ use switchyard_initializer::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// Switchyard's user-list ingestion, run apart from the control service.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-init", version, after_long_help = SETTINGS_HELP)]
+#[command(name = "switchyard-init", version, after_long_help = SETTINGS_HELP,
+          disable_help_flag = true)]
 struct Args {
-    /// The JSON config file (the Go initUserCoin's keys plus ControlEndpoints).
+    /// The JSON config file (the Go initUserCoin's keys plus ControlEndpoints). `-config=FILE`
+    /// and `-config FILE`, as the Go initUserCoin took it, work too.
     #[arg(short, long, env = "SWITCHYARD_INIT_CONFIG")]
     config: PathBuf,
 
@@ -32,6 +34,9 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
@@ -46,7 +51,7 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = Args::parse_from(go_style_args(std::env::args_os()));
     let (mut config, ignored) = InitConfig::from_file(&args.config)?;
     if let Some(token) = args.admin_token {
         config.admin_token = Some(token);
@@ -56,15 +61,12 @@ async fn main() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log_format == "json" {
-        logs.json().init();
+    let format = if config.log_format == "json" {
+        LogFormat::Json
     } else {
-        logs.init();
-    }
+        LogFormat::Text
+    };
+    args.log.init("switchyard-init", format)?;
     for key in ignored {
         warn!(
             key,

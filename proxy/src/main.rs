@@ -8,21 +8,22 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use switchyard_cli::{LogArgs, go_style_args};
 use switchyard_proxy::{
     config::{LogFormat, ProxyConfig, SETTINGS_HELP},
     server::Proxy,
     upgrade::{self, Invocation},
 };
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// The Switchyard Stratum proxy: holds miners' connections and moves each to its user's coin's
 /// sserver without dropping it.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-proxy", version, after_long_help = SETTINGS_HELP)]
+#[command(name = "switchyard-proxy", version, after_long_help = SETTINGS_HELP,
+          disable_help_flag = true)]
 struct Args {
     /// The JSON config file (the Go stratumSwitcher's file is accepted as it is, plus
-    /// ControlEndpoints). `-config=FILE`, as the Go binary took it, works too.
+    /// ControlEndpoints). `-config=FILE` and `-config FILE`, as the Go binary took it, work too.
     #[arg(short, long, env = "SWITCHYARD_PROXY_CONFIG")]
     config: PathBuf,
 
@@ -41,30 +42,9 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
-}
 
-/// The Go binary's `-config=FILE` / `-config FILE` become `--config`.
-fn go_style_args() -> Vec<String> {
-    std::env::args()
-        .map(|arg| {
-            if let Some(rest) = arg.strip_prefix("-config") {
-                format!("--config{rest}")
-            } else {
-                arg
-            }
-        })
-        .collect()
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 /// Serves until SIGINT or SIGTERM; on SIGUSR2, upgrades in place (SPEC §9): when that
@@ -96,7 +76,7 @@ async fn serve_until_signal(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse_from(go_style_args());
+    let args = Args::parse_from(go_style_args(std::env::args_os()));
     let (mut config, unknown) = ProxyConfig::from_file(&args.config)?;
     if let Some(control) = &args.control {
         config.control_endpoints = control.clone();
@@ -114,7 +94,11 @@ async fn main() -> anyhow::Result<()> {
     }
     // Read before anything can replace the binary: the path an upgrade runs again.
     let invocation = Invocation::current();
-    init_logging(settings.log_format);
+    let format = match settings.log_format {
+        LogFormat::Text => switchyard_cli::LogFormat::Text,
+        LogFormat::Json => switchyard_cli::LogFormat::Json,
+    };
+    args.log.init("switchyard-proxy", format)?;
     let handed =
         upgrade::take_handed_over().context("reading what the previous binary handed over")?;
     for key in unknown {
