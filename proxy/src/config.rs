@@ -23,6 +23,7 @@ CONFIG FILE KEYS (JSON; the Go stratumSwitcher's file is accepted as it is)
 Switchyard's own settings:
   ControlEndpoints    The control replicas, e.g. [\"http://10.0.0.5:50051\"]. Required.
                       The proxy follows the first that answers and fails over to the next.
+                      host:port alone means http://host:port.
   ProxyToken          Sent as \"authorization: Bearer <ProxyToken>\" to the control plane
                       (its ProxyToken). Default: none.
   MetricsListenAddr   Prometheus endpoint (GET /metrics). Default: HTTPDebugListenAddr
@@ -424,14 +425,11 @@ impl ProxyConfig {
                 "at least one control endpoint is required (e.g. \"http://127.0.0.1:50051\")",
             ));
         }
-        for endpoint in &self.control_endpoints {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(invalid(
-                    "ControlEndpoints",
-                    format!("{endpoint:?} must start with http:// or https://"),
-                ));
-            }
-        }
+        let control_endpoints = self
+            .control_endpoints
+            .iter()
+            .map(|endpoint| control_endpoint(endpoint))
+            .collect::<Result<Vec<_>, _>>()?;
         let metrics_addr = match (&self.metrics_listen_addr, self.enable_http_debug) {
             (Some(a), _) if !a.is_empty() => Some(addr("MetricsListenAddr", a)?),
             (_, true) => Some(addr("HTTPDebugListenAddr", &self.http_debug_listen_addr)?),
@@ -473,7 +471,7 @@ impl ProxyConfig {
             server_id,
             listen_addr,
             upstreams,
-            control_endpoints: self.control_endpoints.clone(),
+            control_endpoints,
             proxy_token: self.proxy_token.clone().filter(|t| !t.is_empty()),
             metrics_addr,
             auto_reg: self.enable_user_auto_reg,
@@ -535,6 +533,24 @@ impl ProxyConfig {
             log_format,
         })
     }
+}
+
+/// A `ControlEndpoints` entry as a URL: `http://` or `https://` as written, `host:port` as
+/// `http://host:port` (the way addresses are written everywhere else in the Go configs).
+fn control_endpoint(endpoint: &str) -> Result<String, ConfigError> {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        return Ok(endpoint.to_owned());
+    }
+    let has_port = endpoint
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if endpoint.contains("://") || !has_port {
+        return Err(invalid(
+            "ControlEndpoints",
+            format!("{endpoint:?}: write host:port, http://host:port or https://host:port"),
+        ));
+    }
+    Ok(format!("http://{endpoint}"))
 }
 
 #[cfg(test)]
@@ -607,6 +623,28 @@ mod tests {
     }
 
     #[test]
+    fn control_endpoints_without_a_scheme_are_http() {
+        let mut value: serde_json::Value = serde_json::from_str(GO_CONFIG).expect("json");
+        value["ControlEndpoints"] = serde_json::json!([
+            "10.0.0.5:50051",
+            "http://10.0.0.6:50051",
+            "https://control.example:443",
+            "control-3.pool:50051"
+        ]);
+        let (config, _) = ProxyConfig::from_json(&value.to_string()).expect("parse");
+        let settings = config.settings().expect("valid");
+        assert_eq!(
+            settings.control_endpoints,
+            [
+                "http://10.0.0.5:50051",
+                "http://10.0.0.6:50051",
+                "https://control.example:443",
+                "http://control-3.pool:50051"
+            ]
+        );
+    }
+
+    #[test]
     fn refuses_settings_that_cannot_work() {
         for (patch, key) in [
             (r#"{"ServerID": 256}"#, "ServerID"),
@@ -618,9 +656,11 @@ mod tests {
             ),
             (r#"{"ControlEndpoints": []}"#, "ControlEndpoints"),
             (
-                r#"{"ControlEndpoints": ["10.0.0.1:50051"]}"#,
+                r#"{"ControlEndpoints": ["grpc://10.0.0.1:50051"]}"#,
                 "ControlEndpoints",
             ),
+            (r#"{"ControlEndpoints": ["10.0.0.1"]}"#, "ControlEndpoints"),
+            (r#"{"ControlEndpoints": [":50051"]}"#, "ControlEndpoints"),
             (r#"{"ListenAddr": "x"}"#, "ListenAddr"),
             (r#"{"MaxLineBytes": 10}"#, "MaxLineBytes"),
             (
