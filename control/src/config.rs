@@ -18,6 +18,7 @@ use crate::{
     cron::UserCoinMapPull,
     leases::CHAIN_TYPES,
     store::zookeeper::{ZkSettings, normalize_dir},
+    subpool::SubPoolSettings,
     validate::{CoinSet, InvalidInput},
 };
 
@@ -97,7 +98,12 @@ Original keys (switcherAPIServer / initUserCoin):
                       CronIntervalSeconds (default 60), GET UserCoinMapURL (with
                       ?last_date= after the first pull) and apply each user->coin pair.
   ZKSubPoolUpdateBaseDir, ZKSubPoolUpdateAckTimeout
-                      Sub-pool coinbase updates (SPEC section 6).
+                      The sub-pool coinbase API (SPEC section 6) on ListenAddr, behind the
+                      switch API's auth: /subpool/get-coinbase, /subpool/update-coinbase
+                      (and /subpool-get-coinbase, /subpool-update-coinbase) write the
+                      request to the job maker's node ZKSubPoolUpdateBaseDir<coin>/<subpool>
+                      and answer its ack (.../ack) within ZKSubPoolUpdateAckTimeout seconds
+                      (default 5). Needs ZooKeeper; unset: the routes answer 403.
 
 Keys this version does not know are logged as warnings and ignored.
 
@@ -641,6 +647,22 @@ impl ControlConfig {
         )))
     }
 
+    /// The sub-pool coinbase API's settings, when `ZKSubPoolUpdateBaseDir` is set.
+    pub fn sub_pool(&self) -> Result<Option<SubPoolSettings>, ConfigError> {
+        if self.zk_sub_pool_update_base_dir.is_empty() {
+            return Ok(None);
+        }
+        let base_dir = normalize_dir(&self.zk_sub_pool_update_base_dir)
+            .map_err(|m| invalid("ZKSubPoolUpdateBaseDir", m))?;
+        if self.zk_sub_pool_update_ack_timeout == 0 {
+            return Err(invalid("ZKSubPoolUpdateAckTimeout", "must be at least 1"));
+        }
+        Ok(Some(SubPoolSettings {
+            base_dir,
+            ack_timeout: Duration::from_secs(self.zk_sub_pool_update_ack_timeout),
+        }))
+    }
+
     /// The time to live of proxy server-ID leases.
     pub fn lease_ttl(&self) -> Result<Duration, ConfigError> {
         if self.lease_ttl_seconds == 0 {
@@ -673,6 +695,7 @@ impl ControlConfig {
         }
         self.log_format()?;
         self.http_api()?;
+        self.sub_pool()?;
         if self.enable_user_auto_reg {
             self.auto_reg()?;
         }

@@ -1,7 +1,8 @@
 //! The HTTP switch API of SPEC §6, kept for pool backends: `GET|POST /switch` for one user and
 //! `POST /switch/multi-user` (also spelled `/switch-multi-user`) for many, behind HTTP basic
 //! auth. A thin adapter over [`SwitchCore`], like the gRPC `SwitcherAdmin` service: it
-//! translates requests and answers, and never touches the store itself.
+//! translates requests and answers, and never touches the store itself. The sub-pool coinbase
+//! routes of SPEC §6 ([`crate::subpool`]) are served by the same router, behind the same auth.
 //!
 //! # Answers
 //!
@@ -20,21 +21,28 @@
 //! | 107 | `write record failed` | the store refused the write |
 //! | 108 | `usercoins is empty` | a multi-user request with no user to switch |
 //!
-//! Requests that never reach the switch logic get an HTTP error status and the same JSON shape
-//! with `err_no` set to that status, so a client that only reads `success` still sees a
-//! failure:
+//! Requests that never reach the switch logic are refused in the same shape, still with HTTP
+//! 200 (SPEC §6: "Replies are HTTP 200", as the Go API server answered), `err_no` an HTTP-like
+//! number:
 //!
-//! - 401 without valid credentials, with `WWW-Authenticate: Basic realm="switcher"`. Every route
-//!   of this router needs them; the user and the password are both compared in full, in
-//!   constant time. An empty `APIUser`/`APIPassword` is not refused here (the credentials must
-//!   then be sent empty, as with the Go server); refusing such a configuration is the config's
-//!   business.
-//! - 400 for an unreadable body: JSON that does not parse or has the wrong shape, or a
-//!   non-empty `POST /switch` body that is not `application/x-www-form-urlencoded`
+//! - 400 for an unreadable request: a multi-user body that is empty, not JSON, truncated or of
+//!   the wrong shape (the Go server's 400); a `/switch` query string or form body that does not
+//!   decode, or a non-empty `/switch` body that is not `application/x-www-form-urlencoded`
 //!   (`multipart/form-data` is not supported).
 //! - 413 for a body over the limit: [`SWITCH_BODY_LIMIT`] for `/switch`,
 //!   [`MULTI_USER_BODY_LIMIT`] for the multi-user routes.
-//! - 500 if the request could not be processed at all (a failed worker task).
+//! - 500 for a body that cannot be read at all (the connection failed), or a request that could
+//!   not be processed (a failed worker task).
+//!
+//! The one answer that is not HTTP 200 is 401, without valid credentials, with
+//! `WWW-Authenticate: Basic realm="switcher"` (as the Go server). Every route of this router
+//! needs them; the user and the password are both compared in full, in constant time. An empty
+//! `APIUser`/`APIPassword` is not refused here (the credentials must then be sent empty, as with
+//! the Go server); refusing such a configuration is the config's business.
+//!
+//! Every route takes any method, as the Go server's did: `/switch` reads a form body for POST,
+//! PUT and PATCH (like Go's `FormValue`) and only the query string otherwise; the multi-user
+//! and sub-pool routes read the body whatever the method.
 //!
 //! # Choices where SPEC §6 is silent
 //!
@@ -64,8 +72,8 @@
 //!   first-seen times of user-list ingestion (SPEC §7), which this version does not keep yet.
 //! - No timeout on reading a request: a slow client holds its connection (and, at shutdown,
 //!   delays [`serve`]'s return) until it finishes or goes away.
-//! - Routes of SPEC §6 other than the switch ones (the scheduled pull, the sub-pool coinbase
-//!   routes) and the user-list API of SPEC §7 are not part of this module.
+//! - The scheduled pull of SPEC §6 and the user-list API of SPEC §7 are not part of this
+//!   module.
 
 use std::{borrow::Cow, collections::BTreeSet, net::SocketAddr, sync::Arc};
 
@@ -76,7 +84,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::any,
 };
 use base64::Engine as _;
 use serde::{
@@ -89,6 +97,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     core::{SwitchCore, SwitchError},
+    subpool::{SUB_POOL_BODY_LIMIT, SubPoolApi, SubPoolError},
     validate::InvalidInput,
 };
 
@@ -246,9 +255,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// An answer with a status other than 200, in the same JSON shape.
-fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
-    reply(status, u32::from(status.as_u16()), message.into())
+/// A refusal before the switch logic: HTTP 200 (SPEC §6) with `err_no` the number of `status`.
+fn refusal(status: StatusCode, message: impl Into<String>) -> Response {
+    reply(StatusCode::OK, u32::from(status.as_u16()), message.into())
 }
 
 fn reply(status: StatusCode, err_no: u32, err_msg: String) -> Response {
@@ -282,30 +291,56 @@ fn bounded(message: impl std::fmt::Display) -> String {
     s
 }
 
-/// The router of the switch API over `core`, every route behind `auth`.
-///
-/// Its routes: `GET|POST /switch`, `POST /switch/multi-user`, `POST /switch-multi-user`. It
-/// has no fallback, so it can be merged with other routers on the same listener (unknown paths
-/// get an empty 404).
+/// The router of the switch API over `core`, every route behind `auth`, with the sub-pool
+/// routes disabled (they answer 403 `API disabled`, as the Go server without
+/// `ZKSubPoolUpdateBaseDir`); see [`router_with_sub_pool`].
 pub fn router(core: Arc<SwitchCore>, auth: SwitchApiAuth) -> Router {
+    router_with_sub_pool(core, auth, Arc::new(SubPoolApi::disabled()))
+}
+
+/// The router of the switch API over `core` and the sub-pool API over `sub_pool`, every route
+/// behind `auth`.
+///
+/// Its routes: `/switch`, `/switch/multi-user`, `/switch-multi-user`, `/subpool/get-coinbase`,
+/// `/subpool-get-coinbase`, `/subpool/update-coinbase`, `/subpool-update-coinbase`, any
+/// method. It has no fallback, so it can be merged with other routers on the same listener
+/// (unknown paths get an empty 404).
+pub fn router_with_sub_pool(
+    core: Arc<SwitchCore>,
+    auth: SwitchApiAuth,
+    sub_pool: Arc<SubPoolApi>,
+) -> Router {
     let auth = Arc::new(auth);
-    Router::new()
+    let switch_routes = Router::new()
         .route(
             "/switch",
-            get(switch)
-                .post(switch)
-                .layer(DefaultBodyLimit::max(SWITCH_BODY_LIMIT)),
+            any(switch).layer(DefaultBodyLimit::max(SWITCH_BODY_LIMIT)),
         )
         .route(
             "/switch/multi-user",
-            post(multi_user).layer(DefaultBodyLimit::max(MULTI_USER_BODY_LIMIT)),
+            any(multi_user).layer(DefaultBodyLimit::max(MULTI_USER_BODY_LIMIT)),
         )
         .route(
             "/switch-multi-user",
-            post(multi_user).layer(DefaultBodyLimit::max(MULTI_USER_BODY_LIMIT)),
+            any(multi_user).layer(DefaultBodyLimit::max(MULTI_USER_BODY_LIMIT)),
         )
+        .with_state(core);
+    let limit = || DefaultBodyLimit::max(SUB_POOL_BODY_LIMIT);
+    let sub_pool_routes = Router::new()
+        .route("/subpool/get-coinbase", any(get_coinbase).layer(limit()))
+        .route("/subpool-get-coinbase", any(get_coinbase).layer(limit()))
+        .route(
+            "/subpool/update-coinbase",
+            any(update_coinbase).layer(limit()),
+        )
+        .route(
+            "/subpool-update-coinbase",
+            any(update_coinbase).layer(limit()),
+        )
+        .with_state(sub_pool);
+    switch_routes
+        .merge(sub_pool_routes)
         .route_layer(middleware::from_fn_with_state(auth, require_auth))
-        .with_state(core)
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then stops taking connections
@@ -349,7 +384,7 @@ async fn require_auth(
         err_no = 401,
         "switch API request refused: missing or wrong credentials"
     );
-    let mut response = http_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let mut response = reply(StatusCode::UNAUTHORIZED, 401, "unauthorized".to_owned());
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static(REALM_CHALLENGE),
@@ -384,7 +419,7 @@ async fn read_form_body(request: Request) -> Result<Params, Response> {
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(too_large(SWITCH_BODY_LIMIT))
             }
-            Err(rejection) => Err(http_error(
+            Err(rejection) => Err(refusal(
                 StatusCode::BAD_REQUEST,
                 format!("unreadable form body: {}", bounded(rejection.body_text())),
             )),
@@ -392,28 +427,33 @@ async fn read_form_body(request: Request) -> Result<Params, Response> {
     }
     match Bytes::from_request(request, &()).await {
         Ok(bytes) if bytes.is_empty() => Ok(Params::new()),
-        Ok(_) => Err(http_error(
+        Ok(_) => Err(refusal(
             StatusCode::BAD_REQUEST,
-            "a POST /switch body must be application/x-www-form-urlencoded",
+            "a /switch body must be application/x-www-form-urlencoded",
         )),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(too_large(SWITCH_BODY_LIMIT))
         }
-        Err(rejection) => Err(http_error(
-            StatusCode::BAD_REQUEST,
-            format!("unreadable body: {}", bounded(rejection.body_text())),
-        )),
+        Err(rejection) => Err(unreadable_body(&rejection.body_text())),
     }
 }
 
 fn too_large(limit: usize) -> Response {
-    http_error(
+    refusal(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("request body is larger than {limit} bytes"),
     )
 }
 
-/// `GET|POST /switch?puname=NAME&coin=COIN`.
+/// A body that could not be read at all (the Go server's 500).
+fn unreadable_body(detail: &str) -> Response {
+    refusal(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("cannot read the request body: {}", bounded(detail)),
+    )
+}
+
+/// `/switch?puname=NAME&coin=COIN`, any method; POST, PUT and PATCH may send a form body.
 async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Response {
     let query = match Query::<Params>::try_from_uri(request.uri()) {
         Ok(Query(params)) => params,
@@ -422,7 +462,7 @@ async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Respon
                 err_no = 400,
                 "switch request with an unreadable query string"
             );
-            return http_error(
+            return refusal(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "unreadable query string: {}",
@@ -431,14 +471,12 @@ async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Respon
             );
         }
     };
-    let body = if request.method() == Method::POST {
+    // The methods whose body Go's `FormValue` reads.
+    let body = if [Method::POST, Method::PUT, Method::PATCH].contains(request.method()) {
         match read_form_body(request).await {
             Ok(params) => params,
             Err(response) => {
-                warn!(
-                    err_no = response.status().as_u16(),
-                    "switch request with an unreadable body"
-                );
+                warn!("switch request with an unreadable body; refused");
                 return response;
             }
         }
@@ -589,7 +627,7 @@ fn check_multi_user(core: &SwitchCore, body: &[u8]) -> MultiUserCheck {
     }
 }
 
-/// `POST /switch/multi-user` and `POST /switch-multi-user`.
+/// `/switch/multi-user` and `/switch-multi-user`, any method.
 async fn multi_user(
     State(core): State<Arc<SwitchCore>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -597,19 +635,17 @@ async fn multi_user(
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
-            let response = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large(MULTI_USER_BODY_LIMIT)
-            } else {
-                http_error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unreadable body: {}", bounded(rejection.body_text())),
-                )
-            };
+            let too_large_body = rejection.status() == StatusCode::PAYLOAD_TOO_LARGE;
             warn!(
-                err_no = response.status().as_u16(),
+                err_no = if too_large_body { 413 } else { 500 },
+                error = %bounded(rejection.body_text()),
                 "multi-user switch request with an unreadable body"
             );
-            return response;
+            return if too_large_body {
+                too_large(MULTI_USER_BODY_LIMIT)
+            } else {
+                unreadable_body(&rejection.body_text())
+            };
         }
     };
     // Parsing and checking up to 16 MiB of names takes a while: off the async workers.
@@ -619,7 +655,7 @@ async fn multi_user(
             Ok(checked) => checked,
             Err(e) => {
                 error!(err_no = 500, error = %e, "multi-user switch check failed");
-                return http_error(
+                return refusal(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "the request could not be processed",
                 );
@@ -628,7 +664,7 @@ async fn multi_user(
     let entries = match checked {
         MultiUserCheck::Unreadable(detail) => {
             warn!(err_no = 400, error = %detail, "multi-user switch request with an unreadable body");
-            return http_error(
+            return refusal(
                 StatusCode::BAD_REQUEST,
                 format!("unreadable multi-user body: {detail}"),
             );
@@ -708,6 +744,54 @@ async fn write_multi_user(core: &SwitchCore, entries: Vec<UserCoins>) -> Respons
         "HTTP multi-user switch applied"
     );
     success()
+}
+
+/// The body of a sub-pool request, or the refusal to answer.
+fn sub_pool_body(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, SubPoolError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            SubPoolError::TooLarge
+        } else {
+            SubPoolError::Unreadable(bounded(rejection.body_text()))
+        }
+    })
+}
+
+/// A sub-pool answer: the job maker's ack as JSON, or the error in the API's shape; HTTP 200.
+fn sub_pool_reply<T: Serialize>(result: Result<T, SubPoolError>) -> Response {
+    match result {
+        Ok(ack) => (StatusCode::OK, axum::Json(ack)).into_response(),
+        Err(e) => {
+            info!(err_no = e.err_no(), error = %e, "sub-pool request answered with an error");
+            reply(StatusCode::OK, e.err_no(), e.to_string())
+        }
+    }
+}
+
+/// `/subpool/get-coinbase` and `/subpool-get-coinbase`, any method.
+async fn get_coinbase(
+    State(api): State<Arc<SubPoolApi>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let result = match sub_pool_body(body) {
+        Ok(body) => api.get_coinbase(&body).await,
+        Err(e) => Err(e),
+    };
+    sub_pool_reply(result)
+}
+
+/// `/subpool/update-coinbase` and `/subpool-update-coinbase`, any method.
+async fn update_coinbase(
+    State(api): State<Arc<SubPoolApi>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let result = match sub_pool_body(body) {
+        Ok(body) => api.update_coinbase(&body).await,
+        Err(e) => Err(e),
+    };
+    sub_pool_reply(result)
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //!   created with `DefaultCoin` through the core.
 //! - [`cron`]: the scheduled user→coin pull of SPEC §6 (`EnableCronJob`), applied through the
 //!   core.
+//! - [`subpool`]: the sub-pool coinbase API of SPEC §6, a request to a coin's job maker and its
+//!   answer through ZooKeeper (`ZKSubPoolUpdateBaseDir`), served by [`http`]'s router.
 //! - [`config`] and [`server`]: the configuration file and the assembly of the service.
 
 #![warn(clippy::unwrap_used)]
@@ -29,6 +31,7 @@ pub mod ingest;
 pub mod leases;
 pub mod server;
 pub mod store;
+pub mod subpool;
 pub mod validate;
 
 pub use server::{ControlError, ControlPlane};

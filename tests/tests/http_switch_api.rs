@@ -20,7 +20,7 @@ use switchyard_control::{
     http::{MULTI_USER_BODY_LIMIT, SWITCH_BODY_LIMIT, SwitchApiAuth, router, serve},
     index::UserCoinIndex,
     store::{
-        PendingSwitch, Record, StoreContents, StoreError, StoreWrite, UserCoinStore,
+        PendingSwitch, Record, RecordKey, StoreContents, StoreError, StoreWrite, UserCoinStore,
         embedded::EmbeddedStore,
     },
     validate::CoinSet,
@@ -52,6 +52,10 @@ impl UserCoinStore for FailingStore {
             return writes.iter().map(|_| Err(e.clone())).collect();
         }
         self.inner.write(writes).await
+    }
+
+    async fn read_fresh(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.read_fresh(key).await
     }
 
     fn follow(&self, index: Arc<UserCoinIndex>, shutdown: CancellationToken) -> bool {
@@ -275,12 +279,24 @@ fn assert_reply(got: (StatusCode, Value), expected: Value) {
     assert_eq!(got.1, expected);
 }
 
-/// Asserts a non-200 answer in the API's JSON shape.
+/// Asserts a refusal before the switch logic: HTTP 200 (SPEC §6: "Replies are HTTP 200", as
+/// the Go API server answered), `err_no` the HTTP-like number, in the API's JSON shape.
 #[track_caller]
-fn assert_http_error(got: (StatusCode, Value), status: StatusCode) {
-    assert_eq!(got.0, status, "status; body {}", got.1);
+fn assert_refused(got: (StatusCode, Value), err_no: u16) {
+    assert_eq!(got.0, StatusCode::OK, "status; body {}", got.1);
     assert_eq!(got.1["success"], json!(false), "{}", got.1);
-    assert_eq!(got.1["err_no"], json!(status.as_u16()), "{}", got.1);
+    assert_eq!(got.1["err_no"], json!(err_no), "{}", got.1);
+    assert!(
+        got.1["err_msg"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        got.1
+    );
+    assert_eq!(
+        got.1.as_object().map(|o| o.len()),
+        Some(3),
+        "err_no, err_msg, success and nothing else: {}",
+        got.1
+    );
 }
 
 fn multi(entries: &[(&str, Vec<String>)]) -> Value {
@@ -302,6 +318,10 @@ async fn requests_without_the_right_credentials_get_401_with_a_challenge() {
         (reqwest::Method::POST, "/switch?puname=alice&coin=btc"),
         (reqwest::Method::POST, "/switch/multi-user"),
         (reqwest::Method::POST, "/switch-multi-user"),
+        (reqwest::Method::POST, "/subpool/get-coinbase"),
+        (reqwest::Method::POST, "/subpool-get-coinbase"),
+        (reqwest::Method::POST, "/subpool/update-coinbase"),
+        (reqwest::Method::POST, "/subpool-update-coinbase"),
     ];
     let body = multi(&[("btc", vec!["alice".into()])]).to_string();
     for (method, path) in &routes {
@@ -362,6 +382,18 @@ async fn requests_without_the_right_credentials_get_401_with_a_challenge() {
         ok_reply(),
     );
     assert_eq!(api.coin_of("alice").as_deref(), Some("btc"));
+    // The sub-pool routes of a router without ZKSubPoolUpdateBaseDir: disabled, as in Go.
+    for path in &routes[4..] {
+        assert_reply(
+            api.post_raw(
+                path.1,
+                r#"{"coin":"btc","subpool_name":"p"}"#,
+                "application/json",
+            )
+            .await,
+            api_error(403, "API disabled"),
+        );
+    }
     api.stop().await;
 }
 
@@ -681,7 +713,7 @@ async fn multi_user_without_users_answers_108() {
 }
 
 #[tokio::test]
-async fn unreadable_or_oversized_bodies_get_http_errors() {
+async fn unreadable_or_oversized_bodies_get_err_no_in_http_200() {
     let api = Api::start(false, 10_000).await;
     for path in MULTI_PATHS {
         for garbage in [
@@ -696,13 +728,23 @@ async fn unreadable_or_oversized_bodies_get_http_errors() {
             "",
         ] {
             let got = api.post_raw(path, garbage, "application/json").await;
-            assert_http_error(got, StatusCode::BAD_REQUEST);
+            assert_refused(got, 400);
         }
+        // The Go server took any method: an empty GET is an empty body.
+        let response = api
+            .client
+            .get(api.url(path))
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .expect("GET");
+        assert_refused(read(response).await, 400);
         // Over the limit.
         let huge = vec![b' '; MULTI_USER_BODY_LIMIT + 1];
         let got = api.post_raw(path, huge, "application/json").await;
-        assert_http_error(got, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_refused(got, 413);
     }
+    assert_eq!(api.core.index().user_count(), 0, "a refused request wrote");
 
     // A /switch body that is not a form.
     let got = api
@@ -712,7 +754,7 @@ async fn unreadable_or_oversized_bodies_get_http_errors() {
             "application/json",
         )
         .await;
-    assert_http_error(got, StatusCode::BAD_REQUEST);
+    assert_refused(got, 400);
     let huge = format!(
         "puname=alice&coin=btc&pad={}",
         "x".repeat(SWITCH_BODY_LIMIT)
@@ -720,7 +762,18 @@ async fn unreadable_or_oversized_bodies_get_http_errors() {
     let got = api
         .post_raw("/switch", huge, "application/x-www-form-urlencoded")
         .await;
-    assert_http_error(got, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_refused(got, 413);
+    // Other methods are served as the Go server did: PUT reads a form body like POST.
+    let response = api
+        .client
+        .put(api.url("/switch"))
+        .form(&[("puname", "alice"), ("coin", "btc")])
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .expect("PUT");
+    assert_reply(read(response).await, ok_reply());
+    assert_eq!(api.coin_of("alice").as_deref(), Some("btc"));
 
     // The largest multi-user body that fits is still read (100,000 names).
     let names: Vec<String> = (0..100_000).map(|i| format!("bulk-user-{i:06}")).collect();
@@ -731,9 +784,8 @@ async fn unreadable_or_oversized_bodies_get_http_errors() {
             .await,
         ok_reply(),
     );
-    assert_eq!(api.core.index().user_count(), 100_000);
+    assert_eq!(api.core.index().user_count(), 100_001);
     assert_eq!(api.coin_of("bulk-user-099999").as_deref(), Some("btc"));
-    assert_eq!(api.coin_of("alice"), None);
     api.stop().await;
 }
 
