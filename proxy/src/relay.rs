@@ -139,6 +139,21 @@ impl Worker {
     }
 }
 
+/// [`Relay::worker_names`]: written when formatted, nothing allocated before.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerNames<'a>(&'a Relay);
+
+impl fmt::Display for WorkerNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let login = &self.0.login;
+        write!(f, "{}{}", login.sub_account, login.miner_name)?;
+        for name in self.0.workers.iter().filter_map(Worker::name) {
+            write!(f, ",{name}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What a request sent under the proxy's own id is for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ProxyRequest {
@@ -967,6 +982,16 @@ impl Relay {
             self.replay(&worker.method, worker.params.clone());
         }
         self.workers.push(worker);
+        // From here on the session's log lines name every worker (`Relay::worker_names`); this one
+        // says when the connection took another.
+        tracing::info!(sid = %self.hs.sid(), worker = %self.worker_names(),
+                       "another worker authorized on this connection");
+    }
+
+    /// Every worker of the connection, for the log: the login's, then the further ones
+    /// authorized successfully, comma-separated (`alice.rig1,alice.rig2`).
+    pub fn worker_names(&self) -> WorkerNames<'_> {
+        WorkerNames(self)
     }
 
     /// An upstream's connection ended (closed, failed, or a line over the bound).

@@ -917,7 +917,7 @@ impl Session {
                 }
                 Event::Upstream(id, None) => {
                     if links.current.as_ref().is_some_and(|c| c.id == id) {
-                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
                               coin = %relay.coin(), "sserver connection lost: reconnecting");
                     }
                     links.close(id);
@@ -934,10 +934,10 @@ impl Session {
                     let Some(coin) = coin else { continue };
                     let has_sserver = ctx.settings.upstreams.contains_key(&*coin);
                     if !has_sserver {
-                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
                               coin = %coin, "the user's new coin has no sserver here: ignored");
                     } else if coin.as_ref() != relay.target_coin() {
-                        info!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                        info!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
                               from = %relay.coin(), to = %coin, "switching");
                     }
                     relay.on_coin_changed(&coin, has_sserver);
@@ -965,7 +965,7 @@ impl Session {
                             relay.on_opened(id, opened, now_ms());
                         }
                         Err(e) => {
-                            warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.login.worker(),
+                            warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
                                   coin = %relay.target_coin(), error = %e, "cannot open the sserver connection");
                             relay.on_open_failed(id);
                         }
@@ -1130,7 +1130,7 @@ impl Session {
                         }
                         if outcome == "ok" {
                             info!(sid = %self.sid.sid(), peer = %self.peer,
-                                  worker = %relay.login.worker(), coin = %coin, kind, "relaying");
+                                  worker = %relay.worker_names(), coin = %coin, kind, "relaying");
                         }
                     }
                     Action::End(end) => {
