@@ -21,6 +21,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod file;
+
 use std::{
     collections::{HashMap, HashSet},
     mem,

@@ -63,6 +63,12 @@ Switchyard's own settings:
                       many idle seconds, every 10 s, 6 of them, so a peer gone without a
                       FIN frees its session within about this plus a minute. 0 turns it
                       off. Default 60.
+  CacheFile           Where the proxy keeps its cache between runs (with the stream's
+                      revision and the server-ID lease): a restarted proxy serves from it
+                      at once, resumes the stream from its revision, and keeps its leased
+                      server ID when no control replica answers. Relative paths are from
+                      the working directory. Default \"switchyard-proxy.cache\"; \"\" turns
+                      it off.
   LogFormat           \"text\" or \"json\". Default \"text\".
 
 Original keys (stratumSwitcher):
@@ -137,6 +143,8 @@ pub struct ProxyConfig {
     pub tcp_keepalive_seconds: Option<u64>,
     #[serde(rename = "LogFormat")]
     pub log_format: Option<String>,
+    #[serde(rename = "CacheFile")]
+    pub cache_file: Option<String>,
 
     #[serde(rename = "ServerID")]
     pub server_id: u32,
@@ -184,6 +192,10 @@ pub const DEFAULT_DRAIN_WINDOW_SECONDS: u64 = 60;
 /// gone.
 pub const DEFAULT_RECONNECT_WINDOW_SECONDS: u64 = 60;
 
+/// The default of `CacheFile`: in the working directory, as the Go switcher kept its
+/// `runtime.json` there.
+pub const DEFAULT_CACHE_FILE: &str = "switchyard-proxy.cache";
+
 /// The default of `TcpKeepaliveSeconds`.
 pub const DEFAULT_TCP_KEEPALIVE_SECONDS: u64 = 60;
 
@@ -204,6 +216,7 @@ const KNOWN_KEYS: &[&str] = &[
     "DrainWindowSeconds",
     "TcpKeepaliveSeconds",
     "LogFormat",
+    "CacheFile",
     "ServerID",
     "ChainType",
     "ListenAddr",
@@ -316,6 +329,8 @@ pub struct ProxySettings {
     pub tcp_keepalive: Option<Duration>,
     /// The log format.
     pub log_format: LogFormat,
+    /// Where the cache is kept between runs (`None`: not kept).
+    pub cache_file: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -531,6 +546,11 @@ impl ProxyConfig {
             },
             tcp_keepalive,
             log_format,
+            cache_file: match self.cache_file.as_deref() {
+                None => Some(PathBuf::from(DEFAULT_CACHE_FILE)),
+                Some("") => None,
+                Some(path) => Some(PathBuf::from(path)),
+            },
         })
     }
 }

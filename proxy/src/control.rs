@@ -116,7 +116,7 @@ impl ControlError {
 
     /// Whether the failure is the control plane's definite answer, the same from every replica
     /// (bad input, refused, not enabled), rather than a replica being unreachable or unwell.
-    fn is_definitive(&self) -> bool {
+    pub fn is_definitive(&self) -> bool {
         matches!(
             self.code(),
             Some(
@@ -569,8 +569,10 @@ pub async fn acquire_server_id(
     acquire_as(endpoints, request, &new_instance_id(), ACQUIRE_ROUNDS).await
 }
 
-/// [`acquire_server_id`] with a given instance ID and number of rounds.
-async fn acquire_as(
+/// [`acquire_server_id`] with a given instance ID and number of rounds: taking back a lease
+/// saved before a restart (the same instance ID renews or re-takes it when it is still this
+/// proxy's).
+pub async fn acquire_as(
     endpoints: &ControlEndpoints,
     request: &LeaseRequest,
     instance_id: &str,

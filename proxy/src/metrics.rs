@@ -361,6 +361,13 @@ impl Metrics {
                 "WatchSwitches streams opened (the first, then each reconnect).",
                 &[("", cache.connects())],
             );
+            simple(
+                "switchyard_proxy_cache_snapshots_total",
+                "counter",
+                "Full snapshots applied (the first sync, then each time a stream could not \
+                 resume from the cache's revision). A restart from the cache file resumes.",
+                &[("", cache.snapshots_applied())],
+            );
         }
         out
     }

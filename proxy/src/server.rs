@@ -16,9 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    cache::UserCoinCache,
     config::ProxySettings,
     control::{self, ControlEndpoints, ControlError, LeaseRequest, ServerIdLease},
+    cache::{
+        self, UserCoinCache,
+        file::{CacheFile, SavedLease},
+    },
     lookup::UserLookups,
     metrics::{self, Metrics},
     session::{self, ProxyContext, SessionIds},
@@ -122,6 +125,25 @@ impl Proxy {
         let cache = UserCoinCache::new();
         let metrics = Metrics::new();
         metrics.watch_cache(cache.clone());
+        // The cache kept on disk, read before the stream starts: the stream resumes from its
+        // revision.
+        let cache_file = settings.cache_file.clone().map(CacheFile::new);
+        let saved_lease = cache_file.as_ref().and_then(|file| match file.load(&cache) {
+            Ok(Some(loaded)) => {
+                info!(
+                    path = %file.path().display(),
+                    users = loaded.users,
+                    revision = loaded.revision,
+                    "serving from the cache file until the control plane answers"
+                );
+                loaded.lease
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "cache file ignored: starting without it");
+                None
+            }
+        });
         tasks.spawn(control::follow_switches(
             cache.clone(),
             endpoints.clone(),
@@ -145,8 +167,7 @@ impl Proxy {
                 (lease.server_id, Some(lease))
             }
             (None, None) => {
-                let lease = control::acquire_server_id(&endpoints, &lease_request).await?;
-                info!(server_id = lease.server_id, "server ID leased");
+                let lease = Self::lease(&endpoints, &lease_request, saved_lease).await?;
                 (lease.server_id, Some(lease))
             }
         };
@@ -157,8 +178,25 @@ impl Proxy {
             context.session_ids.set_cursor(handed.sid_cursor);
         }
         let kept_lease = lease.clone();
+        let chain_type = settings.chain.as_str().to_string();
+        let saved = move |id: u8, lease: &ServerIdLease| SavedLease {
+            chain_type: chain_type.clone(),
+            server_id: id,
+            instance_id: lease.instance_id.clone(),
+        };
+        let (lease_to_save, lease_saved) =
+            tokio::sync::watch::channel(lease.as_ref().map(|l| saved(l.server_id, l)));
+        if let Some(file) = cache_file {
+            tasks.spawn(cache::file::keep_saved(
+                file,
+                cache.clone(),
+                lease_saved,
+                shutdown.child_token(),
+            ));
+        }
         if let Some(lease) = lease {
             let (current, mut changes) = tokio::sync::watch::channel(server_id);
+            let instance = lease.clone();
             let by_coin = metrics.clone();
             tasks.spawn(control::keep_server_id(
                 endpoints.clone(),
@@ -179,6 +217,7 @@ impl Proxy {
                         changed = changes.changed() => if changed.is_err() { return },
                     }
                     let id = *changes.borrow_and_update();
+                    lease_to_save.send_replace(Some(saved(id, &instance)));
                     match ctx.session_ids.set_server_id(id) {
                         Ok(()) => {
                             ctx.metrics.set_server_id(id);
@@ -221,6 +260,49 @@ impl Proxy {
             paused_ms = upgrade::wall_ms().saturating_sub(frozen_at_ms),
             "hot upgrade: sessions taken over"
         );
+    }
+
+    /// Takes the server-ID lease at start. With a lease saved in the cache file (for this
+    /// chain type), asks for that one back under its instance ID (one round), and when no
+    /// control replica answers starts on it: the renewals then confirm it once the control
+    /// plane is back, or replace it (a new ID for new sessions) when it was taken meanwhile.
+    async fn lease(
+        endpoints: &ControlEndpoints,
+        request: &LeaseRequest,
+        saved: Option<SavedLease>,
+    ) -> Result<ServerIdLease, StartError> {
+        let Some(saved) = saved.filter(|s| s.chain_type == request.chain_type) else {
+            let lease = control::acquire_server_id(endpoints, request).await?;
+            info!(server_id = lease.server_id, "server ID leased");
+            return Ok(lease);
+        };
+        let again = LeaseRequest {
+            preferred_server_id: u32::from(saved.server_id),
+            ..request.clone()
+        };
+        match control::acquire_as(endpoints, &again, &saved.instance_id, 1).await {
+            Ok(lease) => {
+                info!(
+                    server_id = lease.server_id,
+                    saved_server_id = saved.server_id,
+                    "server ID leased"
+                );
+                Ok(lease)
+            }
+            Err(e) if !e.is_definitive() => {
+                warn!(
+                    server_id = saved.server_id,
+                    error = %e,
+                    "no control replica answers: starting on the server ID leased before the restart"
+                );
+                Ok(ServerIdLease {
+                    server_id: saved.server_id,
+                    ttl: SAVED_LEASE_TTL,
+                    instance_id: saved.instance_id,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn context(
@@ -426,6 +508,10 @@ impl Proxy {
 /// thousand overflows the queue and each dropped SYN waits a whole second for TCP's
 /// retransmission. The kernel caps it at `net.core.somaxconn`.
 const MINER_BACKLOG: u32 = 4096;
+
+/// The time to live assumed for a lease taken back from the cache file while no control
+/// replica answers: renewals are tried every third of it.
+const SAVED_LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// Binds the miners' listener with [`MINER_BACKLOG`].
 fn bind_miners(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -103,8 +103,11 @@ impl InProcessProxy {
     }
 
     async fn start_once(config: &Value) -> Result<Self, ControlFixtureError> {
-        let (config, _) = ProxyConfig::from_json(&config.to_string())
+        let (mut config, _) = ProxyConfig::from_json(&config.to_string())
             .map_err(|e| ControlFixtureError::Timeout(format!("bad proxy config: {e}")))?;
+        // No cache file unless the test names one: in-process proxies share this process's
+        // working directory.
+        config.cache_file.get_or_insert_with(String::new);
         let settings = config
             .settings()
             .map_err(|e| ControlFixtureError::Timeout(format!("bad proxy config: {e}")))?;
@@ -171,11 +174,43 @@ impl ProxyProcess {
             config_path,
             _dir: dir,
         };
-        this.spawn().await?;
+        this.spawn(true).await?;
         Ok(this)
     }
 
-    async fn spawn(&mut self) -> Result<(), ControlFixtureError> {
+    /// Stops the process (SIGTERM, then waits for it) and starts it again on the same config
+    /// and directory. With `wait_control`, waits until it is synced with the control plane
+    /// again; without, only until its metrics endpoint answers (the control plane may be away).
+    pub async fn restart(&mut self, wait_control: bool) -> Result<(), ControlFixtureError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let waited = tokio::time::timeout(Duration::from_secs(30), async {
+                loop {
+                    if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            if waited.is_err() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.spawn(wait_control).await
+    }
+
+    /// The process's directory: its config, log, and working directory (where its cache file
+    /// goes by default).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    async fn spawn(&mut self, wait_control: bool) -> Result<(), ControlFixtureError> {
         let binary = workspace_binary("switchyard-proxy")?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -186,6 +221,7 @@ impl ProxyProcess {
             .try_clone()
             .map_err(|e| ControlFixtureError::Io("cloning the log", e))?;
         let child = Command::new(binary)
+            .current_dir(self._dir.path())
             .arg(format!("-config={}", self.config_path.display()))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -197,7 +233,7 @@ impl ProxyProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = self.metrics().await
-                && text.contains("switchyard_proxy_control_connected 1")
+                && (!wait_control || text.contains("switchyard_proxy_control_connected 1"))
             {
                 return Ok(());
             }
