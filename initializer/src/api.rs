@@ -2,7 +2,9 @@
 //! `{"err_no":0,"err_msg":null,"data":{"name":puid,...}}` with the users seen for that coin (all
 //! coins for an empty or missing coin) whose puid is above N, in ascending puid; `"data":{}`
 //! when there are none. Names are JSON-escaped (the Go server wrote them raw). No auth, like the
-//! original. A `last_id` that is not a non-negative integer is HTTP 400.
+//! original. A `last_id` that is not a non-negative integer is refused with `err_no` 400 and an
+//! empty `data`, in an HTTP 200 reply like every answer of the Go programs' HTTP APIs (the Go
+//! server read it as 0 and sent the whole list).
 
 use std::{collections::HashMap, fmt::Write as _, sync::Arc};
 
@@ -32,7 +34,7 @@ async fn user_list(
             Ok(n) => n,
             Err(_) => {
                 return (
-                    StatusCode::BAD_REQUEST,
+                    StatusCode::OK,
                     [(header::CONTENT_TYPE, "application/json")],
                     r#"{"err_no":400,"err_msg":"last_id must be a non-negative integer","data":{}}"#,
                 )

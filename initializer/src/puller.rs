@@ -6,6 +6,9 @@
 //! - `"data": []` and `"data": {}` are empty pages. A missing `err_no` counts as 0; any other
 //!   `err_no` fails the round (logged, retried).
 //! - A puid must be a non-negative integer; entries with another value are skipped (logged).
+//! - The users taken are recorded for the user-list API ([`ListedUsers`]) under the user an
+//!   alias stands for (`mmm_btc` as `mmm`), with the alias's puid, as the Go initUserCoin listed
+//!   them: that is the name miners log in with.
 //! - The cursor moves over users created or already present, and over names that can never be
 //!   ingested (empty, containing `/`, refused by the control service's validator); it stops
 //!   before the first user whose write failed, so that user is read again next time. It never
@@ -297,15 +300,15 @@ impl UserListPuller {
         let mut taken = Vec::new();
         let mut cursor = self.last_id;
         for (puid, name) in &entries {
-            let status = user_of(name)
-                .and_then(|u| index_of.get(u))
-                .map(|&i| &statuses[i]);
-            match status {
-                Some(IngestStatus::Failed(_)) => break,
-                Some(IngestStatus::Created | IngestStatus::Existed) => {
-                    taken.push((*puid, name.clone()));
+            let user = user_of(name);
+            let status = user.and_then(|u| index_of.get(u)).map(|&i| &statuses[i]);
+            match (status, user) {
+                (Some(IngestStatus::Failed(_)), _) => break,
+                // Listed as the user it stands for (`mmm_btc` as `mmm`), as the Go original.
+                (Some(IngestStatus::Created | IngestStatus::Existed), Some(user)) => {
+                    taken.push((*puid, user.to_owned()));
                 }
-                Some(IngestStatus::Invalid(_)) | None => {}
+                _ => {}
             }
             cursor = cursor.max(*puid);
         }

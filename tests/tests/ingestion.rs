@@ -138,7 +138,8 @@ async fn user_lists_become_znodes_without_ever_overwriting_a_switch() {
         "x/y is skipped"
     );
 
-    // The user-list API serves what was ingested, in ascending puid.
+    // The user-list API serves what was ingested, in ascending puid, an alias as the user it
+    // stands for (`mmm_btc` is listed as `mmm`, as the Go initUserCoin listed it).
     let http = reqwest::Client::new();
     let get = |query: &str| {
         let url = format!("http://127.0.0.1:{http_port}/?{query}");
@@ -155,15 +156,32 @@ async fn user_lists_become_znodes_without_ever_overwriting_a_switch() {
     };
     assert_eq!(
         get("coin=btc&last_id=0").await,
-        r#"{"err_no":0,"err_msg":null,"data":{"alice":1,"bob":2,"mmm_btc":4,"Carol":6}}"#
+        r#"{"err_no":0,"err_msg":null,"data":{"alice":1,"bob":2,"mmm":4,"Carol":6}}"#
     );
     assert_eq!(
         get("coin=btc&last_id=2").await,
-        r#"{"err_no":0,"err_msg":null,"data":{"mmm_btc":4,"Carol":6}}"#
+        r#"{"err_no":0,"err_msg":null,"data":{"mmm":4,"Carol":6}}"#
     );
     assert_eq!(
         get("coin=&last_id=3").await,
-        r#"{"err_no":0,"err_msg":null,"data":{"mmm_btc":4,"Carol":6,"dave":7,"mmm_bch":8,"erin":9,"frank":10}}"#
+        r#"{"err_no":0,"err_msg":null,"data":{"mmm":4,"Carol":6,"dave":7,"erin":9,"frank":10}}"#
+    );
+    assert_eq!(
+        get("coin=bch&last_id=0").await,
+        r#"{"err_no":0,"err_msg":null,"data":{"bob":3,"dave":7,"mmm":8}}"#
+    );
+    // A cursor that is not a number is refused in an HTTP 200 reply, like every API error.
+    let response = http
+        .get(format!(
+            "http://127.0.0.1:{http_port}/?coin=btc&last_id=abc"
+        ))
+        .send()
+        .await
+        .expect("HTTP");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert_eq!(
+        response.text().await.expect("body"),
+        r#"{"err_no":400,"err_msg":"last_id must be a non-negative integer","data":{}}"#
     );
     assert_eq!(
         get("coin=ltc&last_id=10").await,

@@ -83,7 +83,7 @@ async fn switchyard_init_ingests_into_a_remote_control_service() {
         });
     }
     // The init process serves the list it ingested.
-    let expected = r#"{"err_no":0,"err_msg":null,"data":{"alice":1,"bob_btc":2}}"#;
+    let expected = r#"{"err_no":0,"err_msg":null,"data":{"alice":1,"bob":2}}"#;
     wait_until(Duration::from_secs(10), "the user-list API", || async {
         let url = format!("http://127.0.0.1:{api_port}/?coin=btc&last_id=0");
         let body = match reqwest::get(url).await {
