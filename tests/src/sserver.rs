@@ -114,8 +114,10 @@ pub struct SserverConfig {
     pub version_mask: Option<u32>,
     /// How often a new job is made; `None` makes one only on [`Sserver::new_job`].
     pub job_interval: Option<Duration>,
-    /// The difficulty sent after authorize.
-    pub difficulty: u64,
+    /// The difficulty sent after authorize (`mining.set_difficulty`, before the first job):
+    /// a whole number is sent as an integer, anything else as a float (real CPU miners need
+    /// one well below 1 to find shares, e.g. the quick start's 0.01).
+    pub difficulty: f64,
     /// The longest line accepted, in bytes.
     pub max_line: usize,
 }
@@ -134,7 +136,7 @@ impl SserverConfig {
             wrong_sid: false,
             version_mask: Some(DEFAULT_VERSION_MASK),
             job_interval: Some(Duration::from_secs(5)),
-            difficulty: 1024,
+            difficulty: 1024.0,
             max_line: DEFAULT_MAX_LINE,
         }
     }
@@ -186,7 +188,7 @@ impl SserverConfig {
     }
 
     /// Sets the difficulty sent after authorize.
-    pub fn difficulty(mut self, difficulty: u64) -> Self {
+    pub fn difficulty(mut self, difficulty: f64) -> Self {
         self.difficulty = difficulty;
         self
     }
@@ -937,7 +939,7 @@ impl Session {
                     push(
                         out,
                         &json!({"id": null, "method": "mining.set_difficulty",
-                                "params": [self.config().difficulty]}),
+                                "params": [difficulty_value(self.config().difficulty)]}),
                     );
                 }
                 let job = *jobs.borrow_and_update();
@@ -1054,6 +1056,15 @@ impl Session {
             format!("0x{}", pseudo_hash(coin, "seed", job.seq / 30_000)),
             format!("0x{}", pseudo_hash(coin, "header", job.seq)),
         )
+    }
+}
+
+/// `difficulty` as JSON: an integer when it is a whole number that fits, else a float.
+fn difficulty_value(difficulty: f64) -> Value {
+    if difficulty.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&difficulty) {
+        json!(difficulty as u64)
+    } else {
+        json!(difficulty)
     }
 }
 

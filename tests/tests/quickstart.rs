@@ -1,8 +1,10 @@
 //! The README's quick start, as a user runs it: the real `switchyard-quickstart` binary on free
-//! ports and a temp data directory. It prints its instructions; a miner logs in as
-//! `alice.rig1` and gets btc jobs; a switch over gRPC brings it bch jobs on the same
-//! connection, one over the HTTP switch API (the printed curl command) brings it back to btc;
-//! SIGTERM stops the whole node cleanly.
+//! ports and a temp data directory. It prints its instructions (curl before grpcurl, the
+//! case-sensitivity of names); a miner logs in as `alice.rig1`, gets the low share difficulty
+//! before its first job, and btc jobs; a second worker on the same connection is logged with
+//! the first; a switch over gRPC brings it bch jobs on the same connection, one over the HTTP
+//! switch API (the printed curl command) brings it back to btc; SIGTERM stops the whole node
+//! cleanly. Restarted on the same data directory with alice on bch, it prints bch, not btc.
 
 use std::{
     path::{Path, PathBuf},
@@ -35,13 +37,24 @@ struct Quickstart {
     metrics: String,
     out_path: PathBuf,
     log_path: PathBuf,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Quickstart {
     fn spawn() -> Self {
+        Self::spawn_in(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// Runs it again on the same data directory (and new ports), once it has exited.
+    fn restart(mut self) -> Self {
+        assert!(self.child.is_none(), "restarted while running");
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        Self::spawn_in(dir)
+    }
+
+    /// Runs it with its data, stdout and stderr in `dir`.
+    fn spawn_in(dir: TempDir) -> Self {
         let binary = workspace_binary("switchyard-quickstart").expect("the binary");
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = || format!("127.0.0.1:{}", free_port().expect("a free port"));
         let (listen, grpc, http, metrics) = (port(), port(), port(), port());
         let out_path = dir.path().join("stdout.txt");
@@ -68,7 +81,7 @@ impl Quickstart {
             metrics,
             out_path,
             log_path,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -164,9 +177,23 @@ async fn the_quick_start_serves_a_miner_and_switches_it() {
             qs.http
         ),
         format!("http://{}/metrics", qs.metrics),
+        "alice, on btc (seeded now)".to_string(),
+        "IDs like \"btc-3\"".to_string(),
+        "share difficulty 0.01".to_string(),
+        "minerd -a sha256d".to_string(),
+        "Names are case-sensitive: alice and Alice are two users".to_string(),
+        "StratumServerCaseInsensitive".to_string(),
     ] {
         assert!(printed.contains(&expected), "{expected:?} in:\n{printed}");
     }
+    let curl = printed
+        .find("curl -u admin:admin")
+        .expect("the curl switch");
+    let grpcurl = printed.find("grpcurl").expect("the grpcurl switch");
+    assert!(
+        curl < grpcurl,
+        "curl first (it needs no extra tool):\n{printed}"
+    );
 
     let mut miner = Miner::connect(qs.listen.parse().expect("the listen address"))
         .await
@@ -177,6 +204,23 @@ async fn the_quick_start_serves_a_miner_and_switches_it() {
         .expect("login as alice.rig1");
     assert_eq!(auth["result"], json!(true), "{auth}");
     miner.wait_job_of("btc", T).await.expect("a btc job");
+    // The low difficulty a CPU miner needs, set before the first job.
+    let first = |method: &str| miner.received.iter().position(|v| v["method"] == method);
+    let (difficulty, job) = (first("mining.set_difficulty"), first("mining.notify"));
+    assert!(
+        difficulty.is_some_and(|d| job.is_some_and(|j| d < j)),
+        "the difficulty comes before the first job: {:?}",
+        miner.received
+    );
+    let difficulty = &miner.received[difficulty.unwrap_or_default()];
+    assert_eq!(difficulty["params"], json!([0.01]), "{difficulty}");
+    // A second worker on the same connection (a mining proxy's way).
+    let rig2 = miner
+        .request("mining.authorize", json!(["alice.rig2", "x"]))
+        .await
+        .expect("authorize rig2");
+    let rig2 = miner.answer(rig2, T).await.expect("rig2's answer");
+    assert_eq!(rig2["result"], json!(true), "{rig2}");
 
     // The printed grpcurl switch, over gRPC.
     SwitcherAdminClient::new(channel(qs.grpc.parse().expect("the gRPC address")))
@@ -190,6 +234,19 @@ async fn the_quick_start_serves_a_miner_and_switches_it() {
         .wait_job_of("bch", T)
         .await
         .expect("a bch job after the switch");
+    // The session's log lines name both its workers.
+    let both = "worker=alice.rig1,alice.rig2";
+    let logged = wait_until(T, "the switch logged under both workers", || {
+        let log = qs.log();
+        let seen = if log.contains(both) && log.contains("another worker authorized") {
+            Ok(())
+        } else {
+            Err(log)
+        };
+        async move { seen }
+    })
+    .await;
+    logged.unwrap_or_else(|e| panic!("{e}"));
 
     // The printed curl switch (back to btc), over the HTTP switch API.
     let answer: serde_json::Value = reqwest::Client::new()
@@ -219,7 +276,57 @@ async fn the_quick_start_serves_a_miner_and_switches_it() {
         "{metrics}"
     );
 
+    // Leave alice on bch, stop, and start again on the same data directory.
+    let answer: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/switch?puname=alice&coin=bch", qs.http))
+        .basic_auth("admin", Some("admin"))
+        .send()
+        .await
+        .expect("the HTTP switch API")
+        .json()
+        .await
+        .expect("a JSON answer");
+    assert_eq!(answer["err_no"], json!(0), "{answer}");
+    miner
+        .wait_job_of("bch", T)
+        .await
+        .expect("a bch job before the restart");
+    drop(miner);
+
     let status = qs.terminate().await;
     assert!(status.success(), "exit {status}\n--- log ---\n{}", qs.log());
     assert!(qs.log().contains("stopped"), "{}", qs.log());
+
+    // The next steps follow the store: alice is on bch, so step 2 switches her to btc.
+    let mut qs = qs.restart();
+    let printed = qs.wait_ready().await;
+    for expected in [
+        "alice, on bch (as ".to_string(),
+        "IDs like \"bch-3\" (alice is on bch)".to_string(),
+        format!(
+            "curl -u admin:admin 'http://{}/switch?puname=alice&coin=btc'",
+            qs.http
+        ),
+        format!(
+            "grpcurl -plaintext -d '{{\"user\":\"alice\",\"coin\":\"btc\"}}' {} switchyard.v1.SwitcherAdmin/SwitchCoin",
+            qs.grpc
+        ),
+    ] {
+        assert!(printed.contains(&expected), "{expected:?} in:\n{printed}");
+    }
+    assert!(!printed.contains("btc-3"), "{printed}");
+    let mut miner = Miner::connect(qs.listen.parse().expect("the listen address"))
+        .await
+        .expect("connect to the restarted proxy");
+    let (_, auth) = miner
+        .bitcoin_login("alice.rig1", T)
+        .await
+        .expect("login as alice.rig1");
+    assert_eq!(auth["result"], json!(true), "{auth}");
+    miner
+        .wait_job_of("bch", T)
+        .await
+        .expect("a bch job after the restart");
+    let status = qs.terminate().await;
+    assert!(status.success(), "exit {status}\n--- log ---\n{}", qs.log());
 }

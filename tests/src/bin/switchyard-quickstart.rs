@@ -1,9 +1,10 @@
 //! `switchyard-quickstart`: a complete single Switchyard node in one process, with no outside
 //! services. It runs the control plane on the embedded store (gRPC and the HTTP switch API),
 //! two simulated sservers (btc and bch: the same simulation the end-to-end tests and the
-//! benchmarks use), and one Stratum proxy in front of them; seeds the demo user `alice` on btc;
-//! prints how to point a miner at the proxy and how to switch the user; and stops everything
-//! cleanly on Ctrl-C or SIGTERM.
+//! benchmarks use, at a difficulty low enough for a CPU miner to find shares), and one Stratum
+//! proxy in front of them; seeds the demo user `alice` on btc unless the data directory already
+//! has it; prints how to point a miner at the proxy and how to switch the user, from the user's
+//! coin as the store holds it; and stops everything cleanly on Ctrl-C or SIGTERM.
 //!
 //! ```sh
 //! cargo run --release -p switchyard-tests --bin switchyard-quickstart
@@ -69,9 +70,29 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     job_interval: u64,
 
-    /// The demo user seeded on btc (unless the store already has it).
+    /// The demo user seeded on btc (unless the store already has it). Names are
+    /// case-sensitive: Alice is another user.
     #[arg(long, value_name = "NAME", default_value = "alice")]
     user: String,
+
+    /// The share difficulty the simulated sservers set (mining.set_difficulty, before the first
+    /// job). A share takes about DIFFICULTY × 2^32 hashes on average: at the default 0.01,
+    /// about 43 million, a few seconds for one CPU core running cpuminer. The sservers accept
+    /// every share.
+    #[arg(long, value_name = "DIFFICULTY", default_value_t = DEFAULT_DIFFICULTY,
+          value_parser = difficulty)]
+    difficulty: f64,
+}
+
+/// The simulated sservers' default share difficulty: low enough for a CPU miner.
+const DEFAULT_DIFFICULTY: f64 = 0.01;
+
+/// A `--difficulty`: a positive finite number.
+fn difficulty(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(d) if d.is_finite() && d > 0.0 => Ok(d),
+        _ => Err(format!("{text:?} is not a positive number")),
+    }
 }
 
 /// SIGINT and SIGTERM, registered before anything starts so that neither is missed.
@@ -100,8 +121,10 @@ impl Signals {
 /// The running node.
 struct Node {
     grpc_addr: SocketAddr,
-    /// The demo user's coin when the node started.
+    /// The demo user's coin in the store when the node started.
     demo_coin: String,
+    /// Whether the demo user was seeded by this run (rather than found in the store).
+    seeded: bool,
     sservers: Vec<Sserver>,
     control_shutdown: CancellationToken,
     control_task: tokio::task::JoinHandle<Result<(), switchyard_control::ControlError>>,
@@ -114,10 +137,14 @@ impl Node {
         let interval = Duration::from_secs(args.job_interval);
         let mut sservers = Vec::new();
         for coin in COINS {
-            let sserver = Sserver::start(SserverConfig::new(coin).job_interval(Some(interval)))
+            let config = SserverConfig::new(coin)
+                .job_interval(Some(interval))
+                .difficulty(args.difficulty);
+            let sserver = Sserver::start(config)
                 .await
                 .with_context(|| format!("starting the simulated {coin} sserver"))?;
-            info!(coin, addr = %sserver.addr(), "simulated sserver listening");
+            info!(coin, addr = %sserver.addr(), difficulty = args.difficulty,
+                  "simulated sserver listening");
             sservers.push(sserver);
         }
 
@@ -136,17 +163,17 @@ impl Node {
             .await
             .context("opening the control plane")?;
         let core = std::sync::Arc::clone(plane.core());
-        let demo_coin = match core.index().user_coin(&args.user) {
+        let (demo_coin, seeded) = match core.index().user_coin(&args.user) {
             Some((coin, _)) => {
                 info!(user = %args.user, coin, "demo user already present");
-                coin
+                (coin, false)
             }
             None => {
                 core.switch_coin(&args.user, COINS[0])
                     .await
                     .with_context(|| format!("seeding the demo user {:?}", args.user))?;
                 info!(user = %args.user, coin = COINS[0], "demo user seeded");
-                COINS[0].to_owned()
+                (COINS[0].to_owned(), true)
             }
         };
         let listener = TcpListener::bind(args.grpc)
@@ -208,6 +235,7 @@ impl Node {
         Ok(Self {
             grpc_addr,
             demo_coin,
+            seeded,
             sservers,
             control_shutdown,
             control_task,
@@ -236,7 +264,8 @@ impl Node {
     }
 }
 
-/// What to do next, with the addresses actually in use.
+/// What to do next, with the addresses actually in use and the demo user's coin as the store
+/// holds it (a data directory kept from an earlier run may have it on another coin).
 fn instructions(args: &Args, node: &Node) -> String {
     let user = &args.user;
     let listen = node.proxy.listen_addr;
@@ -251,44 +280,72 @@ fn instructions(args: &Args, node: &Node) -> String {
         .iter()
         .map(|s| format!("{} on {}", s.coin(), s.addr()))
         .collect();
+    let coin = &node.demo_coin;
+    // Where step 2 switches the user to, and back.
+    let other = COINS.iter().find(|c| *c != coin).unwrap_or(&COINS[0]);
+    let origin = if node.seeded {
+        "seeded now".to_owned()
+    } else {
+        format!(
+            "as {} holds it from an earlier run",
+            args.data_dir.display()
+        )
+    };
     format!(
         r#"
 ==================== Switchyard quick start ====================
 control plane   gRPC {grpc}, HTTP switch API {http} (user {API_USER}, password {API_PASSWORD})
                 embedded store in {data_dir}
 proxy           stratum+tcp://{listen} (server ID 1, bitcoin), metrics http://{metrics}/metrics
-sservers        simulated: {sservers}
-demo user       {user}, on {demo_coin}
+sservers        simulated, share difficulty {difficulty}: {sservers}
+demo user       {user}, on {coin} ({origin})
 
-1. Point a miner at stratum+tcp://{listen} with worker {user}.rig1 (any password).
+1. Point a miner at stratum+tcp://{listen} with worker {user}.rig1 (any password), e.g. cpuminer:
+
+   minerd -a sha256d -o stratum+tcp://{listen} -u {user}.rig1 -p x
+
+   Names are case-sensitive: {user} and {upper} are two users ({upper} is unknown here:
+   error 201), unless the proxy's StratumServerCaseInsensitive is set.
    Or be the miner yourself (the sleep keeps nc's connection open to see the jobs):
 
    (printf '{{"id":1,"method":"mining.subscribe","params":[]}}\n{{"id":2,"method":"mining.authorize","params":["{user}.rig1","x"]}}\n'; sleep 30) | nc {listen_host} {listen_port}
 
-   Jobs arrive as mining.notify with IDs like "btc-3".
+   Jobs arrive as mining.notify with IDs like "{coin}-3" ({user} is on {coin}).
 
-2. Switch {user} to bch while the miner stays connected (its next jobs are "bch-..."):
+2. Switch {user} to {other} while the miner stays connected (its next jobs are "{other}-..."),
+   over the HTTP switch API, as pool backends do (coin={coin} switches back):
 
-   grpcurl -plaintext -d '{{"user":"{user}","coin":"bch"}}' {grpc} switchyard.v1.SwitcherAdmin/SwitchCoin
+   curl -u {API_USER}:{API_PASSWORD} 'http://{http}/switch?puname={user}&coin={other}'
 
-   or the same over the HTTP switch API, as pool backends do (coin=btc switches back):
+   or the same over gRPC, with grpcurl:
 
-   curl -u {API_USER}:{API_PASSWORD} 'http://{http}/switch?puname={user}&coin=bch'
+   grpcurl -plaintext -d '{{"user":"{user}","coin":"{other}"}}' {grpc} switchyard.v1.SwitcherAdmin/SwitchCoin
 
 3. See every user's coin, and the proxy's metrics:
 
    grpcurl -plaintext -d '{{}}' {grpc} switchyard.v1.SwitcherAdmin/ListUserCoins
    curl -s http://{metrics}/metrics | grep switchyard_proxy
 
-Ctrl-C stops everything.
+Ctrl-C stops everything; the users and their coins stay in {data_dir} for the next run.
 Switchyard quick start is running.
 "#,
         data_dir = args.data_dir.display(),
+        difficulty = args.difficulty,
         sservers = sservers.join(", "),
-        demo_coin = node.demo_coin,
+        upper = capitalized(user),
         listen_host = listen.ip(),
         listen_port = listen.port(),
     )
+}
+
+/// `name` with its first letter in the other case (`alice` → `Alice`): another user.
+fn capitalized(name: &str) -> String {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(first) if first.is_lowercase() => first.to_uppercase().chain(chars).collect(),
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 fn init_logging() {
