@@ -714,6 +714,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sub_pool_settings_are_checked() {
+        let mut config = ControlConfig::default();
+        assert_eq!(config.sub_pool().expect("unset is fine"), None);
+        config.zk_sub_pool_update_base_dir = "/subpool".into();
+        assert_eq!(
+            config.sub_pool().expect("valid"),
+            Some(SubPoolSettings {
+                base_dir: "/subpool/".into(),
+                ack_timeout: Duration::from_secs(5),
+            })
+        );
+        config.zk_sub_pool_update_ack_timeout = 0;
+        assert!(config.sub_pool().is_err());
+        config.zk_sub_pool_update_ack_timeout = 5;
+        for bad in ["subpool/", "/", "/a/../b"] {
+            config.zk_sub_pool_update_base_dir = bad.into();
+            assert!(config.sub_pool().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn reads_the_go_api_server_file_and_reports_unknown_keys() {
         let text = r#"{
             "ListenAddr": "0.0.0.0:8082",

@@ -67,13 +67,11 @@
 //!
 //! # Known gaps
 //!
-//! - The safety period of SPEC §6 (delaying a switch to a coin whose user list has only just
-//!   taken the user in) is not applied: every accepted switch is written at once. It needs the
-//!   first-seen times of user-list ingestion (SPEC §7), which this version does not keep yet.
 //! - No timeout on reading a request: a slow client holds its connection (and, at shutdown,
 //!   delays [`serve`]'s return) until it finishes or goes away.
-//! - The scheduled pull of SPEC §6 and the user-list API of SPEC §7 are not part of this
-//!   module.
+//! - The safety period of SPEC §6, the scheduled pull and the user-list API of SPEC §7 are not
+//!   part of this module (the core applies the first, [`crate::cron`] and the initializer serve
+//!   the others).
 
 use std::{borrow::Cow, collections::BTreeSet, net::SocketAddr, sync::Arc};
 
