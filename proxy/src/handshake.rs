@@ -107,6 +107,8 @@ pub struct Request {
     pub params: Vec<Value>,
     /// Ethereum's optional top-level `worker` field.
     pub worker: Option<String>,
+    /// The request says `"jsonrpc": "2.0"`.
+    pub json_rpc2: bool,
 }
 
 impl Request {
@@ -132,6 +134,7 @@ impl Request {
             method,
             params,
             worker,
+            json_rpc2: object.get("jsonrpc").and_then(Value::as_str) == Some("2.0"),
         })
     }
 }
@@ -188,6 +191,10 @@ pub struct Handshake {
     btc_agent: bool,
     nicehash: bool,
     version_mask: Option<u32>,
+    /// The miner writes JSON-RPC 2.0 (`"jsonrpc": "2.0"` in a request): the proxy's own answers
+    /// take that form too.
+    #[serde(default)]
+    miner_json_rpc2: bool,
 }
 
 /// Keeps only the characters SPEC §1 allows in a worker name.
@@ -217,6 +224,7 @@ impl Handshake {
             btc_agent: false,
             nicehash: false,
             version_mask: None,
+            miner_json_rpc2: false,
         }
     }
 
@@ -265,8 +273,15 @@ impl Handshake {
         self.version_mask
     }
 
-    /// Replies use JSON-RPC 2.0 (ETHProxy).
+    /// The proxy's answers to the miner use JSON-RPC 2.0: ETHProxy, or a miner that writes
+    /// 2.0 itself.
     pub fn json_rpc2(&self) -> bool {
+        self.dialect == Dialect::EthProxy || self.miner_json_rpc2
+    }
+
+    /// The proxy's own requests to the sserver use JSON-RPC 2.0 (ETHProxy): the sserver's
+    /// dialect decides, not the miner's.
+    pub fn upstream_json_rpc2(&self) -> bool {
         self.dialect == Dialect::EthProxy
     }
 
@@ -291,6 +306,7 @@ impl Handshake {
         let Some(request) = Request::parse(line) else {
             return Step::Ignore;
         };
+        self.miner_json_rpc2 |= request.json_rpc2;
         match request.method.as_str() {
             "mining.subscribe" => self.subscribe(request),
             "mining.configure" if self.chain != ChainType::Ethereum => self.configure(request),
@@ -559,6 +575,35 @@ mod tests {
             }
             other => panic!("expected a reply, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_miner_writing_json_rpc_2_gets_the_proxys_own_answers_in_that_form() {
+        let mut hs = Handshake::new(ChainType::Bitcoin, SessionId(0x0100_0080), 1);
+        let configure = br#"{"id":1,"jsonrpc":"2.0","method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"1fffe000"}]}"#;
+        assert_eq!(
+            reply(hs.on_line(configure, &SENSITIVE)),
+            json!({"id":1,"jsonrpc":"2.0","result":{"version-rolling":true,"version-rolling.mask":"1fffe000"}})
+        );
+        let early = br#"{"id":2,"jsonrpc":"2.0","method":"mining.authorize","params":["a.b","x"]}"#;
+        assert_eq!(
+            reply(hs.on_line(early, &SENSITIVE)),
+            json!({"id":2,"jsonrpc":"2.0","error":{"code":101,"message":"Need Subscribed","data":1}})
+        );
+        let subscribe =
+            br#"{"id":3,"jsonrpc":"2.0","method":"mining.subscribe","params":["bmminer/2.0"]}"#;
+        let answer = reply(hs.on_line(subscribe, &SENSITIVE));
+        assert_eq!(answer["jsonrpc"], json!("2.0"));
+        assert!(answer.get("error").is_none(), "{answer}");
+        assert_eq!(answer["result"][1], json!("01000080"));
+        let extranonce =
+            br#"{"id":4,"jsonrpc":"2.0","method":"mining.extranonce.subscribe","params":[]}"#;
+        assert_eq!(
+            reply(hs.on_line(extranonce, &SENSITIVE)),
+            json!({"id":4,"jsonrpc":"2.0","result":true})
+        );
+        // The sserver still gets the Bitcoin dialect's requests.
+        assert!(hs.json_rpc2() && !hs.upstream_json_rpc2());
     }
 
     #[test]

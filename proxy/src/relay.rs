@@ -834,7 +834,7 @@ impl Relay {
             }
             ProxyRequest::Replay => Value::Null,
         };
-        if self.hs.json_rpc2() && object.is_object() {
+        if self.hs.upstream_json_rpc2() && object.is_object() {
             object["jsonrpc"] = json!("2.0");
         }
         text_line(&object)
@@ -855,7 +855,7 @@ impl Relay {
         let id = self.proxy_id();
         let mut object =
             json!({"id": format!("{PROXY_ID_PREFIX}{id}"), "method": method, "params": params});
-        if self.hs.json_rpc2() {
+        if self.hs.upstream_json_rpc2() {
             object["jsonrpc"] = json!("2.0");
         }
         let line = text_line(&object);

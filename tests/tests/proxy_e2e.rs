@@ -375,6 +375,64 @@ async fn an_sserver_restart_keeps_the_miners_and_one_gone_for_good_closes_them()
 }
 
 #[tokio::test]
+async fn an_sserver_down_for_several_seconds_keeps_its_miners_connected() {
+    let control = InProcessControl::start().await.expect("control");
+    control
+        .admin()
+        .switch_coin(switch("alice", "btc"))
+        .await
+        .expect("alice");
+    let mut btc = sserver("btc").await;
+    // The default reconnect window (60 s), no ReconnectTries.
+    let config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+    let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    miner.bitcoin_login("alice.rig1", T).await.expect("login");
+    miner.wait_job_of("btc", T).await.expect("job");
+
+    // The sserver goes; its port answers every connection by closing it (a restarting
+    // process), until the proxy has tried 6 times: with the backoff that is over 4 s, twice
+    // what the old three tries a second apart allowed.
+    btc.stop().await;
+    let down = tokio::net::TcpListener::bind(btc.addr())
+        .await
+        .expect("bind the sserver's port");
+    let mut tries = 0;
+    let started = tokio::time::Instant::now();
+    while tries < 6 {
+        let (socket, _) = tokio::time::timeout(T, down.accept())
+            .await
+            .expect("the proxy keeps trying")
+            .expect("accept");
+        drop(socket);
+        tries += 1;
+    }
+    let down_for = started.elapsed();
+    assert!(down_for > Duration::from_secs(2), "{down_for:?}");
+    drop(down);
+    btc.restart().await.expect("the sserver back");
+    btc.wait_for(T, "the session back", |r| r.subscribes.len() == 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+    let new_job = btc.new_job();
+    miner
+        .wait_for("the job after the sserver came back", T, |v| {
+            v["params"][0] == json!(new_job.clone())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the miner stayed and was reconnected: {e}\n{}", proxy.log()));
+    let id = miner
+        .request("mining.submit", json!(["alice.rig1", "j", "0", "0", "0"]))
+        .await
+        .expect("submit");
+    assert_eq!(
+        miner.answer(id, T).await.expect("answer")["result"],
+        json!(true)
+    );
+    assert!(miner.malformed.is_empty(), "{:?}", miner.malformed);
+}
+
+#[tokio::test]
 async fn the_proxy_serves_from_its_cache_while_the_control_plane_is_away() {
     let root = unique_root("proxy-away");
     let mut control = zk_control(&root).await;
