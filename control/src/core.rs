@@ -628,7 +628,10 @@ impl SwitchCore {
                 _ => None,
             })
         };
-        let record = self.store.read_fresh(&RecordKey::User(user.clone())).await?;
+        let record = self
+            .store
+            .read_fresh(&RecordKey::User(user.clone()))
+            .await?;
         if let Some(record) = found(record) {
             return Ok(Some(record));
         }
@@ -649,7 +652,9 @@ impl SwitchCore {
         if canonical == user || validate_user(&canonical).is_err() {
             return Ok(None);
         }
-        Ok(found(self.store.read_fresh(&RecordKey::User(canonical)).await?))
+        Ok(found(
+            self.store.read_fresh(&RecordKey::User(canonical)).await?,
+        ))
     }
 
     /// Up to `limit` users after `after` in name order, and the revision they were read at.

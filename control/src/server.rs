@@ -23,7 +23,11 @@ use crate::{
     config::{ConfigError, ControlConfig, StoreChoice},
     core::SwitchCore,
     cron,
-    grpc::{BearerAuth, admin::AdminService, proxy_control::{ProxyControlService, UserLookups}},
+    grpc::{
+        BearerAuth,
+        admin::AdminService,
+        proxy_control::{ProxyControlService, UserLookups},
+    },
     http::{self, SwitchApiAuth},
     ingest::CoreSink,
     leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},

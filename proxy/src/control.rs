@@ -23,8 +23,8 @@ use std::{
 
 use rand::Rng;
 use switchyard_proto::v1::{
-    AcquireServerIdRequest, ReleaseServerIdRequest, RenewServerIdRequest,
-    LookupUserRequest, RequestUserRegistrationRequest, WatchSwitchesRequest, proxy_control_client::ProxyControlClient,
+    AcquireServerIdRequest, LookupUserRequest, ReleaseServerIdRequest, RenewServerIdRequest,
+    RequestUserRegistrationRequest, WatchSwitchesRequest, proxy_control_client::ProxyControlClient,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -782,8 +782,10 @@ pub async fn lookup_user(
             async move { client.lookup_user(request).await }
         })
         .await?;
-    Ok((answer.found && !answer.coin.is_empty() && !answer.user.is_empty())
-        .then_some((answer.user, answer.coin)))
+    Ok(
+        (answer.found && !answer.coin.is_empty() && !answer.user.is_empty())
+            .then_some((answer.user, answer.coin)),
+    )
 }
 
 /// Asks the control plane to register the unknown `user` (auto-registration, SPEC §7) for the

@@ -16,12 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::ProxySettings,
-    control::{self, ControlEndpoints, ControlError, LeaseRequest, ServerIdLease},
     cache::{
         self, UserCoinCache,
         file::{CacheFile, SavedLease},
     },
+    config::ProxySettings,
+    control::{self, ControlEndpoints, ControlError, LeaseRequest, ServerIdLease},
     lookup::UserLookups,
     metrics::{self, Metrics},
     session::{self, ProxyContext, SessionIds},
@@ -128,22 +128,24 @@ impl Proxy {
         // The cache kept on disk, read before the stream starts: the stream resumes from its
         // revision.
         let cache_file = settings.cache_file.clone().map(CacheFile::new);
-        let saved_lease = cache_file.as_ref().and_then(|file| match file.load(&cache) {
-            Ok(Some(loaded)) => {
-                info!(
-                    path = %file.path().display(),
-                    users = loaded.users,
-                    revision = loaded.revision,
-                    "serving from the cache file until the control plane answers"
-                );
-                loaded.lease
-            }
-            Ok(None) => None,
-            Err(e) => {
-                warn!(error = %e, "cache file ignored: starting without it");
-                None
-            }
-        });
+        let saved_lease = cache_file
+            .as_ref()
+            .and_then(|file| match file.load(&cache) {
+                Ok(Some(loaded)) => {
+                    info!(
+                        path = %file.path().display(),
+                        users = loaded.users,
+                        revision = loaded.revision,
+                        "serving from the cache file until the control plane answers"
+                    );
+                    loaded.lease
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(error = %e, "cache file ignored: starting without it");
+                    None
+                }
+            });
         tasks.spawn(control::follow_switches(
             cache.clone(),
             endpoints.clone(),

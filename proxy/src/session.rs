@@ -45,10 +45,10 @@ use crate::{
     config::ProxySettings,
     control::{self, ControlEndpoints},
     framing::{FrameError, LineReader},
-    lookup::{Lookup, UserLookups},
     handshake::{
         Dialect, Handshake, Login, NameRules, Request, Step, StratumError, error_line, result_line,
     },
+    lookup::{Lookup, UserLookups},
     metrics::{Direction, Metrics, SessionState},
     relay::{
         Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, SessionSnapshot, UpstreamId,
@@ -636,10 +636,11 @@ impl Session {
             self.ctx.session_ids.server_id(),
         );
         let mut held = Vec::new();
-        let mut login = match Box::pin(self.handshake(&mut miner, &mut hs, &mut held, deadline)).await {
-            Ok(login) => login,
-            Err(end) => return Err(self.failed_handshake(end, "miner")),
-        };
+        let mut login =
+            match Box::pin(self.handshake(&mut miner, &mut hs, &mut held, deadline)).await {
+                Ok(login) => login,
+                Err(end) => return Err(self.failed_handshake(end, "miner")),
+            };
         tracing::Span::current().record("worker", login.worker().as_str());
         let (coin, watch) =
             match Box::pin(self.resolve_coin(&mut miner, &hs, &mut login, deadline)).await {

@@ -105,7 +105,10 @@ async fn a_proxy_restarted_while_the_control_plane_is_away_serves_from_its_cache
         "the saved lease's ID\n{}",
         proxy.log()
     );
-    assert_eq!(metric(&proxy, "switchyard_proxy_control_connected").await, 0.0);
+    assert_eq!(
+        metric(&proxy, "switchyard_proxy_control_connected").await,
+        0.0
+    );
     let mut alice = Miner::connect(proxy.addr).await.expect("connect");
     let (_, auth) = alice.bitcoin_login("alice.rig1", T).await.expect("login");
     assert_eq!(auth["result"], json!(true), "{auth}\n{}", proxy.log());
@@ -163,7 +166,9 @@ async fn a_saved_lease_taken_by_another_proxy_meanwhile_is_given_up() {
     other_config["ServerID"] = json!(0);
     let deadline = tokio::time::Instant::now() + T;
     let _other = loop {
-        let proxy = ProxyProcess::start(&other_config).await.expect("other proxy");
+        let proxy = ProxyProcess::start(&other_config)
+            .await
+            .expect("other proxy");
         let id = metric(&proxy, "switchyard_proxy_server_id").await;
         if id == leased {
             break proxy;

@@ -103,7 +103,10 @@ async fn a_user_written_to_zookeeper_a_moment_before_its_login_is_never_refused(
     );
     let metrics = proxy.metrics().await.expect("metrics");
     assert!(
-        metric_value(&metrics, "switchyard_proxy_user_lookups_total{outcome=\"found\"}") > 0.0,
+        metric_value(
+            &metrics,
+            "switchyard_proxy_user_lookups_total{outcome=\"found\"}"
+        ) > 0.0,
         "some logins were answered by the read-through:\n{metrics}"
     );
 }
@@ -180,16 +183,26 @@ async fn a_flood_of_unknown_names_costs_the_control_plane_bounded_reads() {
         peak >= 1.0 && peak <= MAX_IN_FLIGHT as f64,
         "lookups in flight at once: {peak}\n{metrics}"
     );
-    assert!(asked <= LOGINS as f64, "{asked} lookups for {LOGINS} logins");
+    assert!(
+        asked <= LOGINS as f64,
+        "{asked} lookups for {LOGINS} logins"
+    );
     assert_eq!(
         sample("switchyard_proxy_user_lookups_total{outcome=\"found\"}"),
         0.0
     );
     let counted: f64 = ["unknown", "known_unknown", "busy", "failed"]
         .iter()
-        .map(|o| sample(&format!("switchyard_proxy_user_lookups_total{{outcome=\"{o}\"}}")))
+        .map(|o| {
+            sample(&format!(
+                "switchyard_proxy_user_lookups_total{{outcome=\"{o}\"}}"
+            ))
+        })
         .sum();
-    assert_eq!(counted, LOGINS as f64, "every login looked up once:\n{metrics}");
+    assert_eq!(
+        counted, LOGINS as f64,
+        "every login looked up once:\n{metrics}"
+    );
 
     // The same names again: answered from the memory of misses, no new read.
     let again = 2_000;

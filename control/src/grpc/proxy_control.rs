@@ -14,11 +14,10 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use switchyard_proto::v1::{
-    AcquireServerIdRequest, AcquireServerIdResponse, CaseIndexEntry, ReleaseServerIdRequest,
-    ReleaseServerIdResponse, RenewServerIdRequest, RenewServerIdResponse,
-    LookupUserRequest, LookupUserResponse, RequestUserRegistrationRequest,
-    RequestUserRegistrationResponse, UserCoinEntry,
-    WatchSwitchesRequest, WatchSwitchesResponse, proxy_control_server::ProxyControl,
+    AcquireServerIdRequest, AcquireServerIdResponse, CaseIndexEntry, LookupUserRequest,
+    LookupUserResponse, ReleaseServerIdRequest, ReleaseServerIdResponse, RenewServerIdRequest,
+    RenewServerIdResponse, RequestUserRegistrationRequest, RequestUserRegistrationResponse,
+    UserCoinEntry, WatchSwitchesRequest, WatchSwitchesResponse, proxy_control_server::ProxyControl,
 };
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;

@@ -226,7 +226,11 @@ impl CacheFile {
 
     /// Writes the cache's state and `lease`: a temporary file beside it, synced, renamed over
     /// it.
-    pub fn save(&self, cache: &UserCoinCache, lease: Option<&SavedLease>) -> Result<usize, CacheFileError> {
+    pub fn save(
+        &self,
+        cache: &UserCoinCache,
+        lease: Option<&SavedLease>,
+    ) -> Result<usize, CacheFileError> {
         let bytes = Self::encode(cache, lease);
         let mut tmp = self.path.clone().into_os_string();
         tmp.push(".tmp");
