@@ -321,11 +321,52 @@ where
     }
 }
 
+/// A control endpoint that is neither `host:port` nor an `http://` or `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{endpoint:?}: write host:port, http://host:port or https://host:port")]
+pub struct BadEndpoint {
+    /// The entry as written.
+    pub endpoint: String,
+}
+
+/// A `ControlEndpoints` entry (proxy, `switchyard-init`) as a URL: `http://` or `https://` as
+/// written, `host:port` as `http://host:port` (the way addresses are written everywhere else in
+/// the Go configs).
+pub fn control_endpoint_url(endpoint: &str) -> Result<String, BadEndpoint> {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        return Ok(endpoint.to_owned());
+    }
+    let has_port = endpoint
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if endpoint.contains("://") || !has_port {
+        return Err(BadEndpoint {
+            endpoint: endpoint.to_owned(),
+        });
+    }
+    Ok(format!("http://{endpoint}"))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn control_endpoints_take_a_bare_host_and_port() {
+        assert_eq!(
+            control_endpoint_url("10.0.0.5:50051").as_deref(),
+            Ok("http://10.0.0.5:50051")
+        );
+        for kept in ["http://control:50051", "https://control:50051"] {
+            assert_eq!(control_endpoint_url(kept).as_deref(), Ok(kept));
+        }
+        for bad in ["10.0.0.5", ":50051", "grpc://control:50051", "control:port"] {
+            let err = control_endpoint_url(bad).expect_err(bad);
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
 
     #[derive(Debug, Parser)]
     #[command(

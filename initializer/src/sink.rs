@@ -67,8 +67,9 @@ pub struct GrpcSink {
 }
 
 impl GrpcSink {
-    /// A sink over `endpoints` (`http://host:port`), sending `token` as a bearer token when
-    /// set. Connections are made lazily.
+    /// A sink over `endpoints` (`host:port`, `http://host:port` or `https://host:port`, as the
+    /// proxy's `ControlEndpoints`), sending `token` as a bearer token when set. Connections are
+    /// made lazily.
     pub fn new(endpoints: &[String], token: Option<&str>) -> Result<Self, SinkError> {
         if endpoints.is_empty() {
             return Err(SinkError::Refused(
@@ -78,6 +79,8 @@ impl GrpcSink {
         let clients = endpoints
             .iter()
             .map(|e| {
+                let e = &switchyard_cli::control_endpoint_url(e)
+                    .map_err(|err| SinkError::Refused(err.to_string()))?;
                 let endpoint = Endpoint::from_shared(e.clone())
                     .map_err(|err| SinkError::Refused(format!("{e:?} is not an endpoint: {err}")))?
                     .connect_timeout(std::time::Duration::from_secs(5))

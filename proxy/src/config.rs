@@ -555,22 +555,10 @@ impl ProxyConfig {
     }
 }
 
-/// A `ControlEndpoints` entry as a URL: `http://` or `https://` as written, `host:port` as
-/// `http://host:port` (the way addresses are written everywhere else in the Go configs).
+/// A `ControlEndpoints` entry as a URL (see [`switchyard_cli::control_endpoint_url`]).
 fn control_endpoint(endpoint: &str) -> Result<String, ConfigError> {
-    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
-        return Ok(endpoint.to_owned());
-    }
-    let has_port = endpoint
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-    if endpoint.contains("://") || !has_port {
-        return Err(invalid(
-            "ControlEndpoints",
-            format!("{endpoint:?}: write host:port, http://host:port or https://host:port"),
-        ));
-    }
-    Ok(format!("http://{endpoint}"))
+    switchyard_cli::control_endpoint_url(endpoint)
+        .map_err(|e| invalid("ControlEndpoints", e.to_string()))
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ impl Run {
         let stdout = std::fs::File::create(dir.path().join("stdout.txt")).expect("stdout file");
         let stderr = std::fs::File::create(dir.path().join("stderr.txt")).expect("stderr file");
         let child = Command::new(path)
+            .current_dir(dir.path())
             .args(args.iter().map(|a| a.replace("{dir}", &root)))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

@@ -207,6 +207,8 @@ impl Node {
             "MetricsListenAddr": args.metrics.to_string(),
             "StratumServerMap": map,
             "ControlEndpoints": [format!("http://{grpc_addr}")],
+            // The proxy's cache kept beside the store, not in the working directory.
+            "CacheFile": args.data_dir.join("proxy.cache"),
         });
         let started = async {
             let (proxy_config, _) = ProxyConfig::from_json(&proxy_json.to_string())
