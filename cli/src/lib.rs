@@ -16,6 +16,9 @@
 //!   `-log_dir` (the last [`KEPT_LOG_FILES`] kept) with errors also on stderr, as glog did; text
 //!   or JSON lines as the binary's `LogFormat` setting says; ANSI colours only on a terminal;
 //!   the level from `-v` (see [`level_for_verbosity`]) refined by `RUST_LOG`.
+//!
+//! It also holds [`Secret`] ([`secret`]), the one type every configuration keeps its tokens and
+//! passwords in, so that none of them is ever printed.
 
 use std::{
     ffi::OsString,
@@ -25,6 +28,10 @@ use std::{
 };
 
 use clap::ArgAction;
+
+pub mod secret;
+
+pub use secret::{Secret, SecretError, read_secret_file, resolve_secret};
 use tracing::{Subscriber, level_filters::LevelFilter};
 use tracing_appender::rolling::{InitError, RollingFileAppender, Rotation};
 use tracing_subscriber::{
