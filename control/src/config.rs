@@ -10,13 +10,14 @@ use std::{
 };
 
 use serde::Deserialize;
-use switchyard_initializer::puller::PullerSettings;
+use switchyard_initializer::{http_server::HttpLimits, puller::PullerSettings};
 use thiserror::Error;
 
 use crate::{
     core::{CoreSettings, SafetyPeriod},
     cron::UserCoinMapPull,
     leases::CHAIN_TYPES,
+    limits::ServerLimits,
     store::zookeeper::{ZkSettings, normalize_dir},
     subpool::SubPoolSettings,
     validate::{CoinSet, InvalidInput},
@@ -59,6 +60,32 @@ Switchyard's own settings:
   AutoRegTimeoutSeconds
                       The bound on one exchange with UserAutoRegAPI.URL, answer included.
                       Default 10.
+
+Bounds of the servers (every value at least 1):
+  GrpcMaxConcurrentRequests
+                      gRPC calls handled at once over all connections; one more is refused
+                      at once (RESOURCE_EXHAUSTED). A stream counts only while it starts.
+                      Default 256.
+  GrpcMaxConcurrentRequestsPerConnection
+                      gRPC calls handled at once per connection; more wait. Default 64.
+  GrpcRequestTimeoutSeconds
+                      How long a unary gRPC call may take, its request's reading included
+                      (then CANCELLED); WatchSwitches streams are not cut. Default 60.
+  MaxWatchStreams     WatchSwitches streams open at once; one more is refused
+                      (RESOURCE_EXHAUSTED). Default 256.
+  WatchBufferBytes    Bytes of stream messages buffered for a watcher that does not read;
+                      its stream then waits. Default 4194304 (4 MiB).
+  HTTPHeaderReadTimeoutSeconds
+                      ListenAddr: how long a client may take to send a request's headers
+                      (or keep an idle connection); the connection is then closed.
+                      Default 10.
+  HTTPBodyReadTimeoutSeconds
+                      ListenAddr: how long a client may take to send a request body after
+                      its headers; the request then fails and the connection is closed.
+                      Default 30.
+  HTTPMaxConnections  ListenAddr: connections served at once; more wait. Default 512.
+  UserListAPIPageSize Users per answer of the user-list API (GET /?coin=&last_id=): the
+                      lowest puids above last_id; the next poll continues. Default 100000.
 
 Original keys (switcherAPIServer / initUserCoin):
   AvailableCoins      Coins a user may be switched to, e.g. [\"btc\",\"bch\"]. Required.
@@ -170,6 +197,24 @@ pub struct ControlConfig {
     pub auto_reg_max_pending: usize,
     #[serde(rename = "AutoRegTimeoutSeconds")]
     pub auto_reg_timeout_seconds: u64,
+    #[serde(rename = "GrpcMaxConcurrentRequests")]
+    pub grpc_max_concurrent_requests: usize,
+    #[serde(rename = "GrpcMaxConcurrentRequestsPerConnection")]
+    pub grpc_max_concurrent_requests_per_connection: usize,
+    #[serde(rename = "GrpcRequestTimeoutSeconds")]
+    pub grpc_request_timeout_seconds: u64,
+    #[serde(rename = "MaxWatchStreams")]
+    pub max_watch_streams: usize,
+    #[serde(rename = "WatchBufferBytes")]
+    pub watch_buffer_bytes: usize,
+    #[serde(rename = "HTTPHeaderReadTimeoutSeconds")]
+    pub http_header_read_timeout_seconds: u64,
+    #[serde(rename = "HTTPBodyReadTimeoutSeconds")]
+    pub http_body_read_timeout_seconds: u64,
+    #[serde(rename = "HTTPMaxConnections")]
+    pub http_max_connections: usize,
+    #[serde(rename = "UserListAPIPageSize")]
+    pub user_list_api_page_size: usize,
 
     // The Go programs' keys.
     #[serde(rename = "AvailableCoins")]
@@ -232,6 +277,16 @@ impl Default for ControlConfig {
             zk_reconcile_seconds: 300,
             auto_reg_max_pending: crate::autoreg::DEFAULT_MAX_PENDING,
             auto_reg_timeout_seconds: crate::autoreg::DEFAULT_TIMEOUT.as_secs(),
+            grpc_max_concurrent_requests: ServerLimits::DEFAULT_GRPC_MAX_CONCURRENT_REQUESTS,
+            grpc_max_concurrent_requests_per_connection:
+                ServerLimits::DEFAULT_GRPC_MAX_CONCURRENT_REQUESTS_PER_CONNECTION,
+            grpc_request_timeout_seconds: ServerLimits::DEFAULT_GRPC_REQUEST_TIMEOUT.as_secs(),
+            max_watch_streams: crate::grpc::proxy_control::DEFAULT_MAX_WATCH_STREAMS,
+            watch_buffer_bytes: crate::grpc::proxy_control::DEFAULT_WATCH_BUFFER_BYTES,
+            http_header_read_timeout_seconds: HttpLimits::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
+            http_body_read_timeout_seconds: HttpLimits::DEFAULT_BODY_READ_TIMEOUT.as_secs(),
+            http_max_connections: HttpLimits::DEFAULT_MAX_CONNECTIONS,
+            user_list_api_page_size: ServerLimits::DEFAULT_USER_LIST_PAGE_SIZE,
             available_coins: Vec::new(),
             case_insensitive: false,
             zk_case_index_dir: String::new(),
@@ -327,6 +382,15 @@ const KNOWN_KEYS: &[&str] = &[
     "ZKReconcileSeconds",
     "AutoRegMaxPending",
     "AutoRegTimeoutSeconds",
+    "GrpcMaxConcurrentRequests",
+    "GrpcMaxConcurrentRequestsPerConnection",
+    "GrpcRequestTimeoutSeconds",
+    "MaxWatchStreams",
+    "WatchBufferBytes",
+    "HTTPHeaderReadTimeoutSeconds",
+    "HTTPBodyReadTimeoutSeconds",
+    "HTTPMaxConnections",
+    "UserListAPIPageSize",
     "AvailableCoins",
     "StratumServerCaseInsensitive",
     "ZKUserCaseInsensitiveIndex",
@@ -663,6 +727,50 @@ impl ControlConfig {
         }))
     }
 
+    /// The bounds of the servers (`GrpcMaxConcurrentRequests` ... `UserListAPIPageSize`);
+    /// each must be at least 1.
+    pub fn server_limits(&self) -> Result<ServerLimits, ConfigError> {
+        fn at_least_one<T: PartialOrd + From<u8>>(
+            key: &'static str,
+            value: T,
+        ) -> Result<T, ConfigError> {
+            if value < T::from(1) {
+                Err(invalid(key, "must be at least 1"))
+            } else {
+                Ok(value)
+            }
+        }
+        let seconds = |key, value| at_least_one(key, value).map(Duration::from_secs);
+        Ok(ServerLimits {
+            grpc_max_concurrent_requests: at_least_one(
+                "GrpcMaxConcurrentRequests",
+                self.grpc_max_concurrent_requests,
+            )?,
+            grpc_max_concurrent_requests_per_connection: at_least_one(
+                "GrpcMaxConcurrentRequestsPerConnection",
+                self.grpc_max_concurrent_requests_per_connection,
+            )?,
+            grpc_request_timeout: seconds(
+                "GrpcRequestTimeoutSeconds",
+                self.grpc_request_timeout_seconds,
+            )?,
+            max_watch_streams: at_least_one("MaxWatchStreams", self.max_watch_streams)?,
+            watch_buffer_bytes: at_least_one("WatchBufferBytes", self.watch_buffer_bytes)?,
+            http: HttpLimits {
+                header_read_timeout: seconds(
+                    "HTTPHeaderReadTimeoutSeconds",
+                    self.http_header_read_timeout_seconds,
+                )?,
+                body_read_timeout: seconds(
+                    "HTTPBodyReadTimeoutSeconds",
+                    self.http_body_read_timeout_seconds,
+                )?,
+                max_connections: at_least_one("HTTPMaxConnections", self.http_max_connections)?,
+            },
+            user_list_page_size: at_least_one("UserListAPIPageSize", self.user_list_api_page_size)?,
+        })
+    }
+
     /// The time to live of proxy server-ID leases.
     pub fn lease_ttl(&self) -> Result<Duration, ConfigError> {
         if self.lease_ttl_seconds == 0 {
@@ -705,6 +813,7 @@ impl ControlConfig {
         self.user_list_pullers()?;
         self.core_settings()?;
         self.lease_ttl()?;
+        self.server_limits()?;
         Ok(())
     }
 }

@@ -67,8 +67,8 @@
 //!
 //! # Known gaps
 //!
-//! - No timeout on reading a request: a slow client holds its connection (and, at shutdown,
-//!   delays [`serve`]'s return) until it finishes or goes away.
+//! - Reading a request is bounded in time ([`serve`]: header and body read timeouts) and in
+//!   size (the limits above); [`switchyard_initializer::http_server`] has the details.
 //! - The safety period of SPEC §6, the scheduled pull and the user-list API of SPEC §7 are not
 //!   part of this module (the core applies the first, [`crate::cron`] and the initializer serve
 //!   the others).
@@ -89,6 +89,7 @@ use serde::{
     Deserialize, Serialize,
     de::{IgnoredAny, MapAccess, Visitor},
 };
+use switchyard_initializer::http_server::HttpLimits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -341,21 +342,18 @@ pub fn router_with_sub_pool(
         .route_layer(middleware::from_fn_with_state(auth, require_auth))
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then stops taking connections
-/// and returns once the requests in flight are answered.
+/// Serves `router` on `listener` within `limits` (header and body read timeouts, connections)
+/// until `shutdown` is cancelled, then stops taking connections and returns once the requests
+/// in flight are answered.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let local = listener.local_addr().ok();
-    info!(addr = ?local, "HTTP switch API listening");
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
+    info!(addr = ?local, ?limits, "HTTP switch API listening");
+    switchyard_initializer::http_server::serve(listener, router, limits, shutdown).await?;
     info!(addr = ?local, "HTTP switch API stopped");
     Ok(())
 }

@@ -3,10 +3,15 @@
 //!
 //! Changes are applied in batches ([`UserCoinIndex::apply`]), each with the revision through
 //! which the index is then complete (every change at or below it is in), and announced on a
-//! broadcast channel while the index is locked for writing, so that a watcher that subscribes under the
-//! read lock gets a consistent starting point and then every later change, with no gap and no
-//! overlap. A watcher that falls behind the channel re-reads what it missed from the index
-//! ([`UserCoinIndex::changes_since`]); nothing is ever lost.
+//! broadcast channel while the index is locked for writing. A watcher subscribes under the read
+//! lock ([`UserCoinIndex::watch`]) and then reads its starting point in pages, each under its
+//! own short read lock, so that writers never wait for a whole snapshot: the live records in
+//! key order ([`UserCoinIndex::live_records_after`]), then the changes made while it read them
+//! ([`UserCoinIndex::changes_after`], in revision order, until a page reports it has caught up
+//! with the index). The batches on the channel up to that page's `seq` are already in what it
+//! read; the later ones are new to it, so there is no gap and no change goes out of order. A
+//! watcher that falls behind the channel re-reads what it missed the same way; nothing is ever
+//! lost.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -54,23 +59,47 @@ struct IndexState {
     live_users: usize,
 }
 
-/// Where a new watcher starts.
-#[derive(Debug)]
+/// Where a new watcher starts. Neither carries records: the watcher reads them from the index
+/// a page at a time ([`UserCoinIndex::live_records_after`], [`UserCoinIndex::changes_after`]),
+/// each page under a short read lock, so that no writer waits for a whole snapshot and a
+/// watcher's memory is bounded by a page, not by the number of users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchStart {
-    /// A full snapshot: every live record, then changes after `revision`.
+    /// A full snapshot: every live record in key order, then every change after `revision`
+    /// (what changed while the records were read), then the changes on the channel.
     Snapshot {
-        /// Every live record, users first in name order, then case-index entries.
-        records: Vec<Record>,
-        /// The revision the snapshot is at.
+        /// The index revision when the watcher subscribed.
         revision: Revision,
     },
-    /// Only the changes after the watcher's revision, in revision order.
+    /// Only the changes after the watcher's `revision`, in revision order.
     Resume {
-        /// The records changed since the watcher's revision, in revision order.
-        records: Vec<Record>,
-        /// The revision the watcher is at after applying them.
+        /// The revision the watcher resumes from.
         revision: Revision,
     },
+}
+
+/// Where a page of [`UserCoinIndex::changes_after`] starts: the first change after a revision,
+/// or the change after the last one read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeCursor {
+    /// Every change with a revision above this one.
+    AfterRevision(Revision),
+    /// The changes after this one in (revision, key) order.
+    After(Revision, RecordKey),
+}
+
+/// A page of changes read by [`UserCoinIndex::changes_after`].
+#[derive(Debug, Clone)]
+pub struct ChangePage {
+    /// The records, in revision order, each at its latest revision.
+    pub records: Vec<Record>,
+    /// The index revision when the page was read.
+    pub revision: Revision,
+    /// The `seq` of the last batch applied when the page was read.
+    pub seq: u64,
+    /// `true` when no change follows the page: the reader has caught up with `revision`, and
+    /// the batches up to `seq` are in what it read.
+    pub done: bool,
 }
 
 /// The in-memory user→coin index; see the module doc.
@@ -223,7 +252,7 @@ impl UserCoinIndex {
     ///
     /// `resume` is the watcher's last `(store_id, revision)`; it gets a [`WatchStart::Resume`]
     /// when the revision belongs to this store and is not from its future, otherwise a
-    /// [`WatchStart::Snapshot`].
+    /// [`WatchStart::Snapshot`]. Nothing is copied here: the watcher reads its start in pages.
     pub fn watch(
         &self,
         resume: Option<(&str, Revision)>,
@@ -235,25 +264,85 @@ impl UserCoinIndex {
             Some((store_id, revision))
                 if store_id == self.store_id && revision <= state.revision =>
             {
-                WatchStart::Resume {
-                    records: state.changes_since(revision),
-                    revision: state.revision,
-                }
+                WatchStart::Resume { revision }
             }
             _ => WatchStart::Snapshot {
-                records: state.live_records(),
                 revision: state.revision,
             },
         };
         (start, receiver)
     }
 
-    /// What a watcher that fell behind the broadcast channel re-reads: the records changed
-    /// after `revision`, in revision order, the index revision, and the `seq` of the last batch
-    /// they include (later batches on the channel are new to the watcher).
-    pub fn changes_since(&self, revision: Revision) -> (Vec<Record>, Revision, u64) {
+    /// Up to `limit` live records with keys after `after` (from the first when `None`), in key
+    /// order (users by name, then case-index entries), read under one short read lock, and the
+    /// key to continue after (`None` at the end). At most `4 * limit` entries are looked at, so
+    /// a page may hold fewer than `limit` records (removed ones are skipped) and still not be
+    /// the last.
+    pub fn live_records_after(
+        &self,
+        after: Option<&RecordKey>,
+        limit: usize,
+    ) -> (Vec<Record>, Option<RecordKey>) {
+        let limit = limit.max(1);
         let state = self.read();
-        (state.changes_since(revision), state.revision, state.seq)
+        let start = match after {
+            Some(key) => Bound::Excluded(key.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut records = Vec::with_capacity(limit.min(state.records.len()));
+        let mut last = None;
+        let mut range = state.records.range((start, Bound::Unbounded));
+        for (key, entry) in range.by_ref().take(limit.saturating_mul(4)) {
+            last = Some(key);
+            if let Some(value) = &entry.value {
+                records.push(Record {
+                    key: key.clone(),
+                    value: Some(value.clone()),
+                    revision: entry.revision,
+                });
+                if records.len() == limit {
+                    break;
+                }
+            }
+        }
+        let next = match (last, range.next()) {
+            (Some(key), Some(_)) => Some(key.clone()),
+            _ => None,
+        };
+        (records, next)
+    }
+
+    /// Up to `limit` changes after `cursor`, in revision order, each key once at its latest
+    /// revision, read under one short read lock; see [`ChangePage`]. A key changed again after
+    /// an earlier page was read comes again in a later page, at its new revision, so reading
+    /// page after page visits every change in revision order and ends at the index revision.
+    pub fn changes_after(&self, cursor: &ChangeCursor, limit: usize) -> ChangePage {
+        let limit = limit.max(1);
+        let state = self.read();
+        let start = match cursor {
+            ChangeCursor::AfterRevision(revision) => {
+                Bound::Included((revision.saturating_add(1), RecordKey::User(String::new())))
+            }
+            ChangeCursor::After(revision, key) => Bound::Excluded((*revision, key.clone())),
+        };
+        let mut range = state.by_revision.range((start, Bound::Unbounded));
+        let records: Vec<Record> = range
+            .by_ref()
+            .take(limit)
+            .filter_map(|(rev, key)| {
+                state.records.get(key).map(|entry| Record {
+                    key: key.clone(),
+                    value: entry.value.clone(),
+                    revision: *rev,
+                })
+            })
+            .collect();
+        ChangePage {
+            records,
+            revision: state.revision,
+            seq: state.seq,
+            done: range.next().is_none(),
+        }
     }
 }
 
@@ -275,32 +364,6 @@ impl IndexState {
         }
         self.by_revision.insert((entry.revision, record.key));
         self.revision = self.revision.max(entry.revision);
-    }
-
-    fn changes_since(&self, revision: Revision) -> Vec<Record> {
-        self.by_revision
-            // (revision + 1, the smallest key) is the first entry after `revision`.
-            .range((revision.saturating_add(1), RecordKey::User(String::new()))..)
-            .filter_map(|(rev, key)| {
-                self.records.get(key).map(|entry| Record {
-                    key: key.clone(),
-                    value: entry.value.clone(),
-                    revision: *rev,
-                })
-            })
-            .collect()
-    }
-
-    fn live_records(&self) -> Vec<Record> {
-        self.records
-            .iter()
-            .filter(|(_, entry)| entry.value.is_some())
-            .map(|(key, entry)| Record {
-                key: key.clone(),
-                value: entry.value.clone(),
-                revision: entry.revision,
-            })
-            .collect()
     }
 }
 
@@ -325,26 +388,42 @@ mod tests {
         })
     }
 
+    /// Every change after `cursor`, read in pages of `limit`.
+    fn all_changes(index: &UserCoinIndex, revision: Revision, limit: usize) -> Vec<Record> {
+        let mut cursor = ChangeCursor::AfterRevision(revision);
+        let mut all = Vec::new();
+        loop {
+            let page = index.changes_after(&cursor, limit);
+            if let Some(last) = page.records.last() {
+                cursor = ChangeCursor::After(last.revision, last.key.clone());
+            }
+            all.extend(page.records);
+            if page.done {
+                return all;
+            }
+        }
+    }
+
     #[test]
     fn resume_returns_only_what_changed_since_in_revision_order() {
         let index = index_with(vec![user("a", "btc", 1), user("b", "btc", 2)]);
         index.apply(vec![user("c", "btc", 4), user("b", "bch", 3)], 4);
         index.apply(vec![user("a", "bch", 5)], 5);
         let (start, _rx) = index.watch(Some(("s1", 2)));
-        match start {
-            WatchStart::Resume { records, revision } => {
-                assert_eq!(revision, 5);
-                assert_eq!(
-                    records,
-                    vec![
-                        user("b", "bch", 3),
-                        user("c", "btc", 4),
-                        user("a", "bch", 5)
-                    ]
-                );
-            }
-            other => panic!("expected a resume, got {other:?}"),
+        assert_eq!(start, WatchStart::Resume { revision: 2 });
+        for limit in [1, 2, 10] {
+            assert_eq!(
+                all_changes(&index, 2, limit),
+                vec![
+                    user("b", "bch", 3),
+                    user("c", "btc", 4),
+                    user("a", "bch", 5)
+                ],
+                "pages of {limit}"
+            );
         }
+        let page = index.changes_after(&ChangeCursor::AfterRevision(5), 10);
+        assert!(page.done && page.records.is_empty() && page.revision == 5);
     }
 
     #[test]
@@ -352,11 +431,88 @@ mod tests {
         let index = index_with(vec![user("a", "btc", 1)]);
         for resume in [Some(("other", 1)), Some(("s1", 9)), None] {
             let (start, _rx) = index.watch(resume);
-            assert!(
-                matches!(start, WatchStart::Snapshot { ref records, revision: 1 } if records.len() == 1),
-                "{resume:?} gave {start:?}"
-            );
+            assert_eq!(start, WatchStart::Snapshot { revision: 1 }, "{resume:?}");
         }
+        let (records, next) = index.live_records_after(None, 10);
+        assert_eq!(records, vec![user("a", "btc", 1)]);
+        assert_eq!(next, None);
+    }
+
+    /// A snapshot read in pages while writers change the index: the pages, then the changes
+    /// after the snapshot's revision, leave the reader with exactly the index's state.
+    #[test]
+    fn a_paged_snapshot_with_its_changes_matches_the_index() {
+        let index = index_with(
+            (0..50)
+                .map(|i| user(&format!("u{i:02}"), "btc", i + 1))
+                .collect(),
+        );
+        let (start, _rx) = index.watch(None);
+        let WatchStart::Snapshot { revision } = start else {
+            panic!("expected a snapshot, got {start:?}");
+        };
+        let mut state = BTreeMap::new();
+        let mut after = None;
+        let mut next_rev = 51;
+        loop {
+            let (records, next) = index.live_records_after(after.as_ref(), 7);
+            for r in records {
+                state.insert(r.key, r.value);
+            }
+            // Writers between pages: before and after the cursor, new users, removals.
+            for name in ["u03", "u40", "new", "u20"] {
+                index.apply(vec![user(name, "bch", next_rev)], next_rev);
+                next_rev += 1;
+            }
+            index.apply(
+                vec![Record {
+                    key: RecordKey::User(format!("u{:02}", next_rev % 50)),
+                    value: None,
+                    revision: next_rev,
+                }],
+                next_rev,
+            );
+            next_rev += 1;
+            match next {
+                Some(key) => after = Some(key),
+                None => break,
+            }
+        }
+        for r in all_changes(&index, revision, 3) {
+            match r.value {
+                Some(v) => state.insert(r.key, Some(v)),
+                None => state.remove(&r.key),
+            };
+        }
+        let (live, _) = index.live_records_after(None, 1_000);
+        let expected: BTreeMap<RecordKey, Option<String>> =
+            live.into_iter().map(|r| (r.key, r.value)).collect();
+        assert_eq!(state, expected);
+    }
+
+    #[test]
+    fn live_pages_skip_removed_records_and_end() {
+        let mut records: Vec<Record> = (0..20)
+            .map(|i| Record {
+                key: RecordKey::User(format!("r{i:02}")),
+                value: None,
+                revision: i + 1,
+            })
+            .collect();
+        records.push(user("z", "btc", 30));
+        let index = index_with(records);
+        let mut after = None;
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = index.live_records_after(after.as_ref(), 2);
+            assert!(page.len() <= 2);
+            seen.extend(page);
+            match next {
+                Some(key) => after = Some(key),
+                None => break,
+            }
+        }
+        assert_eq!(seen, vec![user("z", "btc", 30)]);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!   core.
 //! - [`subpool`]: the sub-pool coinbase API of SPEC §6, a request to a coin's job maker and its
 //!   answer through ZooKeeper (`ZKSubPoolUpdateBaseDir`), served by [`http`]'s router.
-//! - [`config`] and [`server`]: the configuration file and the assembly of the service.
+//! - [`config`] and [`server`]: the configuration file and the assembly of the service;
+//!   [`limits`]: the bounds of its servers.
 
 #![warn(clippy::unwrap_used)]
 
@@ -29,6 +30,7 @@ pub mod http;
 pub mod index;
 pub mod ingest;
 pub mod leases;
+pub mod limits;
 pub mod server;
 pub mod store;
 pub mod subpool;

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -31,6 +32,7 @@ use crate::{
     http::{self, SwitchApiAuth},
     ingest::CoreSink,
     leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},
+    limits::ServerLimits,
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
     subpool::SubPoolApi,
 };
@@ -92,6 +94,8 @@ pub struct ControlPlane {
     leases: Arc<dyn ServerIdLeases>,
     /// Auto-registration, when enabled.
     registrations: Option<Arc<dyn UserRegistrations>>,
+    /// The bounds of the gRPC and HTTP servers.
+    limits: ServerLimits,
     admin_token: Option<String>,
     proxy_token: Option<String>,
 }
@@ -212,6 +216,7 @@ impl ControlPlane {
             core,
             leases,
             registrations,
+            limits: config.server_limits()?,
             admin_token: config.admin_token(),
             proxy_token: config.proxy_token(),
         })
@@ -246,12 +251,14 @@ impl ControlPlane {
                     auth,
                     Arc::clone(&self.sub_pool),
                 )
-                .merge(switchyard_initializer::api::router(Arc::clone(
-                    &self.listed,
-                )));
+                .merge(switchyard_initializer::api::router_with_page_size(
+                    Arc::clone(&self.listed),
+                    self.limits.user_list_page_size,
+                ));
                 Some(tokio::spawn(http::serve(
                     http_listener,
                     router,
+                    self.limits.http,
                     shutdown.clone(),
                 )))
             }
@@ -281,6 +288,10 @@ impl ControlPlane {
                 Arc::clone(self.core.index()),
                 Arc::clone(&self.leases),
                 shutdown.clone(),
+            )
+            .with_watch_limits(
+                self.limits.max_watch_streams,
+                self.limits.watch_buffer_bytes,
             )
             .with_registrations(self.registrations.clone())
             .with_lookups(UserLookups::new(Arc::clone(&self.core))),
@@ -328,7 +339,16 @@ impl ControlPlane {
                 }
             }
         };
+        // Bounds: calls per connection (more wait), calls in all (more are refused at once:
+        // load shedding answers RESOURCE_EXHAUSTED), and a deadline on each call's future,
+        // which for a stream ends when its answer starts, so streams live on.
+        let limits = self.limits;
         tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(limits.grpc_max_concurrent_requests_per_connection)
+            .timeout(limits.grpc_request_timeout)
+            .layer(tower::ServiceBuilder::new().load_shed().layer(
+                GlobalConcurrencyLimitLayer::new(limits.grpc_max_concurrent_requests),
+            ))
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

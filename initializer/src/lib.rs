@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod config;
+pub mod http_server;
 pub mod listed;
 pub mod puller;
 pub mod sink;

@@ -92,9 +92,14 @@ async fn main() -> anyhow::Result<()> {
         let router = api::router(Arc::clone(&listed));
         let shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
+            // Default limits (header and body read timeouts, connections): see http_server.
+            let served = switchyard_initializer::http_server::serve(
+                listener,
+                router,
+                switchyard_initializer::http_server::HttpLimits::default(),
+                shutdown,
+            )
+            .await;
             if let Err(e) = served {
                 warn!(error = %e, "the user-list API failed");
             }

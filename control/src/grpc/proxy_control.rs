@@ -5,6 +5,14 @@
 //! changes since the client's revision) and then every change batch, in revision order. The
 //! task ends, and with it the stream, when the client goes away or the service shuts down.
 //!
+//! Bounds: at most [`ProxyControlService::with_watch_limits`]' `max_streams` streams at once
+//! (one more answers RESOURCE_EXHAUSTED at once); the starting point is read from the index a
+//! page of [`RECORDS_PER_MESSAGE`] records at a time, each page under its own short read lock
+//! (writers never wait for a whole snapshot, and a watcher holds one page, not the user
+//! table); and the messages waiting for a client that does not read are bounded in bytes
+//! (`buffer_bytes`, and [`WATCH_BUFFER`] messages), so a stalled watcher costs a bounded amount
+//! of memory and its task simply waits.
+//!
 //! LookupUser is the proxies' read-through at login: a store read per call, so the service
 //! bounds how many run at once ([`LOOKUPS_IN_FLIGHT`]); a call that waits longer than
 //! [`LOOKUP_PERMIT_WAIT`] for its turn answers RESOURCE_EXHAUSTED, and the proxy answers its
@@ -13,14 +21,15 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use prost::Message as _;
 use switchyard_proto::v1::{
     AcquireServerIdRequest, AcquireServerIdResponse, CaseIndexEntry, LookupUserRequest,
     LookupUserResponse, ReleaseServerIdRequest, ReleaseServerIdResponse, RenewServerIdRequest,
     RenewServerIdResponse, RequestUserRegistrationRequest, RequestUserRegistrationResponse,
     UserCoinEntry, WatchSwitchesRequest, WatchSwitchesResponse, proxy_control_server::ProxyControl,
 };
-use tokio::sync::{Semaphore, broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
@@ -28,17 +37,24 @@ use tracing::{debug, info, warn};
 use crate::{
     autoreg::UserRegistrations,
     core::SwitchCore,
-    index::{ChangeBatch, UserCoinIndex, WatchStart},
+    index::{ChangeBatch, ChangeCursor, UserCoinIndex, WatchStart},
     leases::{ProxyDescription, ServerIdLeases},
     store::{Record, RecordKey, Revision},
 };
 
 /// Records per stream message: small enough to stay far below gRPC's 4 MiB message limit with
 /// 128-byte names, large enough that a million-user snapshot is a thousand messages.
-const RECORDS_PER_MESSAGE: usize = 1_000;
+pub const RECORDS_PER_MESSAGE: usize = 1_000;
 
-/// Messages buffered per watcher before the sender waits for the client to read.
-const WATCH_BUFFER: usize = 16;
+/// Messages buffered per watcher before the sender waits for the client to read (the byte
+/// budget usually binds first).
+pub const WATCH_BUFFER: usize = 16;
+
+/// WatchSwitches streams open at once, at most, by default (`MaxWatchStreams`).
+pub const DEFAULT_MAX_WATCH_STREAMS: usize = 256;
+
+/// Bytes of encoded messages buffered per watcher, at most, by default (`WatchBufferBytes`).
+pub const DEFAULT_WATCH_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// LookupUser calls reading the store at once, at most (for all proxies together).
 pub const LOOKUPS_IN_FLIGHT: usize = 64;
@@ -73,6 +89,11 @@ pub struct ProxyControlService {
     /// Auto-registration, when enabled (`EnableUserAutoReg`).
     registrations: Option<Arc<dyn UserRegistrations>>,
     shutdown: CancellationToken,
+    /// One permit per open WatchSwitches stream.
+    streams: Arc<Semaphore>,
+    max_streams: usize,
+    /// The byte budget of each watcher's buffer.
+    buffer_bytes: u32,
 }
 
 impl ProxyControlService {
@@ -88,7 +109,20 @@ impl ProxyControlService {
             lookups: None,
             registrations: None,
             shutdown,
+            streams: Arc::new(Semaphore::new(DEFAULT_MAX_WATCH_STREAMS)),
+            max_streams: DEFAULT_MAX_WATCH_STREAMS,
+            buffer_bytes: budget(DEFAULT_WATCH_BUFFER_BYTES),
         }
+    }
+
+    /// The service with at most `max_streams` WatchSwitches streams at once, each buffering
+    /// at most `buffer_bytes` of messages its client has not read (both at least 1).
+    pub fn with_watch_limits(mut self, max_streams: usize, buffer_bytes: usize) -> Self {
+        let max_streams = max_streams.clamp(1, Semaphore::MAX_PERMITS);
+        self.streams = Arc::new(Semaphore::new(max_streams));
+        self.max_streams = max_streams;
+        self.buffer_bytes = budget(buffer_bytes);
+        self
     }
 
     /// The service with LookupUser reading through `lookups`.
@@ -104,6 +138,38 @@ impl ProxyControlService {
         self
     }
 }
+
+/// A byte budget as semaphore permits: at least 1, at most what one acquire may take.
+fn budget(bytes: usize) -> u32 {
+    u32::try_from(bytes.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX)
+}
+
+/// A message on its way to the client, with the share of its watcher's byte budget it holds
+/// until the stream hands it to the transport.
+type Queued = (Result<WatchSwitchesResponse, Status>, OwnedSemaphorePermit);
+
+/// The sending side of a watcher's buffer: at most [`WATCH_BUFFER`] messages and `budget`
+/// bytes of them.
+struct Outbox {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<Semaphore>,
+    budget: u32,
+}
+
+impl Outbox {
+    /// A buffer of `budget` bytes, and the stream the client reads it from.
+    fn new(budget: u32) -> (Self, WatchStream) {
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let bytes = Arc::new(Semaphore::new(budget as usize));
+        // The permit is dropped, and its bytes given back, as the message leaves the buffer.
+        let stream = ReceiverStream::new(rx).map(|(msg, _permit)| msg);
+        (Self { tx, bytes, budget }, Box::pin(stream))
+    }
+}
+
+/// The stream of a WatchSwitches call.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchSwitchesResponse, Status>> + Send>>;
 
 /// Builds one stream message from records.
 fn message(
@@ -140,69 +206,151 @@ fn message(
 }
 
 /// Why a watch task stopped sending.
+#[derive(Debug)]
 enum Stop {
     ClientGone,
+    Shutdown,
 }
 
 /// One watcher: sends the start, then every batch; see the module doc.
 struct Watcher {
     index: Arc<UserCoinIndex>,
-    tx: mpsc::Sender<Result<WatchSwitchesResponse, Status>>,
+    out: Outbox,
     /// The revision the client reaches once it has applied everything sent so far.
     sent: Revision,
+    shutdown: CancellationToken,
 }
 
 impl Watcher {
-    async fn send(&self, msg: WatchSwitchesResponse) -> Result<(), Stop> {
-        self.tx.send(Ok(msg)).await.map_err(|_| Stop::ClientGone)
+    fn new(index: Arc<UserCoinIndex>, out: Outbox, shutdown: CancellationToken) -> Self {
+        Self {
+            index,
+            out,
+            sent: 0,
+            shutdown,
+        }
     }
 
-    /// Sends a snapshot in chunks: `reset` on the first, the revision and `snapshot_complete`
-    /// on the last (an empty store is one message carrying both).
-    async fn send_snapshot(
-        &mut self,
-        records: Vec<Record>,
-        revision: Revision,
-    ) -> Result<(), Stop> {
-        let store_id = self.index.store_id().to_owned();
-        let chunks: Vec<&[Record]> = if records.is_empty() {
-            vec![&[]]
-        } else {
-            records.chunks(RECORDS_PER_MESSAGE).collect()
+    /// Queues `msg` once its bytes fit in the budget (a message larger than the whole budget
+    /// waits for an empty buffer).
+    async fn send(&self, msg: WatchSwitchesResponse) -> Result<(), Stop> {
+        let cost = u32::try_from(msg.encoded_len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.out.budget);
+        let permit = tokio::select! {
+            permit = Arc::clone(&self.out.bytes).acquire_many_owned(cost) => {
+                permit.map_err(|_| Stop::ClientGone)?
+            }
+            _ = self.out.tx.closed() => return Err(Stop::ClientGone),
+            _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
         };
-        let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let done = i == last;
-            let rev = if done { revision } else { 0 };
-            self.send(message(chunk, i == 0, rev, done, &store_id))
-                .await?;
+        tokio::select! {
+            sent = self.out.tx.send((Ok(msg), permit)) => sent.map_err(|_| Stop::ClientGone),
+            _ = self.shutdown.cancelled() => Err(Stop::Shutdown),
         }
-        self.sent = revision;
-        Ok(())
+    }
+
+    /// Sends a snapshot read from the index page by page: every live record in key order,
+    /// then the changes after `revision` (made while the pages were read), `reset` on the
+    /// first message, the revision and `snapshot_complete` on the last (an empty store is one
+    /// message carrying both). Returns the `seq` of the last batch the snapshot includes.
+    async fn send_snapshot(&mut self, revision: Revision) -> Result<u64, Stop> {
+        let store_id = self.index.store_id().to_owned();
+        let mut first = true;
+        let mut after: Option<RecordKey> = None;
+        loop {
+            let (records, next) = self
+                .index
+                .live_records_after(after.as_ref(), RECORDS_PER_MESSAGE);
+            if !records.is_empty() {
+                self.send(message(&records, first, 0, false, &store_id))
+                    .await?;
+                first = false;
+            }
+            match next {
+                Some(key) => after = Some(key),
+                None => break,
+            }
+        }
+        let mut cursor = ChangeCursor::AfterRevision(revision);
+        loop {
+            let page = self.index.changes_after(&cursor, RECORDS_PER_MESSAGE);
+            if page.done {
+                self.send(message(
+                    &page.records,
+                    first,
+                    page.revision,
+                    true,
+                    &store_id,
+                ))
+                .await?;
+                self.sent = page.revision;
+                return Ok(page.seq);
+            }
+            if let Some(last) = page.records.last() {
+                cursor = ChangeCursor::After(last.revision, last.key.clone());
+            }
+            self.send(message(&page.records, first, 0, false, &store_id))
+                .await?;
+            first = false;
+        }
+    }
+
+    /// Sends the changes after `from`, read from the index page by page; each message's
+    /// revision is a resume point, the last one's the index revision. With `initial_sync`
+    /// the last message carries `snapshot_complete` (and is sent even when empty). Returns the
+    /// `seq` of the last batch the pages include.
+    async fn send_changes_from(&mut self, from: Revision, initial_sync: bool) -> Result<u64, Stop> {
+        let store_id = self.index.store_id().to_owned();
+        self.sent = self.sent.max(from);
+        let mut cursor = ChangeCursor::AfterRevision(from);
+        loop {
+            let page = self.index.changes_after(&cursor, RECORDS_PER_MESSAGE);
+            if page.done {
+                if !page.records.is_empty() || initial_sync {
+                    self.send(message(
+                        &page.records,
+                        false,
+                        page.revision,
+                        initial_sync,
+                        &store_id,
+                    ))
+                    .await?;
+                }
+                self.sent = self.sent.max(page.revision);
+                return Ok(page.seq);
+            }
+            if let Some(last) = page.records.last() {
+                cursor = ChangeCursor::After(last.revision, last.key.clone());
+            }
+            // More records may share the page's last revision: resume below that group.
+            let point = page
+                .records
+                .last()
+                .and_then(|last| {
+                    page.records
+                        .iter()
+                        .rev()
+                        .find(|r| r.revision < last.revision)
+                })
+                .map_or(self.sent, |below| self.sent.max(below.revision));
+            self.send(message(&page.records, false, point, false, &store_id))
+                .await?;
+            self.sent = point;
+        }
     }
 
     /// Sends changes in chunks; each chunk's revision is a resume point (see
     /// [`resume_points`]), the last one's is `revision`.
-    async fn send_changes(
-        &mut self,
-        records: &[Record],
-        revision: Revision,
-        initial_sync: bool,
-    ) -> Result<(), Stop> {
+    async fn send_changes(&mut self, records: &[Record], revision: Revision) -> Result<(), Stop> {
         let store_id = self.index.store_id().to_owned();
-        if records.is_empty() && !initial_sync {
+        if records.is_empty() {
             return Ok(());
         }
-        let chunks: Vec<&[Record]> = if records.is_empty() {
-            vec![&[]]
-        } else {
-            records.chunks(RECORDS_PER_MESSAGE).collect()
-        };
+        let chunks = records.chunks(RECORDS_PER_MESSAGE);
         let revs = resume_points(records, RECORDS_PER_MESSAGE, self.sent, revision);
-        let last = chunks.len() - 1;
-        for (i, (chunk, rev)) in chunks.into_iter().zip(revs).enumerate() {
-            let done = i == last;
-            self.send(message(chunk, false, rev, done && initial_sync, &store_id))
+        for (chunk, rev) in chunks.zip(revs) {
+            self.send(message(chunk, false, rev, false, &store_id))
                 .await?;
         }
         self.sent = self.sent.max(revision);
@@ -213,29 +361,22 @@ impl Watcher {
         mut self,
         start: WatchStart,
         mut changes: broadcast::Receiver<ChangeBatch>,
-        shutdown: CancellationToken,
     ) -> Result<(), Stop> {
-        match start {
-            WatchStart::Snapshot { records, revision } => {
-                self.send_snapshot(records, revision).await?
-            }
-            WatchStart::Resume { records, revision } => {
-                self.send_changes(&records, revision, true).await?
-            }
-        }
-        // After re-reading from the index, the batches up to this one are already sent.
-        let mut skip_through_seq = 0;
+        // The batches up to this one are already in what was read from the index.
+        let mut skip_through_seq = match start {
+            WatchStart::Snapshot { revision } => self.send_snapshot(revision).await?,
+            WatchStart::Resume { revision } => self.send_changes_from(revision, true).await?,
+        };
         loop {
             let batch = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = self.tx.closed() => return Err(Stop::ClientGone),
+                _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = self.out.tx.closed() => return Err(Stop::ClientGone),
                 batch = changes.recv() => batch,
             };
             match batch {
                 Ok(batch) => {
                     if batch.seq > skip_through_seq {
-                        self.send_changes(&batch.records, batch.revision, false)
-                            .await?;
+                        self.send_changes(&batch.records, batch.revision).await?;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(skipped)) => {
@@ -245,11 +386,9 @@ impl Watcher {
                         from = self.sent,
                         "watcher lagged; re-reading from the index"
                     );
-                    let (records, revision, seq) = self.index.changes_since(self.sent);
-                    self.send_changes(&records, revision, false).await?;
-                    skip_through_seq = seq;
+                    skip_through_seq = self.send_changes_from(self.sent, false).await?;
                 }
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                Err(broadcast::error::RecvError::Closed) => return Err(Stop::Shutdown),
             }
         }
     }
@@ -257,13 +396,24 @@ impl Watcher {
 
 #[tonic::async_trait]
 impl ProxyControl for ProxyControlService {
-    type WatchSwitchesStream = ReceiverStream<Result<WatchSwitchesResponse, Status>>;
+    type WatchSwitchesStream = WatchStream;
 
     async fn watch_switches(
         &self,
         request: Request<WatchSwitchesRequest>,
     ) -> Result<Response<Self::WatchSwitchesStream>, Status> {
         let peer = request.remote_addr();
+        let Ok(stream_permit) = Arc::clone(&self.streams).try_acquire_owned() else {
+            warn!(
+                ?peer,
+                max = self.max_streams,
+                "WatchSwitches refused: MaxWatchStreams streams are open"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "{} WatchSwitches streams are open (MaxWatchStreams); try again later",
+                self.max_streams
+            )));
+        };
         let WatchSwitchesRequest {
             resume_revision,
             store_id,
@@ -276,20 +426,16 @@ impl ProxyControl for ProxyControlService {
             WatchStart::Resume { .. } => "resume",
         };
         info!(?peer, resume_revision, start = kind, "watcher connected");
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let watcher = Watcher {
-            index: Arc::clone(&self.index),
-            tx,
-            sent: 0,
-        };
-        let shutdown = self.shutdown.clone();
+        let (out, stream) = Outbox::new(self.buffer_bytes);
+        let watcher = Watcher::new(Arc::clone(&self.index), out, self.shutdown.clone());
         tokio::spawn(async move {
-            match watcher.run(start, changes, shutdown).await {
-                Ok(()) => info!(?peer, "watch stream ended by shutdown"),
+            match watcher.run(start, changes).await {
+                Ok(()) | Err(Stop::Shutdown) => info!(?peer, "watch stream ended by shutdown"),
                 Err(Stop::ClientGone) => info!(?peer, "watcher disconnected"),
             }
+            drop(stream_permit);
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 
     async fn acquire_server_id(
@@ -458,14 +604,17 @@ mod tests {
             ..Default::default()
         }));
         let (start, changes) = index.watch(None);
-        let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
-        let watcher = Watcher {
-            index: Arc::clone(&index),
-            tx,
-            sent: 0,
-        };
+        let (out, mut rx) = Outbox::new(budget(DEFAULT_WATCH_BUFFER_BYTES));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(watcher.run(start, changes, shutdown.clone()));
+        let watcher = Watcher::new(Arc::clone(&index), out, shutdown.clone());
+        let task = tokio::spawn(watcher.run(start, changes));
+        // The snapshot is read when the task runs: take it (empty) before the changes come.
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.next())
+            .await
+            .expect("the snapshot comes")
+            .expect("stream open")
+            .expect("no error");
+        assert!(first.reset && first.snapshot_complete && first.users.is_empty());
 
         // Far more batches than the channel holds, while nobody reads.
         let total: u64 = 3 * BROADCAST_TEST_BATCHES;
@@ -474,7 +623,7 @@ mod tests {
         }
         let mut seen = Vec::new();
         while seen.last().copied() != Some(total) {
-            let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            let msg = tokio::time::timeout(Duration::from_secs(10), rx.next())
                 .await
                 .expect("messages keep coming")
                 .expect("stream open")
@@ -483,7 +632,10 @@ mod tests {
         }
         assert_eq!(seen, (1..=total).collect::<Vec<_>>());
         shutdown.cancel();
-        assert!(task.await.expect("task").is_ok(), "ends on shutdown");
+        assert!(
+            matches!(task.await.expect("task"), Err(Stop::Shutdown)),
+            "ends on shutdown"
+        );
     }
 
     /// A chunk's revision never cuts a group of records that share a revision: resuming from
