@@ -220,12 +220,20 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "from-file\n").expect("write");
         let resolve = |value: Option<&str>, file: Option<&Path>| {
-            resolve_secret(value.map(Secret::from), file, "AdminToken", "AdminTokenFile")
+            resolve_secret(
+                value.map(Secret::from),
+                file,
+                "AdminToken",
+                "AdminTokenFile",
+            )
         };
         assert_eq!(resolve(None, None).expect("none"), None);
         assert_eq!(resolve(Some(""), None).expect("empty is unset"), None);
         assert_eq!(
-            resolve(Some("v"), None).expect("value").as_ref().map(Secret::expose),
+            resolve(Some("v"), None)
+                .expect("value")
+                .as_ref()
+                .map(Secret::expose),
             Some("v")
         );
         assert_eq!(

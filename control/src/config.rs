@@ -10,6 +10,7 @@ use std::{
 };
 
 use serde::Deserialize;
+use switchyard_cli::{Secret, SecretError, resolve_secret};
 use switchyard_initializer::{http_server::HttpLimits, puller::PullerSettings};
 use thiserror::Error;
 
@@ -23,19 +24,28 @@ use crate::{
     validate::{CoinSet, InvalidInput},
 };
 
+/// The default `GrpcListenAddr`: loopback only, so that a service started without tokens is
+/// not open to the network.
+pub const DEFAULT_GRPC_LISTEN_ADDR: &str = "127.0.0.1:50051";
+
 /// Every setting, as printed by `--help` and mirrored in docs/.
 pub const SETTINGS_HELP: &str = "\
 CONFIG FILE KEYS (JSON; the Go switcher's files are accepted as they are)
 
 Switchyard's own settings:
   GrpcListenAddr      gRPC address (SwitcherAdmin, ProxyControl, health, reflection).
-                      Default \"0.0.0.0:50051\".
+                      Default \"127.0.0.1:50051\". On any other than a loopback address
+                      the service refuses to start without AdminToken and ProxyToken.
   Store               \"embedded\" or \"zookeeper\". Default: \"zookeeper\" when ZKBroker
                       is set, else \"embedded\".
   DataDir             Directory of the embedded store. Default \"./switchyard-data\".
   AdminToken          When set, SwitcherAdmin calls must carry
-                      \"authorization: Bearer <AdminToken>\". Default: none.
-  ProxyToken          The same for ProxyControl calls. Default: none.
+                      \"authorization: Bearer <AdminToken>\". Default: none (allowed
+                      only with a loopback GrpcListenAddr, with a warning).
+  AdminTokenFile      A file holding AdminToken (one trailing line end trimmed), read at
+                      start. Not with AdminToken.
+  ProxyToken          The same for ProxyControl calls. Default: none (loopback only).
+  ProxyTokenFile      A file holding ProxyToken. Not with ProxyToken.
   LeaseTTLSeconds     A proxy server-ID lease not renewed for this long is released.
                       Default 30.
   MaxSwitchBatch      The most entries one SwitchCoins call may carry. Default 10000.
@@ -120,6 +130,7 @@ Original keys (switcherAPIServer / initUserCoin):
                       auth with APIUser/APIPassword (both required); and on the same
                       listener, without auth, the user-list API for sservers:
                       GET /?coin=&last_id= (SPEC section 7).
+  APIPasswordFile     A file holding APIPassword. Not with APIPassword.
   EnableCronJob, CronIntervalSeconds, UserCoinMapURL
                       The scheduled user->coin pull (SPEC section 6): every
                       CronIntervalSeconds (default 60), GET UserCoinMapURL (with
@@ -136,6 +147,13 @@ Keys this version does not know are logged as warnings and ignored.
 
 ENVIRONMENT
   RUST_LOG            Log filter, e.g. \"info\" or \"switchyard_control=debug\". Default \"info\".
+  SWITCHYARD_ADMIN_TOKEN, SWITCHYARD_ADMIN_TOKEN_FILE
+  SWITCHYARD_PROXY_TOKEN, SWITCHYARD_PROXY_TOKEN_FILE
+  SWITCHYARD_API_PASSWORD, SWITCHYARD_API_PASSWORD_FILE
+                      The secret, or a file holding it (the same as the flags
+                      --admin-token, --admin-token-file, ...). Set, they take precedence
+                      over the config file's AdminToken/AdminTokenFile, ...; the value and
+                      the file may not both be set in the same place.
 ";
 
 /// Auto-registration settings (`UserAutoRegAPI`).
@@ -150,7 +168,7 @@ pub struct AutoRegApiConfig {
     #[serde(rename = "User")]
     pub user: String,
     #[serde(rename = "Password")]
-    pub password: String,
+    pub password: Secret,
     #[serde(rename = "DefaultCoin")]
     pub default_coin: String,
     #[serde(rename = "PostData")]
@@ -170,9 +188,13 @@ pub struct ControlConfig {
     #[serde(rename = "DataDir")]
     pub data_dir: PathBuf,
     #[serde(rename = "AdminToken")]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
+    #[serde(rename = "AdminTokenFile")]
+    pub admin_token_file: Option<PathBuf>,
     #[serde(rename = "ProxyToken")]
-    pub proxy_token: Option<String>,
+    pub proxy_token: Option<Secret>,
+    #[serde(rename = "ProxyTokenFile")]
+    pub proxy_token_file: Option<PathBuf>,
     #[serde(rename = "LeaseTTLSeconds")]
     pub lease_ttl_seconds: u64,
     #[serde(rename = "MaxSwitchBatch")]
@@ -244,7 +266,9 @@ pub struct ControlConfig {
     #[serde(rename = "APIUser")]
     pub api_user: String,
     #[serde(rename = "APIPassword")]
-    pub api_password: String,
+    pub api_password: Secret,
+    #[serde(rename = "APIPasswordFile")]
+    pub api_password_file: Option<PathBuf>,
     #[serde(rename = "EnableCronJob")]
     pub enable_cron_job: bool,
     #[serde(rename = "CronIntervalSeconds")]
@@ -260,11 +284,13 @@ pub struct ControlConfig {
 impl Default for ControlConfig {
     fn default() -> Self {
         Self {
-            grpc_listen_addr: "0.0.0.0:50051".into(),
+            grpc_listen_addr: DEFAULT_GRPC_LISTEN_ADDR.into(),
             store: None,
             data_dir: PathBuf::from("./switchyard-data"),
             admin_token: None,
+            admin_token_file: None,
             proxy_token: None,
+            proxy_token_file: None,
             lease_ttl_seconds: 30,
             max_switch_batch: 10_000,
             log_format: "text".into(),
@@ -300,7 +326,8 @@ impl Default for ControlConfig {
             enable_api_server: false,
             listen_addr: String::new(),
             api_user: String::new(),
-            api_password: String::new(),
+            api_password: Secret::default(),
+            api_password_file: None,
             enable_cron_job: false,
             cron_interval_seconds: 60,
             user_coin_map_url: String::new(),
@@ -347,6 +374,9 @@ pub enum ConfigError {
         /// Why.
         source: serde_json::Error,
     },
+    /// A secret's file cannot be read, or a secret is set twice.
+    #[error("config setting {0}")]
+    Secret(#[from] SecretError),
     /// A setting has a value that cannot work.
     #[error("config setting {key}: {message}")]
     Invalid {
@@ -364,12 +394,20 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// True for an address only this host can reach: 127.0.0.0/8, `::1`, and `::ffff:127.x.y.z`.
+/// `0.0.0.0` and `::` (every interface) are not.
+pub fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
 const KNOWN_KEYS: &[&str] = &[
     "GrpcListenAddr",
     "Store",
     "DataDir",
     "AdminToken",
+    "AdminTokenFile",
     "ProxyToken",
+    "ProxyTokenFile",
     "LeaseTTLSeconds",
     "MaxSwitchBatch",
     "LogFormat",
@@ -405,6 +443,7 @@ const KNOWN_KEYS: &[&str] = &[
     "ListenAddr",
     "APIUser",
     "APIPassword",
+    "APIPasswordFile",
     "EnableCronJob",
     "CronIntervalSeconds",
     "UserCoinMapURL",
@@ -687,8 +726,11 @@ impl ControlConfig {
         Ok(pull)
     }
 
-    /// The HTTP switch API's address and credentials, when `EnableAPIServer` is set.
-    pub fn http_api(&self) -> Result<Option<(SocketAddr, String, String)>, ConfigError> {
+    /// The HTTP switch API's address and credentials, when `EnableAPIServer` is set. The
+    /// switch API moves hashrate: it is never served without both `APIUser` and
+    /// `APIPassword`, whatever the address (the user-list API beside it is read-only and has
+    /// no auth, by SPEC section 7).
+    pub fn http_api(&self) -> Result<Option<(SocketAddr, String, Secret)>, ConfigError> {
         if !self.enable_api_server {
             return Ok(None);
         }
@@ -698,10 +740,17 @@ impl ControlConfig {
                 format!("{:?} is not an IP:port address: {e}", self.listen_addr),
             )
         })?;
-        if self.api_user.is_empty() || self.api_password.is_empty() {
+        let has_password = !self.api_password.is_empty() || self.api_password_file.is_some();
+        if self.api_user.is_empty() || !has_password {
             return Err(invalid(
-                "APIPassword",
-                "EnableAPIServer needs both APIUser and APIPassword: the switch API is never served without credentials",
+                if self.api_user.is_empty() {
+                    "APIUser"
+                } else {
+                    "APIPassword"
+                },
+                format!(
+                    "EnableAPIServer on ListenAddr {addr} needs both APIUser and APIPassword (or APIPasswordFile, SWITCHYARD_API_PASSWORD, SWITCHYARD_API_PASSWORD_FILE): the switch API moves hashrate and is never served without credentials"
+                ),
             ));
         }
         Ok(Some((
@@ -780,23 +829,116 @@ impl ControlConfig {
     }
 
     /// A token setting, with an empty string meaning none.
-    fn token(value: &Option<String>) -> Option<String> {
+    fn token(value: &Option<Secret>) -> Option<Secret> {
         value.as_ref().filter(|t| !t.is_empty()).cloned()
     }
 
-    /// The admin token, if any.
-    pub fn admin_token(&self) -> Option<String> {
+    /// The admin token, if any (after [`ControlConfig::load_secret_files`]).
+    pub fn admin_token(&self) -> Option<Secret> {
         Self::token(&self.admin_token)
     }
 
-    /// The proxy token, if any.
-    pub fn proxy_token(&self) -> Option<String> {
+    /// The proxy token, if any (after [`ControlConfig::load_secret_files`]).
+    pub fn proxy_token(&self) -> Option<Secret> {
         Self::token(&self.proxy_token)
+    }
+
+    /// Reads the secrets the config file names by file (`AdminTokenFile`, `ProxyTokenFile`,
+    /// `APIPasswordFile`) into their settings, once; the file settings are then cleared. A
+    /// secret set both in place and by file is refused, as is an unreadable or empty file.
+    /// The command line and environment, which take precedence, are applied by the binary
+    /// before this (clearing the file setting they replace).
+    pub fn load_secret_files(&mut self) -> Result<(), ConfigError> {
+        self.admin_token = resolve_secret(
+            self.admin_token.take(),
+            self.admin_token_file.take().as_deref(),
+            "AdminToken",
+            "AdminTokenFile",
+        )?;
+        self.proxy_token = resolve_secret(
+            self.proxy_token.take(),
+            self.proxy_token_file.take().as_deref(),
+            "ProxyToken",
+            "ProxyTokenFile",
+        )?;
+        self.api_password = resolve_secret(
+            Some(std::mem::take(&mut self.api_password)),
+            self.api_password_file.take().as_deref(),
+            "APIPassword",
+            "APIPasswordFile",
+        )?
+        .unwrap_or_default();
+        Ok(())
+    }
+
+    /// This config with its secret files read ([`ControlConfig::load_secret_files`]); a clone
+    /// of it when there is none left to read.
+    pub fn with_secret_files(&self) -> Result<Self, ConfigError> {
+        let mut config = self.clone();
+        config.load_secret_files()?;
+        Ok(config)
+    }
+
+    /// The start-up check that nothing is served open by accident: a gRPC listener on any
+    /// other than a loopback address needs `AdminToken` (SwitcherAdmin moves hashrate) and
+    /// `ProxyToken` (ProxyControl streams every user and hands out server IDs); the error names
+    /// the missing setting. On a loopback address they may be missing: the answer is then the
+    /// one warning line to log. (The HTTP switch API's credentials are checked by
+    /// [`ControlConfig::http_api`], on every address.)
+    pub fn listener_security(&self) -> Result<Option<String>, ConfigError> {
+        let addr = self.grpc_addr()?;
+        let mut missing = Vec::new();
+        if self.admin_token().is_none() && self.admin_token_file.is_none() {
+            missing.push("AdminToken");
+        }
+        if self.proxy_token().is_none() && self.proxy_token_file.is_none() {
+            missing.push("ProxyToken");
+        }
+        let Some(&first) = missing.first() else {
+            return Ok(None);
+        };
+        if is_loopback(addr) {
+            return Ok(Some(format!(
+                "gRPC on loopback {addr} without {}: any local process may call {}; set {} before listening on another address",
+                missing.join(" and "),
+                if missing.len() == 2 {
+                    "SwitcherAdmin and ProxyControl"
+                } else if first == "AdminToken" {
+                    "SwitcherAdmin"
+                } else {
+                    "ProxyControl"
+                },
+                if missing.len() == 2 { "them" } else { "it" },
+            )));
+        }
+        let (what, env) = if first == "AdminToken" {
+            (
+                "anyone who reaches it could switch any user's coin (SwitcherAdmin)",
+                "SWITCHYARD_ADMIN_TOKEN",
+            )
+        } else {
+            (
+                "anyone who reaches it could read every user (WatchSwitches) and take proxy server IDs (ProxyControl)",
+                "SWITCHYARD_PROXY_TOKEN",
+            )
+        };
+        let also = if missing.len() == 2 {
+            " (ProxyToken is missing too)"
+        } else {
+            ""
+        };
+        Err(invalid(
+            first,
+            format!(
+                "missing{also}, and GrpcListenAddr {addr} is not a loopback address: {what}. Set {first} (or {first}File, {env}, {env}_FILE), or listen on {DEFAULT_GRPC_LISTEN_ADDR}"
+            ),
+        ))
     }
 
     /// Checks every setting this version acts on, so that a bad file fails at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.grpc_addr()?;
+        self.listener_security()?;
         if self.store_choice()? == StoreChoice::ZooKeeper {
             self.zk_settings()?;
             self.lease_dirs()?;
@@ -861,7 +1003,172 @@ mod tests {
             config.store_choice().expect("store"),
             StoreChoice::ZooKeeper
         );
-        assert_eq!(config.grpc_listen_addr, "0.0.0.0:50051");
+        assert_eq!(config.grpc_listen_addr, "127.0.0.1:50051");
+    }
+
+    fn with_grpc(addr: &str, admin: Option<&str>, proxy: Option<&str>) -> ControlConfig {
+        ControlConfig {
+            grpc_listen_addr: addr.into(),
+            admin_token: admin.map(Secret::from),
+            proxy_token: proxy.map(Secret::from),
+            available_coins: vec!["btc".into()],
+            ..ControlConfig::default()
+        }
+    }
+
+    fn refused_key(config: &ControlConfig) -> &'static str {
+        match config.listener_security() {
+            Err(ConfigError::Invalid { key, message }) => {
+                assert!(message.contains("GrpcListenAddr"), "{message}");
+                assert!(message.contains(key), "{message}");
+                key
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn grpc_beyond_loopback_needs_both_tokens() {
+        for addr in [
+            "0.0.0.0:50051",
+            "10.0.0.5:50051",
+            "[::]:50051",
+            "[2001:db8::1]:1",
+        ] {
+            assert_eq!(refused_key(&with_grpc(addr, None, Some("p"))), "AdminToken");
+            assert_eq!(refused_key(&with_grpc(addr, Some("a"), None)), "ProxyToken");
+            assert_eq!(refused_key(&with_grpc(addr, None, None)), "AdminToken");
+            // An empty token is no token.
+            assert_eq!(
+                refused_key(&with_grpc(addr, Some(""), Some("p"))),
+                "AdminToken"
+            );
+            let safe = with_grpc(addr, Some("a"), Some("p"));
+            assert_eq!(safe.listener_security().expect("both tokens"), None);
+            assert!(safe.validate().is_ok());
+            // validate() runs the check, so --check-config and ControlPlane::open refuse too.
+            assert!(matches!(
+                with_grpc(addr, None, Some("p")).validate(),
+                Err(ConfigError::Invalid {
+                    key: "AdminToken",
+                    ..
+                })
+            ));
+        }
+        // A token file counts as a token (it is read before the service starts).
+        let mut from_file = with_grpc("0.0.0.0:50051", None, Some("p"));
+        from_file.admin_token_file = Some("/run/secrets/admin".into());
+        assert_eq!(from_file.listener_security().expect("a file"), None);
+    }
+
+    #[test]
+    fn loopback_without_tokens_starts_with_one_warning() {
+        for addr in [
+            "127.0.0.1:50051",
+            "127.0.0.2:1",
+            "[::1]:50051",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            for (admin, proxy, names) in [
+                (None, None, "AdminToken and ProxyToken"),
+                (None, Some("p"), "AdminToken"),
+                (Some("a"), None, "ProxyToken"),
+            ] {
+                let warning = with_grpc(addr, admin, proxy)
+                    .listener_security()
+                    .expect("loopback is allowed")
+                    .expect("with a warning");
+                assert!(warning.contains(names), "{warning}");
+                assert!(!warning.contains('\n'), "one line: {warning}");
+            }
+            assert_eq!(
+                with_grpc(addr, Some("a"), Some("p"))
+                    .listener_security()
+                    .expect("safe"),
+                None
+            );
+        }
+        // The default address is loopback.
+        let default = ControlConfig::default();
+        assert!(is_loopback(default.grpc_addr().expect("valid default")));
+        assert!(default.listener_security().expect("allowed").is_some());
+    }
+
+    #[test]
+    fn the_switch_api_needs_credentials_on_every_address() {
+        for addr in ["0.0.0.0:8082", "127.0.0.1:8082"] {
+            let mut config = with_grpc("127.0.0.1:50051", Some("a"), Some("p"));
+            config.enable_api_server = true;
+            config.listen_addr = addr.into();
+            assert!(matches!(
+                config.http_api(),
+                Err(ConfigError::Invalid { key: "APIUser", .. })
+            ));
+            config.api_user = "backend".into();
+            assert!(matches!(
+                config.http_api(),
+                Err(ConfigError::Invalid {
+                    key: "APIPassword",
+                    ..
+                })
+            ));
+            config.api_password = "pw".into();
+            let (_, user, password) = config.http_api().expect("ok").expect("enabled");
+            assert_eq!((user.as_str(), password.expose()), ("backend", "pw"));
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_show_in_debug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let mut config = with_grpc("0.0.0.0:50051", None, None);
+        config.admin_token_file = Some(write("admin", "admin-secret\n"));
+        config.proxy_token_file = Some(write("proxy", "proxy-secret"));
+        config.api_password_file = Some(write("api", "api-secret\r\n"));
+        config.user_auto_reg_api.password = "autoreg-secret".into();
+        config.load_secret_files().expect("readable");
+        assert_eq!(config.admin_token().expect("set").expose(), "admin-secret");
+        assert_eq!(config.proxy_token().expect("set").expose(), "proxy-secret");
+        assert_eq!(config.api_password.expose(), "api-secret");
+        assert_eq!(config.admin_token_file, None, "read once, then cleared");
+        assert_eq!(config.listener_security().expect("tokens"), None);
+        let printed = format!("{config:?}");
+        for secret in [
+            "admin-secret",
+            "proxy-secret",
+            "api-secret",
+            "autoreg-secret",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+
+        // In place and by file in the same config file: refused, naming both.
+        let mut both = with_grpc("127.0.0.1:1", Some("x"), None);
+        both.admin_token_file = Some(write("admin2", "y"));
+        let err = both.load_secret_files().expect_err("both");
+        assert!(err.to_string().contains("AdminTokenFile"), "{err}");
+        // An empty or missing file: refused, naming the setting.
+        let mut empty = with_grpc("127.0.0.1:1", None, None);
+        empty.proxy_token_file = Some(write("empty", "\n"));
+        let err = empty.load_secret_files().expect_err("empty");
+        assert!(err.to_string().contains("ProxyTokenFile"), "{err}");
+        let mut missing = with_grpc("127.0.0.1:1", None, None);
+        missing.api_password_file = Some(dir.path().join("nope"));
+        let err = missing.load_secret_files().expect_err("missing");
+        assert!(err.to_string().contains("APIPasswordFile"), "{err}");
+        // A JSON config names them by the documented keys.
+        let (parsed, unknown) = ControlConfig::from_json(
+            r#"{"AdminTokenFile":"/a","ProxyTokenFile":"/p","APIPasswordFile":"/h"}"#,
+        )
+        .expect("parses");
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(parsed.admin_token_file, Some(PathBuf::from("/a")));
+        assert_eq!(parsed.api_password_file, Some(PathBuf::from("/h")));
     }
 
     #[test]

@@ -89,6 +89,7 @@ use serde::{
     Deserialize, Serialize,
     de::{IgnoredAny, MapAccess, Visitor},
 };
+use switchyard_cli::Secret;
 use switchyard_initializer::http_server::HttpLimits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -113,24 +114,15 @@ const REALM_CHALLENGE: &str = "Basic realm=\"switcher\"";
 const MAX_DETAIL_BYTES: usize = 200;
 
 /// The credentials of the switch API (`APIUser`, `APIPassword`).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct SwitchApiAuth {
     user: String,
-    password: String,
-}
-
-impl std::fmt::Debug for SwitchApiAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SwitchApiAuth")
-            .field("user", &self.user)
-            .field("password", &"<redacted>")
-            .finish()
-    }
+    password: Secret,
 }
 
 impl SwitchApiAuth {
     /// The credentials every request must present with HTTP basic auth.
-    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+    pub fn new(user: impl Into<String>, password: impl Into<Secret>) -> Self {
         Self {
             user: user.into(),
             password: password.into(),
@@ -144,7 +136,7 @@ impl SwitchApiAuth {
             return false;
         };
         let user_ok = constant_time_eq(user.as_bytes(), self.user.as_bytes());
-        let password_ok = constant_time_eq(password.as_bytes(), self.password.as_bytes());
+        let password_ok = constant_time_eq(password.as_bytes(), self.password.expose().as_bytes());
         // `&`, not `&&`: no short cut on the first result.
         user_ok & password_ok
     }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use switchyard_cli::{LogArgs, go_style_args};
+use switchyard_cli::{LogArgs, Secret, go_style_args, resolve_secret};
 use switchyard_control::{
     ControlPlane,
     config::{ControlConfig, LogFormat, SETTINGS_HELP},
@@ -27,7 +27,8 @@ struct Args {
     #[arg(short, long, env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
 
-    /// Overrides GrpcListenAddr: the gRPC address, e.g. 0.0.0.0:50051.
+    /// Overrides GrpcListenAddr: the gRPC address, e.g. 10.0.0.5:50051 (default
+    /// 127.0.0.1:50051; any other than a loopback address needs AdminToken and ProxyToken).
     #[arg(long, value_name = "ADDR")]
     grpc_listen: Option<String>,
 
@@ -39,13 +40,30 @@ struct Args {
     #[arg(long, value_name = "COINS", value_delimiter = ',')]
     available_coins: Option<Vec<String>>,
 
-    /// Overrides AdminToken (prefer the environment variable to keep it out of `ps`).
+    /// Overrides AdminToken and AdminTokenFile (prefer the environment variable, or a file,
+    /// to keep it out of `ps`).
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    admin_token: Option<Secret>,
 
-    /// Overrides ProxyToken (prefer the environment variable to keep it out of `ps`).
+    /// A file holding the admin token (overrides AdminToken and AdminTokenFile).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Overrides ProxyToken and ProxyTokenFile (prefer the environment variable, or a file).
     #[arg(long, env = "SWITCHYARD_PROXY_TOKEN", hide_env_values = true)]
-    proxy_token: Option<String>,
+    proxy_token: Option<Secret>,
+
+    /// A file holding the proxy token (overrides ProxyToken and ProxyTokenFile).
+    #[arg(long, env = "SWITCHYARD_PROXY_TOKEN_FILE", value_name = "FILE")]
+    proxy_token_file: Option<PathBuf>,
+
+    /// Overrides APIPassword and APIPasswordFile (prefer the environment variable, or a file).
+    #[arg(long, env = "SWITCHYARD_API_PASSWORD", hide_env_values = true)]
+    api_password: Option<Secret>,
+
+    /// A file holding the switch API's password (overrides APIPassword and APIPasswordFile).
+    #[arg(long, env = "SWITCHYARD_API_PASSWORD_FILE", value_name = "FILE")]
+    api_password_file: Option<PathBuf>,
 
     /// Overrides LogFormat: text or json.
     #[arg(long, value_name = "FORMAT")]
@@ -73,12 +91,36 @@ fn load_config(args: &Args) -> anyhow::Result<(ControlConfig, Vec<String>)> {
     if let Some(coins) = &args.available_coins {
         config.available_coins = coins.clone();
     }
-    if let Some(token) = &args.admin_token {
-        config.admin_token = Some(token.clone());
+    // Secrets: the command line and environment over the config file; in each, a value or
+    // a file, not both.
+    if let Some(token) = resolve_secret(
+        args.admin_token.clone(),
+        args.admin_token_file.as_deref(),
+        "--admin-token (SWITCHYARD_ADMIN_TOKEN)",
+        "--admin-token-file (SWITCHYARD_ADMIN_TOKEN_FILE)",
+    )? {
+        config.admin_token = Some(token);
+        config.admin_token_file = None;
     }
-    if let Some(token) = &args.proxy_token {
-        config.proxy_token = Some(token.clone());
+    if let Some(token) = resolve_secret(
+        args.proxy_token.clone(),
+        args.proxy_token_file.as_deref(),
+        "--proxy-token (SWITCHYARD_PROXY_TOKEN)",
+        "--proxy-token-file (SWITCHYARD_PROXY_TOKEN_FILE)",
+    )? {
+        config.proxy_token = Some(token);
+        config.proxy_token_file = None;
     }
+    if let Some(password) = resolve_secret(
+        args.api_password.clone(),
+        args.api_password_file.as_deref(),
+        "--api-password (SWITCHYARD_API_PASSWORD)",
+        "--api-password-file (SWITCHYARD_API_PASSWORD_FILE)",
+    )? {
+        config.api_password = password;
+        config.api_password_file = None;
+    }
+    config.load_secret_files()?;
     if let Some(format) = &args.log_format {
         config.log_format = format.clone();
     }
@@ -112,6 +154,9 @@ async fn main() -> anyhow::Result<()> {
     args.log.init("switchyard-control", format)?;
     for key in unknown {
         warn!(key, "unknown config key ignored");
+    }
+    if let Some(warning) = config.listener_security()? {
+        warn!("{warning}");
     }
     let addr = config.grpc_addr()?;
     let shutdown = CancellationToken::new();

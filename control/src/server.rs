@@ -4,6 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use switchyard_cli::Secret;
 use switchyard_initializer::{listed::ListedUsers, puller::UserListPuller, sink::ListedUserSink};
 use switchyard_proto::v1::{
     proxy_control_server::ProxyControlServer, switcher_admin_server::SwitcherAdminServer,
@@ -96,8 +97,8 @@ pub struct ControlPlane {
     registrations: Option<Arc<dyn UserRegistrations>>,
     /// The bounds of the gRPC and HTTP servers.
     limits: ServerLimits,
-    admin_token: Option<String>,
-    proxy_token: Option<String>,
+    admin_token: Option<Secret>,
+    proxy_token: Option<Secret>,
 }
 
 impl ControlPlane {
@@ -108,6 +109,8 @@ impl ControlPlane {
         shutdown: CancellationToken,
     ) -> Result<Self, ControlError> {
         config.validate()?;
+        // Secret files not read yet (an in-process caller's config) are read now.
+        let config = &config.with_secret_files()?;
         let mut zk_client = None;
         let (store, leases): (Arc<dyn UserCoinStore>, Arc<dyn ServerIdLeases>) =
             match config.store_choice()? {

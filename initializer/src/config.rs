@@ -1,9 +1,15 @@
 //! The `switchyard-init` configuration: the Go initUserCoin's JSON file with its original keys
 //! (SPEC §8), plus the control endpoints it sends the users to.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
+use switchyard_cli::{Secret, SecretError, resolve_secret};
 use thiserror::Error;
 
 use crate::puller::PullerSettings;
@@ -14,8 +20,11 @@ CONFIG FILE KEYS (JSON; the Go initUserCoin file is accepted as it is)
 
   ControlEndpoints    gRPC addresses of the control replicas, tried in order,
                       e.g. [\"http://10.0.0.5:50051\",\"http://10.0.0.6:50051\"]. Required.
-  AdminToken          Bearer token of the control's SwitcherAdmin service, when it has one
-                      (or SWITCHYARD_ADMIN_TOKEN in the environment).
+  AdminToken          Bearer token of the control's SwitcherAdmin service, when it has one.
+                      SWITCHYARD_ADMIN_TOKEN (or --admin-token) takes precedence.
+  AdminTokenFile      A file holding AdminToken (one trailing line end trimmed), read at
+                      start. Not with AdminToken. SWITCHYARD_ADMIN_TOKEN_FILE (or
+                      --admin-token-file) takes precedence.
   UserListAPI         {coin: url}: the user lists to ingest. Required.
   IntervalSeconds     Between two pulls of a list. Default 10.
   UserListTimeoutSeconds
@@ -37,7 +46,9 @@ pub struct InitConfig {
     #[serde(rename = "ControlEndpoints")]
     pub control_endpoints: Vec<String>,
     #[serde(rename = "AdminToken")]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
+    #[serde(rename = "AdminTokenFile")]
+    pub admin_token_file: Option<PathBuf>,
     #[serde(rename = "UserListAPI")]
     pub user_list_api: BTreeMap<String, String>,
     #[serde(rename = "IntervalSeconds")]
@@ -57,6 +68,7 @@ impl Default for InitConfig {
         Self {
             control_endpoints: Vec::new(),
             admin_token: None,
+            admin_token_file: None,
             user_list_api: BTreeMap::new(),
             interval_seconds: 10,
             user_list_timeout_seconds: 60,
@@ -70,6 +82,7 @@ impl Default for InitConfig {
 const KNOWN_KEYS: &[&str] = &[
     "ControlEndpoints",
     "AdminToken",
+    "AdminTokenFile",
     "UserListAPI",
     "IntervalSeconds",
     "UserListTimeoutSeconds",
@@ -90,6 +103,9 @@ pub enum InitConfigError {
     /// A setting cannot work.
     #[error("config setting {0}: {1}")]
     Invalid(&'static str, String),
+    /// The admin token's file cannot be read, or the token is set twice.
+    #[error("config setting {0}")]
+    Secret(#[from] SecretError),
 }
 
 impl InitConfig {
@@ -111,6 +127,19 @@ impl InitConfig {
             .unwrap_or_default();
         let config = serde_json::from_value(value).map_err(|e| InitConfigError::Parse(name, e))?;
         Ok((config, ignored))
+    }
+
+    /// Reads `AdminTokenFile` into `AdminToken`, once (the file setting is then cleared).
+    /// Both set, or an unreadable or empty file, is refused. The command line and environment,
+    /// which take precedence, are applied by the binary before this.
+    pub fn load_secret_files(&mut self) -> Result<(), InitConfigError> {
+        self.admin_token = resolve_secret(
+            self.admin_token.take(),
+            self.admin_token_file.take().as_deref(),
+            "AdminToken",
+            "AdminTokenFile",
+        )?;
+        Ok(())
     }
 
     /// One puller's settings per coin of `UserListAPI`.

@@ -6,7 +6,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
-use switchyard_cli::{LogArgs, LogFormat, go_style_args};
+use switchyard_cli::{LogArgs, LogFormat, Secret, go_style_args, resolve_secret};
 use switchyard_initializer::{
     api,
     config::{InitConfig, SETTINGS_HELP},
@@ -27,9 +27,14 @@ struct Args {
     #[arg(short, long, env = "SWITCHYARD_INIT_CONFIG")]
     config: PathBuf,
 
-    /// Overrides AdminToken (prefer the environment variable to keep it out of `ps`).
+    /// Overrides AdminToken and AdminTokenFile (prefer the environment variable, or a file,
+    /// to keep it out of `ps`).
     #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    admin_token: Option<Secret>,
+
+    /// A file holding the admin token (overrides AdminToken and AdminTokenFile).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
 
     /// Check the configuration and exit.
     #[arg(long)]
@@ -53,9 +58,17 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse_from(go_style_args(std::env::args_os()));
     let (mut config, ignored) = InitConfig::from_file(&args.config)?;
-    if let Some(token) = args.admin_token {
+    // The command line and environment over the config file; in each, a value or a file.
+    if let Some(token) = resolve_secret(
+        args.admin_token.clone(),
+        args.admin_token_file.as_deref(),
+        "--admin-token (SWITCHYARD_ADMIN_TOKEN)",
+        "--admin-token-file (SWITCHYARD_ADMIN_TOKEN_FILE)",
+    )? {
         config.admin_token = Some(token);
+        config.admin_token_file = None;
     }
+    config.load_secret_files()?;
     config.validate()?;
     if args.check_config {
         println!("configuration is valid");
@@ -75,7 +88,11 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let shutdown = CancellationToken::new();
-    let token = config.admin_token.as_deref().filter(|t| !t.is_empty());
+    let token = config
+        .admin_token
+        .as_ref()
+        .map(Secret::expose)
+        .filter(|t| !t.is_empty());
     let sink: Arc<dyn ListedUserSink> = Arc::new(GrpcSink::new(&config.control_endpoints, token)?);
     let listed = Arc::new(ListedUsers::new());
     let mut tasks = Vec::new();

@@ -95,7 +95,12 @@ impl GrpcSink {
         let token = token
             .map(|t| {
                 format!("Bearer {t}")
-                    .parse()
+                    .parse::<MetadataValue<tonic::metadata::Ascii>>()
+                    .map(|mut value| {
+                        // Its Debug then prints "Sensitive" (and HTTP/2 never indexes it).
+                        value.set_sensitive(true);
+                        value
+                    })
                     .map_err(|_| SinkError::Refused("the token is not valid header text".into()))
             })
             .transpose()?;

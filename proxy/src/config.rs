@@ -9,6 +9,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
+use switchyard_cli::{Secret, SecretError, resolve_secret};
 use thiserror::Error;
 
 use crate::{
@@ -25,7 +26,11 @@ Switchyard's own settings:
                       The proxy follows the first that answers and fails over to the next.
                       host:port alone means http://host:port.
   ProxyToken          Sent as \"authorization: Bearer <ProxyToken>\" to the control plane
-                      (its ProxyToken). Default: none.
+                      (its ProxyToken). Default: none. SWITCHYARD_PROXY_TOKEN (or
+                      --proxy-token) takes precedence.
+  ProxyTokenFile      A file holding ProxyToken (one trailing line end trimmed), read at
+                      start. Not with ProxyToken. SWITCHYARD_PROXY_TOKEN_FILE (or
+                      --proxy-token-file) takes precedence.
   MetricsListenAddr   Prometheus endpoint (GET /metrics). Default: HTTPDebugListenAddr
                       when EnableHTTPDebug is true, else off.
   MaxSessions         The most miner connections at once; beyond it new ones are closed at
@@ -114,7 +119,9 @@ pub struct ProxyConfig {
     #[serde(rename = "ControlEndpoints")]
     pub control_endpoints: Vec<String>,
     #[serde(rename = "ProxyToken")]
-    pub proxy_token: Option<String>,
+    pub proxy_token: Option<Secret>,
+    #[serde(rename = "ProxyTokenFile")]
+    pub proxy_token_file: Option<PathBuf>,
     #[serde(rename = "MetricsListenAddr")]
     pub metrics_listen_addr: Option<String>,
     #[serde(rename = "MaxSessions")]
@@ -202,6 +209,7 @@ pub const DEFAULT_TCP_KEEPALIVE_SECONDS: u64 = 60;
 const KNOWN_KEYS: &[&str] = &[
     "ControlEndpoints",
     "ProxyToken",
+    "ProxyTokenFile",
     "MetricsListenAddr",
     "MaxSessions",
     "MaxLineBytes",
@@ -252,6 +260,9 @@ pub enum ConfigError {
         /// Why.
         source: serde_json::Error,
     },
+    /// The proxy token's file cannot be read, or the token is set twice.
+    #[error("config key {0}")]
+    Secret(#[from] SecretError),
     /// A setting is invalid.
     #[error("config key {key}: {message}")]
     Invalid {
@@ -292,7 +303,7 @@ pub struct ProxySettings {
     /// The control replicas.
     pub control_endpoints: Vec<String>,
     /// The control plane's ProxyToken.
-    pub proxy_token: Option<String>,
+    pub proxy_token: Option<Secret>,
     /// The Prometheus endpoint.
     pub metrics_addr: Option<SocketAddr>,
     /// Auto-registration of unknown users.
@@ -487,7 +498,12 @@ impl ProxyConfig {
             listen_addr,
             upstreams,
             control_endpoints,
-            proxy_token: self.proxy_token.clone().filter(|t| !t.is_empty()),
+            proxy_token: resolve_secret(
+                self.proxy_token.clone(),
+                self.proxy_token_file.as_deref(),
+                "ProxyToken",
+                "ProxyTokenFile",
+            )?,
             metrics_addr,
             auto_reg: self.enable_user_auto_reg,
             auto_reg_max_wait: self.auto_reg_max_wait_users.unwrap_or(500),

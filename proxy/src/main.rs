@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use switchyard_cli::{LogArgs, go_style_args};
+use switchyard_cli::{LogArgs, Secret, go_style_args, resolve_secret};
 use switchyard_proxy::{
     config::{LogFormat, ProxyConfig, SETTINGS_HELP},
     server::Proxy,
@@ -35,9 +35,14 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
 
-    /// Overrides ProxyToken (prefer the environment variable to keep it out of `ps`).
+    /// Overrides ProxyToken and ProxyTokenFile (prefer the environment variable, or a file,
+    /// to keep it out of `ps`).
     #[arg(long, env = "SWITCHYARD_PROXY_TOKEN", hide_env_values = true)]
-    proxy_token: Option<String>,
+    proxy_token: Option<Secret>,
+
+    /// A file holding the proxy token (overrides ProxyToken and ProxyTokenFile).
+    #[arg(long, env = "SWITCHYARD_PROXY_TOKEN_FILE", value_name = "FILE")]
+    proxy_token_file: Option<PathBuf>,
 
     /// Check the configuration and exit.
     #[arg(long)]
@@ -84,8 +89,15 @@ async fn main() -> anyhow::Result<()> {
     if let Some(listen) = &args.listen {
         config.listen_addr = Some(listen.clone());
     }
-    if let Some(token) = &args.proxy_token {
-        config.proxy_token = Some(token.clone());
+    // The command line and environment over the config file; in each, a value or a file.
+    if let Some(token) = resolve_secret(
+        args.proxy_token.clone(),
+        args.proxy_token_file.as_deref(),
+        "--proxy-token (SWITCHYARD_PROXY_TOKEN)",
+        "--proxy-token-file (SWITCHYARD_PROXY_TOKEN_FILE)",
+    )? {
+        config.proxy_token = Some(token);
+        config.proxy_token_file = None;
     }
     let settings = config.settings()?;
     if args.check_config || std::env::var_os(upgrade::CHECK_ENV).is_some_and(|v| v == "1") {

@@ -120,8 +120,10 @@ impl Proxy {
         let listen_addr = listener.local_addr().map_err(bind_error)?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let endpoints =
-            ControlEndpoints::new(&settings.control_endpoints, settings.proxy_token.clone())?;
+        let endpoints = ControlEndpoints::new(
+            &settings.control_endpoints,
+            settings.proxy_token.as_ref().map(|t| t.expose().to_owned()),
+        )?;
         let cache = UserCoinCache::new();
         let metrics = Metrics::new();
         metrics.watch_cache(cache.clone());

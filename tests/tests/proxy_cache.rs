@@ -642,7 +642,7 @@ async fn a_registered_user_reaches_the_waiting_session_through_the_feed() {
             interval_seconds: 0,
             url: backend_url.clone(),
             user: String::new(),
-            password: String::new(),
+            password: Default::default(),
             default_coin: "bch".into(),
             post_data: [("sub_name".to_owned(), "{sub_name}".to_owned())].into(),
         };

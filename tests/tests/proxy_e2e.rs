@@ -540,7 +540,7 @@ async fn registering_control(url: &str) -> InProcessControl {
             interval_seconds: 1,
             url: url.to_string(),
             user: String::new(),
-            password: String::new(),
+            password: Default::default(),
             default_coin: "btc".into(),
             post_data: [("sub_name".to_string(), "{sub_name}".to_string())]
                 .into_iter()

@@ -54,6 +54,7 @@ use async_trait::async_trait;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use switchyard_cli::Secret;
 use thiserror::Error;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +87,7 @@ pub struct AutoRegSettings {
     /// `UserAutoRegAPI.User`: basic auth when not empty.
     pub user: String,
     /// `UserAutoRegAPI.Password`.
-    pub password: String,
+    pub password: Secret,
     /// `UserAutoRegAPI.DefaultCoin`: the coin a registered user gets; one of `AvailableCoins`.
     pub default_coin: String,
     /// `UserAutoRegAPI.PostData`: the JSON object POSTed, `{sub_name}` replaced in the values.
@@ -113,7 +114,7 @@ impl AutoRegSettings {
         Self {
             url: url.into(),
             user: String::new(),
-            password: String::new(),
+            password: Secret::default(),
             default_coin: default_coin.into(),
             post_data: BTreeMap::new(),
             interval: Duration::ZERO,
@@ -468,7 +469,7 @@ impl Registrar {
             .collect();
         let mut post = self.client.post(self.url.clone()).json(&body);
         if !self.settings.user.is_empty() {
-            post = post.basic_auth(&self.settings.user, Some(&self.settings.password));
+            post = post.basic_auth(&self.settings.user, Some(self.settings.password.expose()));
         }
         let timeout = self.settings.timeout;
         tracing::debug!(

@@ -7,6 +7,7 @@ pub mod proxy_control;
 
 use std::sync::Arc;
 
+use switchyard_cli::{Secret, secret::constant_time_eq};
 use tonic::{Request, Status, service::Interceptor};
 
 use crate::{
@@ -60,24 +61,17 @@ impl From<LeaseError> for Status {
 /// Checks `authorization: Bearer <token>` on every call when a token is configured.
 #[derive(Debug, Clone)]
 pub struct BearerAuth {
-    expected: Option<Arc<[u8]>>,
+    /// `Bearer <token>`.
+    expected: Option<Arc<Secret>>,
 }
 
 impl BearerAuth {
     /// Requires `token` when `Some`, lets every call through when `None`.
-    pub fn new(token: Option<String>) -> Self {
+    pub fn new(token: Option<Secret>) -> Self {
         Self {
-            expected: token.map(|t| format!("Bearer {t}").into_bytes().into()),
+            expected: token.map(|t| Arc::new(Secret::new(format!("Bearer {}", t.expose())))),
         }
     }
-}
-
-/// Compares in time that depends only on the lengths, not on where the bytes differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Interceptor for BearerAuth {
@@ -86,7 +80,9 @@ impl Interceptor for BearerAuth {
             return Ok(request);
         };
         match request.metadata().get("authorization") {
-            Some(given) if constant_time_eq(given.as_bytes(), expected) => Ok(request),
+            Some(given) if constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) => {
+                Ok(request)
+            }
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
             None => Err(Status::unauthenticated(
                 "missing \"authorization: Bearer <token>\" metadata",
