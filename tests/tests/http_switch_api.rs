@@ -25,6 +25,7 @@ use switchyard_control::{
     },
     validate::CoinSet,
 };
+use switchyard_initializer::http_server::HttpLimits;
 use switchyard_tests::control::{TEST_COINS, test_config};
 use tempfile::TempDir;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -153,7 +154,12 @@ impl Api {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("local_addr");
         let app = router(Arc::clone(&core), SwitchApiAuth::new(USER, PASSWORD));
-        let task = tokio::spawn(serve(listener, app, shutdown.clone()));
+        let task = tokio::spawn(serve(
+            listener,
+            app,
+            HttpLimits::default(),
+            shutdown.clone(),
+        ));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()

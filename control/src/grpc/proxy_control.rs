@@ -257,15 +257,20 @@ impl Watcher {
     async fn send_snapshot(&mut self, revision: Revision) -> Result<u64, Stop> {
         let store_id = self.index.store_id().to_owned();
         let mut first = true;
+        // The last page read, held back so that a small snapshot stays one message.
+        let mut held: Vec<Record> = Vec::new();
         let mut after: Option<RecordKey> = None;
         loop {
             let (records, next) = self
                 .index
                 .live_records_after(after.as_ref(), RECORDS_PER_MESSAGE);
             if !records.is_empty() {
-                self.send(message(&records, first, 0, false, &store_id))
-                    .await?;
-                first = false;
+                if !held.is_empty() {
+                    self.send(message(&held, first, 0, false, &store_id))
+                        .await?;
+                    first = false;
+                }
+                held = records;
             }
             match next {
                 Some(key) => after = Some(key),
@@ -276,23 +281,21 @@ impl Watcher {
         loop {
             let page = self.index.changes_after(&cursor, RECORDS_PER_MESSAGE);
             if page.done {
-                self.send(message(
-                    &page.records,
-                    first,
-                    page.revision,
-                    true,
-                    &store_id,
-                ))
-                .await?;
+                held.extend(page.records);
+                self.send(message(&held, first, page.revision, true, &store_id))
+                    .await?;
                 self.sent = page.revision;
                 return Ok(page.seq);
             }
             if let Some(last) = page.records.last() {
                 cursor = ChangeCursor::After(last.revision, last.key.clone());
             }
-            self.send(message(&page.records, first, 0, false, &store_id))
-                .await?;
-            first = false;
+            if !held.is_empty() {
+                self.send(message(&held, first, 0, false, &store_id))
+                    .await?;
+                first = false;
+            }
+            held = page.records;
         }
     }
 
