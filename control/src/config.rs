@@ -36,6 +36,11 @@ Switchyard's own settings:
   GrpcListenAddr      gRPC address (SwitcherAdmin, ProxyControl, health, reflection).
                       Default \"127.0.0.1:50051\". On any other than a loopback address
                       the service refuses to start without AdminToken and ProxyToken.
+  TlsCertFile, TlsKeyFile
+                      PEM certificate chain and key: gRPC is served over TLS (rustls).
+                      Reloaded when the files change or on SIGHUP. Default: none (plain).
+  TlsClientCaFile     With TLS: clients (proxies, switchyard-init, grpcurl) must present a
+                      certificate signed by this CA (mutual TLS). Default: none.
   Store               \"embedded\" or \"zookeeper\". Default: \"zookeeper\" when ZKBroker
                       is set, else \"embedded\".
   DataDir             Directory of the embedded store. Default \"./switchyard-data\".
@@ -183,6 +188,12 @@ pub struct ControlConfig {
     // Switchyard's own settings.
     #[serde(rename = "GrpcListenAddr")]
     pub grpc_listen_addr: String,
+    #[serde(rename = "TlsCertFile")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(rename = "TlsKeyFile")]
+    pub tls_key_file: Option<PathBuf>,
+    #[serde(rename = "TlsClientCaFile")]
+    pub tls_client_ca_file: Option<PathBuf>,
     #[serde(rename = "Store")]
     pub store: Option<String>,
     #[serde(rename = "DataDir")]
@@ -285,6 +296,9 @@ impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             grpc_listen_addr: DEFAULT_GRPC_LISTEN_ADDR.into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
             store: None,
             data_dir: PathBuf::from("./switchyard-data"),
             admin_token: None,
@@ -402,6 +416,9 @@ pub fn is_loopback(addr: SocketAddr) -> bool {
 
 const KNOWN_KEYS: &[&str] = &[
     "GrpcListenAddr",
+    "TlsCertFile",
+    "TlsKeyFile",
+    "TlsClientCaFile",
     "Store",
     "DataDir",
     "AdminToken",
@@ -774,6 +791,25 @@ impl ControlConfig {
             base_dir,
             ack_timeout: Duration::from_secs(self.zk_sub_pool_update_ack_timeout),
         }))
+    }
+
+    /// The gRPC listener's TLS files (`TlsCertFile`, `TlsKeyFile`, `TlsClientCaFile`), when TLS
+    /// is on.
+    pub fn grpc_tls(&self) -> Result<Option<switchyard_tls::ServerTlsFiles>, ConfigError> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) if self.tls_client_ca_file.is_some() => Err(invalid(
+                "TlsClientCaFile",
+                "client certificates need TLS: set TlsCertFile and TlsKeyFile too",
+            )),
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some(switchyard_tls::ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca_file.clone(),
+            })),
+            (Some(_), None) => Err(invalid("TlsKeyFile", "TlsCertFile is set without it")),
+            (None, Some(_)) => Err(invalid("TlsCertFile", "TlsKeyFile is set without it")),
+        }
     }
 
     /// The bounds of the servers (`GrpcMaxConcurrentRequests` ... `UserListAPIPageSize`);

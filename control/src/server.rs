@@ -9,6 +9,7 @@ use switchyard_initializer::{listed::ListedUsers, puller::UserListPuller, sink::
 use switchyard_proto::v1::{
     proxy_control_server::ProxyControlServer, switcher_admin_server::SwitcherAdminServer,
 };
+use switchyard_tls::ServerTls;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -72,6 +73,9 @@ pub enum ControlError {
         /// Why.
         source: std::io::Error,
     },
+    /// The TLS certificate, key or client CA could not be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] switchyard_tls::TlsError),
     /// Reflection could not be set up (a bad descriptor set: a build defect).
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -99,6 +103,8 @@ pub struct ControlPlane {
     limits: ServerLimits,
     admin_token: Option<Secret>,
     proxy_token: Option<Secret>,
+    /// The gRPC listener's TLS, when configured (reloaded as its files change).
+    grpc_tls: Option<Arc<ServerTls>>,
 }
 
 impl ControlPlane {
@@ -111,6 +117,11 @@ impl ControlPlane {
         config.validate()?;
         // Secret files not read yet (an in-process caller's config) are read now.
         let config = &config.with_secret_files()?;
+        // TLS files first: a bad certificate is reported before the store is opened.
+        let grpc_tls = match config.grpc_tls()? {
+            Some(files) => Some(ServerTls::load("gRPC", files, &[b"h2"])?),
+            None => None,
+        };
         let mut zk_client = None;
         let (store, leases): (Arc<dyn UserCoinStore>, Arc<dyn ServerIdLeases>) =
             match config.store_choice()? {
@@ -222,6 +233,7 @@ impl ControlPlane {
             limits: config.server_limits()?,
             admin_token: config.admin_token(),
             proxy_token: config.proxy_token(),
+            grpc_tls,
         })
     }
 
@@ -326,7 +338,12 @@ impl ControlPlane {
             })
         };
         let local = listener.local_addr().ok();
-        info!(addr = ?local, "gRPC listening");
+        info!(
+            addr = ?local,
+            tls = self.grpc_tls.is_some(),
+            client_certificates = self.grpc_tls.as_ref().is_some_and(|t| t.mutual()),
+            "gRPC listening"
+        );
 
         let on_shutdown = {
             let shutdown = shutdown.clone();
@@ -346,7 +363,7 @@ impl ControlPlane {
         // load shedding answers RESOURCE_EXHAUSTED), and a deadline on each call's future,
         // which for a stream ends when its answer starts, so streams live on.
         let limits = self.limits;
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(limits.grpc_max_concurrent_requests_per_connection)
             .timeout(limits.grpc_request_timeout)
             .layer(tower::ServiceBuilder::new().load_shed().layer(
@@ -359,9 +376,25 @@ impl ControlPlane {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(admin)
-            .add_service(proxy_control)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
-            .await?;
+            .add_service(proxy_control);
+        match &self.grpc_tls {
+            Some(tls) => {
+                tokio::spawn(switchyard_tls::keep_reloaded(
+                    Arc::clone(tls),
+                    shutdown.child_token(),
+                ));
+                let incoming =
+                    switchyard_tls::accept_tls(listener, Arc::clone(tls), shutdown.child_token());
+                router
+                    .serve_with_incoming_shutdown(incoming, on_shutdown)
+                    .await?;
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+                    .await?;
+            }
+        }
         if let Some(task) = http_task {
             match task.await {
                 Ok(Ok(())) => {}

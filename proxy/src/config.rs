@@ -31,6 +31,19 @@ Switchyard's own settings:
   ProxyTokenFile      A file holding ProxyToken (one trailing line end trimmed), read at
                       start. Not with ProxyToken. SWITCHYARD_PROXY_TOKEN_FILE (or
                       --proxy-token-file) takes precedence.
+  TlsListenAddr       A second miner listener speaking TLS (stratum+ssl://), beside
+                      ListenAddr. Default: none.
+  TlsCertFile, TlsKeyFile
+                      Its PEM certificate chain and key; reloaded when the files change
+                      or on SIGHUP. Required with TlsListenAddr.
+  ControlTlsCaFile    For https:// ControlEndpoints: the CA of the control service's
+                      certificate (PEM). Required for https.
+  ControlTlsCertFile, ControlTlsKeyFile
+                      This proxy's client certificate and key, when the control service
+                      asks for one (its TlsClientCaFile). Default: none.
+  ControlTlsServerName
+                      The name expected in the control service's certificate, when the
+                      endpoints name it by IP. Default: the endpoint's host.
   MetricsListenAddr   Prometheus endpoint (GET /metrics). Default: HTTPDebugListenAddr
                       when EnableHTTPDebug is true, else off.
   MaxSessions         The most miner connections at once; beyond it new ones are closed at
@@ -122,6 +135,20 @@ pub struct ProxyConfig {
     pub proxy_token: Option<Secret>,
     #[serde(rename = "ProxyTokenFile")]
     pub proxy_token_file: Option<PathBuf>,
+    #[serde(rename = "TlsListenAddr")]
+    pub tls_listen_addr: Option<String>,
+    #[serde(rename = "TlsCertFile")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(rename = "TlsKeyFile")]
+    pub tls_key_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsCaFile")]
+    pub control_tls_ca_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsCertFile")]
+    pub control_tls_cert_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsKeyFile")]
+    pub control_tls_key_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsServerName")]
+    pub control_tls_server_name: Option<String>,
     #[serde(rename = "MetricsListenAddr")]
     pub metrics_listen_addr: Option<String>,
     #[serde(rename = "MaxSessions")]
@@ -210,6 +237,13 @@ const KNOWN_KEYS: &[&str] = &[
     "ControlEndpoints",
     "ProxyToken",
     "ProxyTokenFile",
+    "TlsListenAddr",
+    "TlsCertFile",
+    "TlsKeyFile",
+    "ControlTlsCaFile",
+    "ControlTlsCertFile",
+    "ControlTlsKeyFile",
+    "ControlTlsServerName",
     "MetricsListenAddr",
     "MaxSessions",
     "MaxLineBytes",
@@ -304,6 +338,10 @@ pub struct ProxySettings {
     pub control_endpoints: Vec<String>,
     /// The control plane's ProxyToken.
     pub proxy_token: Option<Secret>,
+    /// TLS to `https://` control endpoints, when configured.
+    pub control_tls: Option<switchyard_tls::ClientTlsFiles>,
+    /// The TLS miner listener and its certificate, when configured.
+    pub miner_tls: Option<(SocketAddr, switchyard_tls::ServerTlsFiles)>,
     /// The Prometheus endpoint.
     pub metrics_addr: Option<SocketAddr>,
     /// Auto-registration of unknown users.
@@ -504,6 +542,8 @@ impl ProxyConfig {
                 "ProxyToken",
                 "ProxyTokenFile",
             )?,
+            control_tls: self.control_tls()?,
+            miner_tls: self.miner_tls()?,
             metrics_addr,
             auto_reg: self.enable_user_auto_reg,
             auto_reg_max_wait: self.auto_reg_max_wait_users.unwrap_or(500),
@@ -568,6 +608,63 @@ impl ProxyConfig {
                 Some(path) => Some(PathBuf::from(path)),
             },
         })
+    }
+}
+
+impl ProxyConfig {
+    /// The TLS miner listener, checked for consistency.
+    fn miner_tls(
+        &self,
+    ) -> Result<Option<(SocketAddr, switchyard_tls::ServerTlsFiles)>, ConfigError> {
+        match (
+            self.tls_listen_addr.as_deref().filter(|a| !a.is_empty()),
+            &self.tls_cert_file,
+            &self.tls_key_file,
+        ) {
+            (None, None, None) => Ok(None),
+            (Some(a), Some(cert), Some(key)) => Ok(Some((
+                a.parse::<SocketAddr>().map_err(|e| {
+                    invalid("TlsListenAddr", format!("{a:?} is not an address: {e}"))
+                })?,
+                switchyard_tls::ServerTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: None,
+                },
+            ))),
+            (None, _, _) => Err(invalid(
+                "TlsListenAddr",
+                "TlsCertFile/TlsKeyFile are set but no TLS listener is",
+            )),
+            (Some(_), None, _) => Err(invalid("TlsCertFile", "required with TlsListenAddr")),
+            (Some(_), _, None) => Err(invalid("TlsKeyFile", "required with TlsListenAddr")),
+        }
+    }
+
+    /// The TLS files for the control endpoints, checked for consistency.
+    fn control_tls(&self) -> Result<Option<switchyard_tls::ClientTlsFiles>, ConfigError> {
+        let files = switchyard_tls::ClientTlsFiles {
+            ca: self.control_tls_ca_file.clone(),
+            cert: self.control_tls_cert_file.clone(),
+            key: self.control_tls_key_file.clone(),
+            server_name: self.control_tls_server_name.clone(),
+        };
+        if files == switchyard_tls::ClientTlsFiles::default() {
+            return Ok(None);
+        }
+        if files.cert.is_some() != files.key.is_some() {
+            return Err(invalid(
+                "ControlTlsCertFile",
+                "a client certificate needs both ControlTlsCertFile and ControlTlsKeyFile",
+            ));
+        }
+        if files.ca.is_none() {
+            return Err(invalid(
+                "ControlTlsCaFile",
+                "TLS to the control plane needs the CA of its certificate",
+            ));
+        }
+        Ok(Some(files))
     }
 }
 

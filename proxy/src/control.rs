@@ -175,19 +175,40 @@ impl fmt::Debug for ControlEndpoints {
 }
 
 impl ControlEndpoints {
-    /// The control replicas at `urls` (e.g. `"http://127.0.0.1:7100"`; plain `http` only: this
-    /// build has no TLS). `token` is the control service's proxy token, sent as
-    /// `authorization: Bearer <token>` on every call (`None` or empty: no header). Fails with
+    /// The control replicas at `urls` (e.g. `"http://127.0.0.1:7100"`), plain: see
+    /// [`Self::with_tls`] for `https://` ones. `token` is the control service's proxy token, sent
+    /// as `authorization: Bearer <token>` on every call (`None` or empty: no header). Fails with
     /// a clear error on an empty list, a URL that does not parse, has another scheme or no
     /// host, or a token that is not header text. Nothing connects here: each replica's channel
     /// is created on first use and connects lazily, with a 5 s connect timeout.
     pub fn new(urls: &[String], token: Option<String>) -> Result<Self, ControlError> {
+        Self::with_tls(urls, token, None)
+    }
+
+    /// [`Self::new`], with `https://` replicas reached over TLS (rustls) as `tls` says: the CA
+    /// to trust and, for mutual TLS, this proxy's certificate. An `https://` URL without `tls`
+    /// is refused (there are no system roots to trust).
+    pub fn with_tls(
+        urls: &[String],
+        token: Option<String>,
+        tls: Option<&switchyard_tls::ClientTlsFiles>,
+    ) -> Result<Self, ControlError> {
         if urls.is_empty() {
             return Err(ControlError::NoEndpoints);
         }
+        let tls = tls
+            .map(|files| {
+                files
+                    .tonic_config()
+                    .map_err(|e| ControlError::InvalidEndpoint {
+                        url: urls.join(","),
+                        reason: e.to_string(),
+                    })
+            })
+            .transpose()?;
         let replicas = urls
             .iter()
-            .map(|url| replica(url))
+            .map(|url| replica(url, tls.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         let authorization = match token.filter(|t| !t.is_empty()) {
             Some(token) => Some(
@@ -298,22 +319,28 @@ impl ControlEndpoints {
 }
 
 /// Validates one URL and prepares its endpoint.
-fn replica(url: &str) -> Result<Replica, ControlError> {
+fn replica(
+    url: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Replica, ControlError> {
     let invalid = |reason: String| ControlError::InvalidEndpoint {
         url: url.to_owned(),
         reason,
     };
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| invalid(e.to_string()))?;
-    match endpoint.uri().scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+    let endpoint = match (endpoint.uri().scheme_str(), tls) {
+        (Some("http"), _) => endpoint,
+        (Some("https"), Some(tls)) => endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| invalid(format!("TLS: {e}")))?,
+        (Some("https"), None) => {
             return Err(invalid(
-                "https is not supported (this build has no TLS); use http://HOST:PORT".into(),
+                "https needs ControlTlsCaFile (the CA of the control service's certificate)".into(),
             ));
         }
-        Some(other) => return Err(invalid(format!("scheme {other:?} is not http"))),
-        None => return Err(invalid("no scheme: write it as http://HOST:PORT".into())),
-    }
+        (Some(other), _) => return Err(invalid(format!("scheme {other:?} is not http"))),
+        (None, _) => return Err(invalid("no scheme: write it as http://HOST:PORT".into())),
+    };
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err(invalid("no host: write it as http://HOST:PORT".into()));
     }

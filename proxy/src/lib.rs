@@ -36,5 +36,6 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod session_id;
+pub mod tls_miners;
 pub mod upgrade;
 pub mod upstream;

@@ -51,6 +51,9 @@ pub enum StartError {
     /// A hot upgrade handed over no listener.
     #[error("the hot upgrade handed over no listener")]
     NoHandedListener,
+    /// The TLS miner listener's certificate or key cannot be used.
+    #[error("TLS miner listener: {0}")]
+    Tls(#[from] switchyard_tls::TlsError),
 }
 
 /// A running proxy.
@@ -59,6 +62,8 @@ pub struct Proxy {
     pub listen_addr: SocketAddr,
     /// Where the metrics are served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where TLS miners connect, if anywhere (`TlsListenAddr`).
+    pub tls_listen_addr: Option<SocketAddr>,
     /// The shared state of the sessions (cache, metrics, settings).
     pub context: Arc<ProxyContext>,
     shutdown: CancellationToken,
@@ -120,9 +125,10 @@ impl Proxy {
         let listen_addr = listener.local_addr().map_err(bind_error)?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let endpoints = ControlEndpoints::new(
+        let endpoints = ControlEndpoints::with_tls(
             &settings.control_endpoints,
             settings.proxy_token.as_ref().map(|t| t.expose().to_owned()),
+            settings.control_tls.as_ref(),
         )?;
         let cache = UserCoinCache::new();
         let metrics = Metrics::new();
@@ -374,11 +380,32 @@ impl Proxy {
             orders,
             Sessions::new(settings.max_sessions),
         ));
-        info!(%listen_addr, ?metrics_addr, server_id = context.session_ids.server_id(),
+        let tls_listen_addr = match &settings.miner_tls {
+            Some((addr, files)) => {
+                let tls = switchyard_tls::ServerTls::load("miners", files.clone(), &[])?;
+                let listener = bind_miners(*addr).map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+                let bound = listener.local_addr().ok();
+                tasks.spawn(crate::tls_miners::serve(
+                    listener,
+                    tls,
+                    context.clone(),
+                    settings.max_sessions,
+                    shutdown.child_token(),
+                ));
+                bound
+            }
+            None => None,
+        };
+        info!(%listen_addr, ?metrics_addr, ?tls_listen_addr,
+            server_id = context.session_ids.server_id(),
             chain = settings.chain.as_str(), "proxy listening");
         Ok(Self {
             listen_addr,
             metrics_addr,
+            tls_listen_addr,
             context,
             shutdown,
             tasks,

@@ -63,9 +63,29 @@ pub fn channel(addr: SocketAddr) -> Channel {
         .unwrap_or_else(|e| panic!("a loopback address is a valid endpoint: {e}"))
 }
 
+/// A TLS gRPC channel to `addr` (`https://127.0.0.1:port`) trusting and presenting what
+/// `tls` names.
+pub fn tls_channel(
+    addr: SocketAddr,
+    tls: &switchyard_tls::ClientTlsFiles,
+) -> Result<Channel, ControlFixtureError> {
+    let config = tls
+        .tonic_config()
+        .map_err(|e| ControlFixtureError::Timeout(format!("client TLS: {e}")))?;
+    Endpoint::from_shared(format!("https://{addr}"))
+        .and_then(|e| e.tls_config(config))
+        .map(|e| e.connect_timeout(Duration::from_secs(5)).connect_lazy())
+        .map_err(|e| ControlFixtureError::Timeout(format!("TLS endpoint: {e}")))
+}
+
 /// Waits until the health service at `addr` reports SERVING.
 pub async fn wait_serving(addr: SocketAddr) -> Result<(), ControlFixtureError> {
-    let health = HealthClient::new(channel(addr));
+    wait_serving_on(channel(addr)).await
+}
+
+/// Waits until the health service behind `channel` reports SERVING.
+pub async fn wait_serving_on(channel: Channel) -> Result<(), ControlFixtureError> {
+    let health = HealthClient::new(channel);
     wait_until(Duration::from_secs(30), "control health SERVING", || {
         let mut health = health.clone();
         async move {
@@ -117,6 +137,27 @@ impl InProcessControl {
 
     /// Starts one with exactly `config` (its data directory is the caller's).
     pub async fn start_config(config: &ControlConfig) -> Result<Self, ControlFixtureError> {
+        Self::start_config_with(config, None).await
+    }
+
+    /// Starts one with the test config changed by `adjust`, serving gRPC over TLS; `client` is
+    /// what the readiness check trusts and presents.
+    pub async fn start_tls(
+        adjust: impl FnOnce(&mut ControlConfig),
+        client: &switchyard_tls::ClientTlsFiles,
+    ) -> Result<Self, ControlFixtureError> {
+        let dir = tempfile::tempdir().map_err(|e| ControlFixtureError::Io("tempdir", e))?;
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let mut this = Self::start_config_with(&config, Some(client)).await?;
+        this._data_dir = Some(dir);
+        Ok(this)
+    }
+
+    async fn start_config_with(
+        config: &ControlConfig,
+        tls: Option<&switchyard_tls::ClientTlsFiles>,
+    ) -> Result<Self, ControlFixtureError> {
         let shutdown = CancellationToken::new();
         let plane = ControlPlane::open(config, shutdown.clone()).await?;
         let core = std::sync::Arc::clone(plane.core());
@@ -127,7 +168,10 @@ impl InProcessControl {
             .local_addr()
             .map_err(|e| ControlFixtureError::Io("local_addr", e))?;
         let task = tokio::spawn(plane.serve(listener, shutdown.clone()));
-        wait_serving(addr).await?;
+        match tls {
+            Some(tls) => wait_serving_on(tls_channel(addr, tls)?).await?,
+            None => wait_serving(addr).await?,
+        }
         Ok(Self {
             addr,
             core,

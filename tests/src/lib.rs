@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod control;
 pub mod miner;
+pub mod pki;
 pub mod proxy;
 pub mod relay;
 pub mod scripted;

