@@ -25,6 +25,14 @@ CONFIG FILE KEYS (JSON; the Go initUserCoin file is accepted as it is)
   AdminTokenFile      A file holding AdminToken (one trailing line end trimmed), read at
                       start. Not with AdminToken. SWITCHYARD_ADMIN_TOKEN_FILE (or
                       --admin-token-file) takes precedence.
+  ControlTlsCaFile    For https:// ControlEndpoints: the CA of the control service's
+                      certificate (PEM). Required for https.
+  ControlTlsCertFile, ControlTlsKeyFile
+                      A client certificate and key, when the control service asks for
+                      one (its TlsClientCaFile). Default: none.
+  ControlTlsServerName
+                      The name expected in the control service's certificate, when the
+                      endpoints name it by IP. Default: the endpoint's host.
   UserListAPI         {coin: url}: the user lists to ingest. Required.
   IntervalSeconds     Between two pulls of a list. Default 10.
   UserListTimeoutSeconds
@@ -49,6 +57,14 @@ pub struct InitConfig {
     pub admin_token: Option<Secret>,
     #[serde(rename = "AdminTokenFile")]
     pub admin_token_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsCaFile")]
+    pub control_tls_ca_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsCertFile")]
+    pub control_tls_cert_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsKeyFile")]
+    pub control_tls_key_file: Option<PathBuf>,
+    #[serde(rename = "ControlTlsServerName")]
+    pub control_tls_server_name: Option<String>,
     #[serde(rename = "UserListAPI")]
     pub user_list_api: BTreeMap<String, String>,
     #[serde(rename = "IntervalSeconds")]
@@ -69,6 +85,10 @@ impl Default for InitConfig {
             control_endpoints: Vec::new(),
             admin_token: None,
             admin_token_file: None,
+            control_tls_ca_file: None,
+            control_tls_cert_file: None,
+            control_tls_key_file: None,
+            control_tls_server_name: None,
             user_list_api: BTreeMap::new(),
             interval_seconds: 10,
             user_list_timeout_seconds: 60,
@@ -83,6 +103,10 @@ const KNOWN_KEYS: &[&str] = &[
     "ControlEndpoints",
     "AdminToken",
     "AdminTokenFile",
+    "ControlTlsCaFile",
+    "ControlTlsCertFile",
+    "ControlTlsKeyFile",
+    "ControlTlsServerName",
     "UserListAPI",
     "IntervalSeconds",
     "UserListTimeoutSeconds",
@@ -190,6 +214,17 @@ impl InitConfig {
         })
     }
 
+    /// TLS to `https://` control endpoints (`ControlTls*`), when configured.
+    pub fn control_tls(&self) -> Result<Option<switchyard_tls::ClientTlsFiles>, InitConfigError> {
+        switchyard_tls::ClientTlsFiles::from_settings(
+            self.control_tls_ca_file.clone(),
+            self.control_tls_cert_file.clone(),
+            self.control_tls_key_file.clone(),
+            self.control_tls_server_name.clone(),
+        )
+        .map_err(|e| InitConfigError::Invalid("ControlTls*", e.to_string()))
+    }
+
     /// Checks every setting.
     pub fn validate(&self) -> Result<(), InitConfigError> {
         if self.control_endpoints.is_empty() {
@@ -206,6 +241,7 @@ impl InitConfig {
         }
         self.pullers()?;
         self.api_addr()?;
+        self.control_tls()?;
         Ok(())
     }
 }

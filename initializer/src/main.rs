@@ -93,7 +93,11 @@ async fn main() -> anyhow::Result<()> {
         .as_ref()
         .map(Secret::expose)
         .filter(|t| !t.is_empty());
-    let sink: Arc<dyn ListedUserSink> = Arc::new(GrpcSink::new(&config.control_endpoints, token)?);
+    let sink: Arc<dyn ListedUserSink> = Arc::new(GrpcSink::with_tls(
+        &config.control_endpoints,
+        token,
+        config.control_tls()?.as_ref(),
+    )?);
     let listed = Arc::new(ListedUsers::new());
     let mut tasks = Vec::new();
     for settings in config.pullers()? {

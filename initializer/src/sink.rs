@@ -71,6 +71,21 @@ impl GrpcSink {
     /// proxy's `ControlEndpoints`), sending `token` as a bearer token when set. Connections are
     /// made lazily.
     pub fn new(endpoints: &[String], token: Option<&str>) -> Result<Self, SinkError> {
+        Self::with_tls(endpoints, token, None)
+    }
+
+    /// [`Self::new`], with `https://` endpoints reached over TLS as `tls` says (the CA to trust,
+    /// and a client certificate for mutual TLS). An `https://` endpoint without `tls` is
+    /// refused: there are no system roots to trust.
+    pub fn with_tls(
+        endpoints: &[String],
+        token: Option<&str>,
+        tls: Option<&switchyard_tls::ClientTlsFiles>,
+    ) -> Result<Self, SinkError> {
+        let tls = tls
+            .map(|files| files.tonic_config())
+            .transpose()
+            .map_err(|e| SinkError::Refused(format!("control TLS: {e}")))?;
         if endpoints.is_empty() {
             return Err(SinkError::Refused(
                 "no control endpoint is configured".into(),
@@ -85,6 +100,18 @@ impl GrpcSink {
                     .map_err(|err| SinkError::Refused(format!("{e:?} is not an endpoint: {err}")))?
                     .connect_timeout(std::time::Duration::from_secs(5))
                     .timeout(std::time::Duration::from_secs(120));
+                let endpoint = match (endpoint.uri().scheme_str(), &tls) {
+                    (Some("https"), Some(tls)) => endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|err| SinkError::Refused(format!("{e:?}: TLS: {err}")))?,
+                    (Some("https"), None) => {
+                        return Err(SinkError::Refused(format!(
+                            "{e:?}: https needs ControlTlsCaFile (the CA of the control \
+                             service's certificate)"
+                        )));
+                    }
+                    _ => endpoint,
+                };
                 Ok((
                     e.clone(),
                     SwitcherAdminClient::new(endpoint.connect_lazy())

@@ -643,28 +643,13 @@ impl ProxyConfig {
 
     /// The TLS files for the control endpoints, checked for consistency.
     fn control_tls(&self) -> Result<Option<switchyard_tls::ClientTlsFiles>, ConfigError> {
-        let files = switchyard_tls::ClientTlsFiles {
-            ca: self.control_tls_ca_file.clone(),
-            cert: self.control_tls_cert_file.clone(),
-            key: self.control_tls_key_file.clone(),
-            server_name: self.control_tls_server_name.clone(),
-        };
-        if files == switchyard_tls::ClientTlsFiles::default() {
-            return Ok(None);
-        }
-        if files.cert.is_some() != files.key.is_some() {
-            return Err(invalid(
-                "ControlTlsCertFile",
-                "a client certificate needs both ControlTlsCertFile and ControlTlsKeyFile",
-            ));
-        }
-        if files.ca.is_none() {
-            return Err(invalid(
-                "ControlTlsCaFile",
-                "TLS to the control plane needs the CA of its certificate",
-            ));
-        }
-        Ok(Some(files))
+        switchyard_tls::ClientTlsFiles::from_settings(
+            self.control_tls_ca_file.clone(),
+            self.control_tls_cert_file.clone(),
+            self.control_tls_key_file.clone(),
+            self.control_tls_server_name.clone(),
+        )
+        .map_err(|e| invalid("ControlTls*", e.to_string()))
     }
 }
 

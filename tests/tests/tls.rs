@@ -326,3 +326,83 @@ async fn a_miner_over_tls_keeps_mining_across_a_switch() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[tokio::test]
+async fn switchyard_init_ingests_over_mutual_tls() {
+    use switchyard_proto::v1::GetUserCoinRequest;
+    use switchyard_tests::userlist::{Answer, UserListBackend};
+
+    let pki = TestPki::new("control").expect("pki");
+    let server = pki.server("server").expect("server cert");
+    let init_cert = pki.client("init").expect("client cert");
+    let client = client_files(&pki, Some(&init_cert));
+    let control = InProcessControl::start_tls(
+        |c| {
+            c.tls_cert_file = Some(server.cert.clone());
+            c.tls_key_file = Some(server.key.clone());
+            c.tls_client_ca_file = Some(pki.ca_path());
+        },
+        &client,
+    )
+    .await
+    .expect("control over mutual TLS");
+    let backend = UserListBackend::start().await.expect("backend");
+    backend.script("btc", [Answer::page(&[("dave", 1)])]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = json!({
+        "ControlEndpoints": [format!("https://{}", control.addr)],
+        "ControlTlsCaFile": pki.ca_path(),
+        "ControlTlsCertFile": init_cert.cert,
+        "ControlTlsKeyFile": init_cert.key,
+        "UserListAPI": {"btc": backend.url("btc")},
+        "IntervalSeconds": 1,
+    });
+    let path = dir.path().join("init.json");
+    std::fs::write(&path, config.to_string()).expect("write config");
+    let log_path = dir.path().join("init.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let mut child = tokio::process::Command::new(
+        switchyard_tests::control::workspace_binary("switchyard-init").expect("binary built"),
+    )
+    .current_dir(dir.path())
+    .arg(format!("-config={}", path.display()))
+    .stdin(std::process::Stdio::null())
+    .stdout(log.try_clone().expect("log"))
+    .stderr(log)
+    .kill_on_drop(true)
+    .spawn()
+    .expect("spawn switchyard-init");
+    let admin = switchyard_proto::v1::switcher_admin_client::SwitcherAdminClient::new(
+        tls_channel(control.addr, &client).expect("channel"),
+    );
+    wait_until(T, "dave ingested over TLS", || {
+        let mut admin = admin.clone();
+        async move {
+            match admin
+                .get_user_coin(GetUserCoinRequest {
+                    user: "dave".into(),
+                })
+                .await
+            {
+                Ok(r)
+                    if r.get_ref()
+                        .user_coin
+                        .as_ref()
+                        .is_some_and(|u| u.coin == "btc") =>
+                {
+                    Ok(())
+                }
+                Ok(r) => Err(format!("{:?}", r.get_ref())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n--- switchyard-init log ---\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    });
+    let _ = child.kill().await;
+}

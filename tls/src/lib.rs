@@ -354,7 +354,44 @@ pub struct ClientTlsFiles {
     pub server_name: Option<String>,
 }
 
+/// Client TLS settings that do not fit together; names the setting (the `ControlTls*` keys
+/// of the proxy and `switchyard-init`).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClientTlsSettingsError {
+    /// A certificate without its key, or a key without its certificate.
+    #[error("ControlTlsCertFile and ControlTlsKeyFile go together: set both or neither")]
+    HalfIdentity,
+    /// TLS settings without the CA to trust.
+    #[error("ControlTlsCaFile: required for TLS to the control plane (the CA of its certificate)")]
+    NoCa,
+}
+
 impl ClientTlsFiles {
+    /// The files from the `ControlTls*` settings: `None` when none is set (plain endpoints).
+    pub fn from_settings(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        server_name: Option<String>,
+    ) -> Result<Option<Self>, ClientTlsSettingsError> {
+        let files = Self {
+            ca,
+            cert,
+            key,
+            server_name: server_name.filter(|n| !n.is_empty()),
+        };
+        if files == Self::default() {
+            return Ok(None);
+        }
+        if files.cert.is_some() != files.key.is_some() {
+            return Err(ClientTlsSettingsError::HalfIdentity);
+        }
+        if files.ca.is_none() {
+            return Err(ClientTlsSettingsError::NoCa);
+        }
+        Ok(Some(files))
+    }
+
     /// The tonic client TLS settings (read now: a rotated client certificate is picked up by
     /// a restart).
     pub fn tonic_config(&self) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
