@@ -39,6 +39,10 @@ Switchyard's own settings:
   TlsCertFile, TlsKeyFile
                       PEM certificate chain and key: gRPC is served over TLS (rustls).
                       Reloaded when the files change or on SIGHUP. Default: none (plain).
+  HttpTlsCertFile, HttpTlsKeyFile
+                      PEM certificate chain and key: the HTTP switch and user-list API
+                      (ListenAddr) is served over TLS (https). Reloaded like TlsCertFile.
+                      Default: none (plain).
   TlsClientCaFile     With TLS: clients (proxies, switchyard-init, grpcurl) must present a
                       certificate signed by this CA (mutual TLS). Default: none.
   Store               \"embedded\" or \"zookeeper\". Default: \"zookeeper\" when ZKBroker
@@ -194,6 +198,10 @@ pub struct ControlConfig {
     pub tls_key_file: Option<PathBuf>,
     #[serde(rename = "TlsClientCaFile")]
     pub tls_client_ca_file: Option<PathBuf>,
+    #[serde(rename = "HttpTlsCertFile")]
+    pub http_tls_cert_file: Option<PathBuf>,
+    #[serde(rename = "HttpTlsKeyFile")]
+    pub http_tls_key_file: Option<PathBuf>,
     #[serde(rename = "Store")]
     pub store: Option<String>,
     #[serde(rename = "DataDir")]
@@ -299,6 +307,8 @@ impl Default for ControlConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
+            http_tls_cert_file: None,
+            http_tls_key_file: None,
             store: None,
             data_dir: PathBuf::from("./switchyard-data"),
             admin_token: None,
@@ -419,6 +429,8 @@ const KNOWN_KEYS: &[&str] = &[
     "TlsCertFile",
     "TlsKeyFile",
     "TlsClientCaFile",
+    "HttpTlsCertFile",
+    "HttpTlsKeyFile",
     "Store",
     "DataDir",
     "AdminToken",
@@ -854,6 +866,26 @@ impl ControlConfig {
             },
             user_list_page_size: at_least_one("UserListAPIPageSize", self.user_list_api_page_size)?,
         })
+    }
+
+    /// The HTTP listener's TLS files (`HttpTlsCertFile`, `HttpTlsKeyFile`), when TLS is on.
+    pub fn http_tls(&self) -> Result<Option<switchyard_tls::ServerTlsFiles>, ConfigError> {
+        match (&self.http_tls_cert_file, &self.http_tls_key_file) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some(switchyard_tls::ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+            })),
+            (Some(_), None) => Err(invalid(
+                "HttpTlsKeyFile",
+                "HttpTlsCertFile is set without it",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "HttpTlsCertFile",
+                "HttpTlsKeyFile is set without it",
+            )),
+        }
     }
 
     /// The time to live of proxy server-ID leases.

@@ -350,6 +350,33 @@ pub async fn serve(
     Ok(())
 }
 
+/// [`serve`] over TLS (https) with `tls`'s certificate, reloaded as its files change.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<switchyard_tls::ServerTls>,
+    router: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use futures::StreamExt;
+    let local = listener.local_addr().ok();
+    info!(addr = ?local, ?limits, "HTTP switch API listening over TLS");
+    tokio::spawn(switchyard_tls::keep_reloaded(
+        Arc::clone(&tls),
+        shutdown.child_token(),
+    ));
+    let incoming =
+        switchyard_tls::accept_tls(listener, tls, shutdown.child_token()).map(|stream| {
+            stream.and_then(|stream| {
+                let peer = stream.get_ref().0.peer_addr()?;
+                Ok((stream, peer))
+            })
+        });
+    switchyard_initializer::http_server::serve_incoming(incoming, router, limits, shutdown).await;
+    info!(addr = ?local, "HTTP switch API stopped");
+    Ok(())
+}
+
 /// The peer of a request, when the server recorded it.
 fn peer(request: &Request) -> Option<SocketAddr> {
     request

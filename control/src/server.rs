@@ -105,6 +105,8 @@ pub struct ControlPlane {
     proxy_token: Option<Secret>,
     /// The gRPC listener's TLS, when configured (reloaded as its files change).
     grpc_tls: Option<Arc<ServerTls>>,
+    /// The HTTP listener's TLS, when configured.
+    http_tls: Option<Arc<ServerTls>>,
 }
 
 impl ControlPlane {
@@ -120,6 +122,10 @@ impl ControlPlane {
         // TLS files first: a bad certificate is reported before the store is opened.
         let grpc_tls = match config.grpc_tls()? {
             Some(files) => Some(ServerTls::load("gRPC", files, &[b"h2"])?),
+            None => None,
+        };
+        let http_tls = match config.http_tls()? {
+            Some(files) => Some(ServerTls::load("HTTP", files, &[b"http/1.1"])?),
             None => None,
         };
         let mut zk_client = None;
@@ -234,6 +240,7 @@ impl ControlPlane {
             admin_token: config.admin_token(),
             proxy_token: config.proxy_token(),
             grpc_tls,
+            http_tls,
         })
     }
 
@@ -270,12 +277,21 @@ impl ControlPlane {
                     Arc::clone(&self.listed),
                     self.limits.user_list_page_size,
                 ));
-                Some(tokio::spawn(http::serve(
-                    http_listener,
-                    router,
-                    self.limits.http,
-                    shutdown.clone(),
-                )))
+                Some(match &self.http_tls {
+                    Some(tls) => tokio::spawn(http::serve_tls(
+                        http_listener,
+                        Arc::clone(tls),
+                        router,
+                        self.limits.http,
+                        shutdown.clone(),
+                    )),
+                    None => tokio::spawn(http::serve(
+                        http_listener,
+                        router,
+                        self.limits.http,
+                        shutdown.clone(),
+                    )),
+                })
             }
             None => None,
         };

@@ -406,3 +406,74 @@ async fn switchyard_init_ingests_over_mutual_tls() {
     });
     let _ = child.kill().await;
 }
+
+#[tokio::test]
+async fn the_http_switch_api_over_tls_answers_curl_with_the_ca() {
+    let pki = TestPki::new("http").expect("pki");
+    let server = pki.server("http").expect("server cert");
+    let port = switchyard_tests::control::free_port().expect("port");
+    let control = InProcessControl::start_with(|c| {
+        c.enable_api_server = true;
+        c.listen_addr = format!("127.0.0.1:{port}");
+        c.api_user = "admin".into();
+        c.api_password = "pw".into();
+        c.http_tls_cert_file = Some(server.cert.clone());
+        c.http_tls_key_file = Some(server.key.clone());
+    })
+    .await
+    .expect("control");
+    let url = format!("https://127.0.0.1:{port}/switch?puname=alice&coin=btc");
+    let curl = |extra: Vec<String>| {
+        let url = url.clone();
+        async move {
+            tokio::process::Command::new("curl")
+                .args(["-sS", "--max-time", "10", "-u", "admin:pw"])
+                .args(extra)
+                .arg(url)
+                .output()
+                .await
+                .expect("curl")
+        }
+    };
+    let ca = path(&pki.ca_path()).to_owned();
+    wait_until(T, "the switch over https", || {
+        let curl = &curl;
+        let ca = ca.clone();
+        async move {
+            let out = curl(vec!["--cacert".into(), ca]).await;
+            let body = String::from_utf8_lossy(&out.stdout).to_string();
+            if out.status.success() && body.contains("\"err_no\":0") {
+                Ok(())
+            } else {
+                Err(text(&out))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        control
+            .core
+            .user_coin("alice")
+            .expect("valid")
+            .map(|r| r.coin)
+            .as_deref(),
+        Some("btc")
+    );
+    // Without the CA curl does not trust the certificate; plain http gets no answer.
+    let untrusted = curl(Vec::new()).await;
+    assert!(!untrusted.status.success(), "{}", text(&untrusted));
+    let plain = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-u", "admin:pw"])
+        .arg(format!(
+            "http://127.0.0.1:{port}/switch?puname=bob&coin=btc"
+        ))
+        .output()
+        .await
+        .expect("curl");
+    assert!(
+        !String::from_utf8_lossy(&plain.stdout).contains("\"err_no\":0"),
+        "{}",
+        text(&plain)
+    );
+}
