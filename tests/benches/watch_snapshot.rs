@@ -75,7 +75,7 @@ async fn main() {
         admin
             .switch_coin(SwitchCoinRequest {
                 user: format!("user{:07}", (i * 7_919) % users),
-                coin: if i % 2 == 0 { "bch" } else { "btc" }.into(),
+                coin: if i.is_multiple_of(2) { "bch" } else { "btc" }.into(),
             })
             .await
             .expect("switch");

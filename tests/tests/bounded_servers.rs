@@ -212,7 +212,7 @@ async fn a_snapshot_being_sent_does_not_block_switches() {
     for i in 0..30 {
         // Spread over the key space, before and after where the snapshots stopped.
         let user = format!("user{:06}", (i * 1_333) % USERS);
-        let coin = if i % 2 == 0 { "bch" } else { "ltc" };
+        let coin = if i.is_multiple_of(2) { "bch" } else { "ltc" };
         tokio::time::timeout(
             Duration::from_secs(5),
             admin.switch_coin(SwitchCoinRequest {
