@@ -23,7 +23,11 @@ async fn main() {
         return;
     }
     let quick = std::env::var("SWITCHYARD_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let (users, subscribers) = if quick { (100_000, 10) } else { (1_000_000, 50) };
+    let (users, subscribers) = if quick {
+        (100_000, 10)
+    } else {
+        (1_000_000, 50)
+    };
     let control = InProcessControl::start_with(|c: &mut ControlConfig| {
         c.max_switch_batch = 10_000;
     })
