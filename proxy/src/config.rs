@@ -97,6 +97,8 @@ Original keys (stratumSwitcher):
   ListenAddr          Where miners connect. Default \"0.0.0.0:1800\".
   StratumServerMap    The sservers by coin: {\"btc\": {\"URL\": \"10.0.0.2:1800\",
                       \"UserSuffix\": \"btc\"}}. UserSuffix defaults to the coin. Required.
+                      \"TLS\": true connects over TLS, trusting \"TlsCaFile\" (required) and
+                      expecting \"TlsServerName\" (default: the URL's host).
   EnableUserAutoReg   Unknown users are registered through the control plane; their
                       sessions wait (at most AutoRegMaxWaitUsers at once). Default false.
   AutoRegMaxWaitUsers Default 500.
@@ -122,6 +124,15 @@ pub struct StratumServer {
     /// The suffix of the authorize retry `sub_SUFFIX.miner`; the coin when empty.
     #[serde(rename = "UserSuffix")]
     pub user_suffix: String,
+    /// Connect to the sserver over TLS.
+    #[serde(rename = "TLS")]
+    pub tls: bool,
+    /// With `TLS`: the CA of the sserver's certificate.
+    #[serde(rename = "TlsCaFile")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `TLS`: the name its certificate carries; the URL's host by default.
+    #[serde(rename = "TlsServerName")]
+    pub tls_server_name: Option<String>,
 }
 
 /// The configuration file, key for key; see [`SETTINGS_HELP`].
@@ -480,6 +491,7 @@ impl ProxyConfig {
                     coin: coin.clone(),
                     addr: url.to_string(),
                     user_suffix: suffix,
+                    tls: stratum_tls(coin, server, url)?,
                 },
             );
         }
@@ -651,6 +663,34 @@ impl ProxyConfig {
         )
         .map_err(|e| invalid("ControlTls*", e.to_string()))
     }
+}
+
+/// TLS to one sserver of `StratumServerMap`, when its entry turns it on.
+fn stratum_tls(
+    coin: &str,
+    server: &StratumServer,
+    url: &str,
+) -> Result<Option<switchyard_tls::StratumTlsClient>, ConfigError> {
+    let bad = |message: String| invalid("StratumServerMap", format!("{coin}: {message}"));
+    if !server.tls {
+        if server.tls_ca_file.is_some() || server.tls_server_name.is_some() {
+            return Err(bad("TlsCaFile/TlsServerName without \"TLS\": true".into()));
+        }
+        return Ok(None);
+    }
+    let Some(ca) = &server.tls_ca_file else {
+        return Err(bad(
+            "\"TLS\": true needs TlsCaFile (the CA of the sserver's certificate)".into(),
+        ));
+    };
+    let host = url.rsplit_once(':').map_or(url, |(host, _)| host);
+    let name = server
+        .tls_server_name
+        .as_deref()
+        .unwrap_or(host.trim_start_matches('[').trim_end_matches(']'));
+    switchyard_tls::StratumTlsClient::new(ca, name)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// A `ControlEndpoints` entry as a URL (see [`switchyard_cli::control_endpoint_url`]).

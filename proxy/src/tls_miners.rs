@@ -3,7 +3,7 @@
 //!
 //! Each connection's TLS handshake runs in its own task ([`switchyard_tls::accept_tls`]); the
 //! decrypted stream is then joined to an ordinary session through a loopback TCP pair made for
-//! it, so the session engine (and its relay loop, tuned for plain sockets) is the same for both
+//! it ([`switchyard_tls::bridge`]), so the session engine (and its relay loop, tuned for plain sockets) is the same for both
 //! listeners and sees the miner's own address. The certificate is reloaded when its files change
 //! or on SIGHUP.
 //!
@@ -12,16 +12,13 @@
 
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use switchyard_tls::ServerTls;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
-};
+use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::session::{self, ProxyContext};
 
@@ -34,13 +31,6 @@ pub async fn serve(
     max_sessions: usize,
     shutdown: CancellationToken,
 ) {
-    let bridge = match TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await {
-        Ok(bridge) => bridge,
-        Err(e) => {
-            warn!(error = %e, "the TLS miner listener cannot start: no loopback socket");
-            return;
-        }
-    };
     tokio::spawn(switchyard_tls::keep_reloaded(
         Arc::clone(&tls),
         shutdown.child_token(),
@@ -70,56 +60,15 @@ pub async fn serve(
             ctx.metrics.refused();
             continue;
         }
-        let (outer, inner) = match pair(&bridge).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                warn!(error = %e, "a TLS miner could not be joined to a session: closed");
-                continue;
+        let ctx = Arc::clone(&ctx);
+        sessions.spawn(async move {
+            match switchyard_tls::bridge(miner).await {
+                Ok(inner) => session::run(ctx, inner, peer).await,
+                Err(e) => {
+                    warn!(%peer, error = %e, "a TLS miner could not be joined to a session: closed");
+                }
             }
-        };
-        sessions.spawn(run(Arc::clone(&ctx), miner, outer, inner, peer));
+        });
     }
     sessions.shutdown().await;
-}
-
-/// One TLS miner: its session on `inner`, its decrypted bytes copied to and from `outer`.
-async fn run(
-    ctx: Arc<ProxyContext>,
-    mut miner: switchyard_tls::TlsStream<TcpStream>,
-    mut outer: TcpStream,
-    inner: TcpStream,
-    peer: SocketAddr,
-) {
-    let session = session::run(ctx, inner, peer);
-    tokio::pin!(session);
-    let copied = {
-        let copy = tokio::io::copy_bidirectional(&mut miner, &mut outer);
-        tokio::select! {
-            () = &mut session => None,
-            copied = copy => Some(copied),
-        }
-    };
-    if let Some(copied) = copied {
-        debug!(%peer, ?copied, "TLS miner gone");
-        // The session sees its miner's end of stream.
-        drop(outer);
-        drop(miner);
-        session.await;
-    }
-}
-
-/// A connected loopback pair through `bridge`: the outer end (the copy's) and the inner one
-/// (the session's). A connection to the bridge from anyone else is dropped.
-async fn pair(bridge: &TcpListener) -> std::io::Result<(TcpStream, TcpStream)> {
-    let addr = bridge.local_addr()?;
-    let outer = TcpStream::connect(addr).await?;
-    let local = outer.local_addr()?;
-    loop {
-        let (inner, from) = bridge.accept().await?;
-        if from == local {
-            let _ = outer.set_nodelay(true);
-            return Ok((outer, inner));
-        }
-        debug!(%from, "dropped a stray connection to the TLS bridge");
-    }
 }

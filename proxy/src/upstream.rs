@@ -67,6 +67,8 @@ pub struct UpstreamTarget {
     pub addr: String,
     /// The coin's `UserSuffix` (default: the coin name).
     pub user_suffix: String,
+    /// TLS to the sserver (`"TLS": true` in its `StratumServerMap` entry), when on.
+    pub tls: Option<switchyard_tls::StratumTlsClient>,
 }
 
 /// The `mining.subscribe` sent to the sserver, by chain.
@@ -294,6 +296,24 @@ pub async fn open(
         debug!(coin = %target.coin, error = %e, "TCP keepalive not set");
     }
     let deadline = Instant::now() + limits.handshake_timeout;
+    // TLS to the sserver: the session's socket is the plain end of a bridge to it.
+    let stream = match &target.tls {
+        None => stream,
+        Some(tls) => {
+            let secured = tokio::time::timeout_at(deadline, tls.connect(stream))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no TLS handshake with the sserver in time",
+                    ))
+                })
+                .map_err(UpstreamError::Connect)?;
+            switchyard_tls::bridge(secured)
+                .await
+                .map_err(UpstreamError::Connect)?
+        }
+    };
     let (read, writer) = stream.into_split();
     let handshake = Handshake {
         target,
@@ -772,6 +792,7 @@ mod tests {
             coin: "btc".into(),
             addr: addr.to_string(),
             user_suffix: "btc".into(),
+            tls: None,
         }
     }
 

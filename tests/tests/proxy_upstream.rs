@@ -34,6 +34,7 @@ fn target(server: &Sserver) -> UpstreamTarget {
         coin: server.coin().to_owned(),
         addr: server.addr().to_string(),
         user_suffix: server.config().suffix().to_owned(),
+        tls: None,
     }
 }
 

@@ -477,3 +477,97 @@ async fn the_http_switch_api_over_tls_answers_curl_with_the_ca() {
         text(&plain)
     );
 }
+
+/// A TLS front for a plain simulated sserver (an sserver with TLS on): terminates TLS with
+/// `server`'s certificate and relays to `plain`. Returns its address.
+async fn tls_front(server: &CertFiles, plain: SocketAddr) -> SocketAddr {
+    use futures::StreamExt;
+    let tls = switchyard_tls::ServerTls::load(
+        "sserver",
+        switchyard_tls::ServerTlsFiles {
+            cert: server.cert.clone(),
+            key: server.key.clone(),
+            client_ca: None,
+        },
+        &[],
+    )
+    .expect("sserver TLS");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut incoming = Box::pin(switchyard_tls::accept_tls(
+        listener,
+        tls,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    tokio::spawn(async move {
+        while let Some(Ok(mut conn)) = incoming.next().await {
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(plain).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_proxy_reaches_an_sserver_over_tls() {
+    let pki = TestPki::new("sserver").expect("pki");
+    let server = pki.server("sserver").expect("server cert");
+    let control = InProcessControl::start().await.expect("control");
+    control
+        .admin()
+        .switch_coin(SwitchCoinRequest {
+            user: "alice".into(),
+            coin: "btc".into(),
+        })
+        .await
+        .expect("alice");
+    let btc =
+        Sserver::start(SserverConfig::new("btc").job_interval(Some(Duration::from_millis(300))))
+            .await
+            .expect("sserver");
+    let front = tls_front(&server, btc.addr()).await;
+    let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    config["StratumServerMap"]["btc"] = json!({
+        "URL": front.to_string(),
+        "UserSuffix": "btc",
+        "TLS": true,
+        "TlsCaFile": pki.ca_path(),
+    });
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+    let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    let (_, auth) = miner.bitcoin_login("alice.rig1", T).await.expect("login");
+    assert_eq!(auth["result"], json!(true), "{auth}\n{}", proxy.log());
+    miner
+        .wait_job_of("btc", T)
+        .await
+        .expect("a btc job through TLS");
+    let id = miner
+        .request("mining.submit", json!(["alice.rig1", "j", "0", "0", "0"]))
+        .await
+        .expect("submit");
+    assert_eq!(
+        miner.answer(id, T).await.expect("answer")["result"],
+        json!(true)
+    );
+    btc.wait_for(T, "the share at the sserver", |r| !r.submits.is_empty())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // The same sserver without its CA: the proxy refuses to log in there.
+    let other_pki = TestPki::new("other").expect("pki");
+    let mut untrusted = proxy_config(&[control.addr], &[&btc]).expect("config");
+    untrusted["StratumServerMap"]["btc"] = json!({
+        "URL": front.to_string(),
+        "TLS": true,
+        "TlsCaFile": other_pki.ca_path(),
+    });
+    let other = ProxyProcess::start(&untrusted).await.expect("proxy");
+    let mut miner = Miner::connect(other.addr).await.expect("connect");
+    let (_, auth) = miner.bitcoin_login("alice.rig2", T).await.expect("answers");
+    assert_ne!(auth["result"], json!(true), "{auth}");
+}

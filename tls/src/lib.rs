@@ -10,6 +10,9 @@
 //! - [`accept_tls`]: the TLS connections of a TCP listener, each handshake in its own task with
 //!   a time limit, so a client that stalls its handshake holds nobody else up. The stream feeds
 //!   tonic's `serve_with_incoming` or any accept loop.
+//! - [`StratumTlsClient`]: TLS to a Stratum server (an sserver with TLS on), and [`bridge`],
+//!   which joins a TLS stream to a loopback TCP pair so that code written for plain sockets (the
+//!   proxy's session engine) serves it unchanged.
 //! - [`ClientTlsFiles`]: what a gRPC client (the proxy, `switchyard-init`) needs to reach a TLS
 //!   control service: the CA to trust and, for mutual TLS, its own certificate and key, as a
 //!   tonic `ClientTlsConfig`.
@@ -337,6 +340,94 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// TLS to a Stratum server: the CA to trust and the name its certificate must carry.
+#[derive(Clone)]
+pub struct StratumTlsClient {
+    ca: PathBuf,
+    server_name: rustls::pki_types::ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for StratumTlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StratumTlsClient")
+            .field("ca", &self.ca)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for StratumTlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca == other.ca && self.server_name == other.server_name
+    }
+}
+
+impl Eq for StratumTlsClient {}
+
+impl StratumTlsClient {
+    /// A client trusting `ca` and expecting `server_name` (a host name or an IP address) in
+    /// the server's certificate.
+    pub fn new(ca: &Path, server_name: &str) -> Result<Self, TlsError> {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots(ca)?)
+            .with_no_client_auth();
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|e| TlsError::Config(format!("server name {server_name:?}: {e}")))?;
+        Ok(Self {
+            ca: ca.to_owned(),
+            server_name,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// Runs the TLS handshake on a connected socket.
+    pub async fn connect(
+        &self,
+        socket: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.connector
+            .connect(self.server_name.clone(), socket)
+            .await
+    }
+}
+
+/// Joins `stream` to a new loopback TCP pair and returns the pair's inner end: what is written
+/// to it reaches `stream`, and what `stream` delivers can be read from it. A task copies both
+/// ways until either side ends, then closes both. Only the pair's own connection is taken: a
+/// connection from anyone else to the short-lived loopback listener is dropped.
+pub async fn bridge<S>(stream: S) -> io::Result<TcpStream>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+    let outer = TcpStream::connect(listener.local_addr()?).await?;
+    let local = outer.local_addr()?;
+    let inner = loop {
+        let (inner, from) = listener.accept().await?;
+        if from == local {
+            break inner;
+        }
+    };
+    drop(listener);
+    let _ = outer.set_nodelay(true);
+    let _ = inner.set_nodelay(true);
+    tokio::spawn(async move {
+        let (mut stream_read, mut stream_write) = tokio::io::split(stream);
+        let (mut outer_read, mut outer_write) = outer.into_split();
+        // Whichever way ends first ends both: a closed session must close its peer.
+        tokio::select! {
+            _ = tokio::io::copy(&mut stream_read, &mut outer_write) => {}
+            _ = tokio::io::copy(&mut outer_read, &mut stream_write) => {}
+        }
+        use tokio::io::AsyncWriteExt;
+        let _ = stream_write.shutdown().await;
+    });
+    Ok(inner)
 }
 
 /// What a gRPC client needs to reach a TLS control service.
