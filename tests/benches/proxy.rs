@@ -24,7 +24,8 @@
 //!   127.0.0.2 to 127.0.0.251 so that ephemeral ports are no limit.
 //!
 //! The parts (issue 6): 1. memory per idle session; 2. 2,000 handshakes at once; 3. the relay
-//! under 10,000 submits/s; 4. switch propagation (one user, 1,000 and 9,000 users at once,
+//! under 10,000 submits/s (also through the proxy's TLS miner listener, issue 13: the miners'
+//! TLS runs in this process, bridged to plain sockets, so the proxy's CPU is its own); 4. switch propagation (one user, 1,000 and 9,000 users at once,
 //! through gRPC, HTTP and plain ZooKeeper writes, on both stores); 5. switching under load and
 //! its stress variant; 6. the control plane's WatchSwitches snapshot of 1,000,000 users; 7. the
 //! hot upgrade (issue 11): 9,000 sessions, 1,000 of them submitting, new miners arriving, and
@@ -65,6 +66,7 @@ use switchyard_tests::{
     bench::{machine_busy_cpu, nproc, pid_with_arg, process_cpu, quantile, rss_kib},
     control::{ControlProcess, InProcessControl, channel, free_port},
     miner::Miner,
+    pki::{CertFiles, TestPki},
     proxy::ProxyProcess,
     sserver::{Sserver, SserverConfig},
     zookeeper::{ZooKeeperServer, unique_root},
@@ -981,8 +983,17 @@ async fn seed_users(control: &Control, users: &[String], coin: &str) -> Result<(
 
 /// Starts the proxy binary on the control plane and the sserver child's two coins.
 async fn start_proxy(control: SocketAddr, sservers: &Sservers) -> Result<ProxyProcess, String> {
+    start_proxy_with(control, sservers, None).await
+}
+
+/// [`start_proxy`], with a TLS miner listener on `tls`'s certificate when given.
+async fn start_proxy_with(
+    control: SocketAddr,
+    sservers: &Sservers,
+    tls: Option<&CertFiles>,
+) -> Result<ProxyProcess, String> {
     let port = |_: ()| free_port().map_err(|e| e.to_string());
-    let config = json!({
+    let mut config = json!({
         "ServerID": 1,
         "ChainType": "bitcoin",
         "ListenAddr": format!("127.0.0.1:{}", port(())?),
@@ -994,6 +1005,11 @@ async fn start_proxy(control: SocketAddr, sservers: &Sservers) -> Result<ProxyPr
         "ControlEndpoints": [format!("http://{control}")],
         "HandshakeTimeoutSeconds": 20,
     });
+    if let Some(tls) = tls {
+        config["TlsListenAddr"] = json!(format!("127.0.0.1:{}", port(())?));
+        config["TlsCertFile"] = json!(tls.cert);
+        config["TlsKeyFile"] = json!(tls.key);
+    }
     ProxyProcess::start(&config)
         .await
         .map_err(|e| format!("starting the proxy: {e}"))
@@ -1094,9 +1110,35 @@ fn next_source() -> IpAddr {
 /// Connects a miner from the next source address and logs `worker` in; returns it with the
 /// coin of the last job it got so far.
 async fn login(addr: SocketAddr, worker: &str) -> Result<(Miner, String), String> {
-    let mut miner = Miner::connect_from(addr, Some(next_source()))
-        .await
-        .map_err(|e| format!("{worker}: connect: {e}"))?;
+    login_via(addr, worker, None).await
+}
+
+/// [`login`], over TLS with `tls` when given: the miner's socket is the plain end of a bridge to
+/// the TLS connection ([`switchyard_tls::bridge`]), so the fleet's code is the same either way
+/// (the bridge's copying is this process's CPU, not the proxy's).
+async fn login_via(
+    addr: SocketAddr,
+    worker: &str,
+    tls: Option<&switchyard_tls::StratumTlsClient>,
+) -> Result<(Miner, String), String> {
+    let mut miner = match tls {
+        None => Miner::connect_from(addr, Some(next_source()))
+            .await
+            .map_err(|e| format!("{worker}: connect: {e}"))?,
+        Some(tls) => {
+            let socket = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("{worker}: connect: {e}"))?;
+            let secured = tls
+                .connect(socket)
+                .await
+                .map_err(|e| format!("{worker}: TLS: {e}"))?;
+            let plain = switchyard_tls::bridge(secured)
+                .await
+                .map_err(|e| format!("{worker}: bridge: {e}"))?;
+            Miner::from_stream(plain).map_err(|e| format!("{worker}: {e}"))?
+        }
+    };
     let (_, auth) = miner
         .bitcoin_login(worker, LOGIN_TIMEOUT)
         .await
@@ -1172,6 +1214,8 @@ impl Drop for FleetMiner {
 /// changes) and a writer task (submits when given a plan).
 struct Fleet {
     addr: SocketAddr,
+    /// TLS to the proxy's TLS listener, when the fleet mines over TLS.
+    tls: Option<Arc<switchyard_tls::StratumTlsClient>>,
     miners: Vec<FleetMiner>,
     plan: watch::Sender<Option<LoadPlan>>,
     events: mpsc::UnboundedSender<Event>,
@@ -1196,10 +1240,20 @@ impl Fleet {
         addr: SocketAddr,
         workers: Vec<String>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Event>), String> {
+        Self::connect_via(addr, workers, None).await
+    }
+
+    /// [`Self::connect`], over TLS with `tls` when given.
+    async fn connect_via(
+        addr: SocketAddr,
+        workers: Vec<String>,
+        tls: Option<Arc<switchyard_tls::StratumTlsClient>>,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Event>), String> {
         let (events, rx) = mpsc::unbounded_channel();
         let (plan, _) = watch::channel(None);
         let mut fleet = Self {
             addr,
+            tls: tls.clone(),
             miners: Vec::with_capacity(workers.len()),
             plan,
             events,
@@ -1207,7 +1261,14 @@ impl Fleet {
         let total = workers.len();
         let logged: Vec<Result<(usize, Miner, String), String>> =
             stream::iter(workers.iter().enumerate())
-                .map(|(i, w)| async move { login(addr, w).await.map(|(m, c)| (i, m, c)) })
+                .map(|(i, w)| {
+                    let tls = tls.clone();
+                    async move {
+                        login_via(addr, w, tls.as_deref())
+                            .await
+                            .map(|(m, c)| (i, m, c))
+                    }
+                })
                 .buffer_unordered(SETUP_IN_FLIGHT)
                 .collect()
                 .await;
@@ -1267,7 +1328,7 @@ impl Fleet {
             .collect();
         for &i in &closed {
             let worker = self.miners[i].worker.clone();
-            let (miner, coin) = login(self.addr, &worker).await?;
+            let (miner, coin) = login_via(self.addr, &worker, self.tls.as_deref()).await?;
             self.miners[i] = self.spawn(i, total, worker, miner, coin);
         }
         Ok(closed.len())
@@ -1927,6 +1988,8 @@ buffer only while a line is incomplete.";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path3 {
     Proxy,
+    /// Through the proxy's TLS miner listener (relay only).
+    ProxyTls,
     Straight,
     Relay,
     /// A plain relay listening with the proxy's backlog of 128 (handshakes only).
@@ -1937,18 +2000,20 @@ impl Path3 {
     fn name(self) -> &'static str {
         match self {
             Path3::Proxy => "through the proxy",
+            Path3::ProxyTls => "through the proxy over TLS",
             Path3::Straight => "straight to the sserver",
             Path3::Relay => "through a plain TCP relay",
             Path3::RelayBig => "plain TCP relay, backlog 128",
         }
     }
 
-    /// Repetition `rep`'s order: alternating, so that noise hits every path.
-    fn order(rep: usize) -> [Path3; 3] {
+    /// The relay part's order in repetition `rep`: the three paths and the proxy over TLS,
+    /// alternating, so that noise hits every path.
+    fn order_relay(rep: usize) -> [Path3; 4] {
         if rep.is_multiple_of(2) {
-            [Path3::Proxy, Path3::Straight, Path3::Relay]
+            [Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay]
         } else {
-            [Path3::Relay, Path3::Straight, Path3::Proxy]
+            [Path3::Relay, Path3::Straight, Path3::ProxyTls, Path3::Proxy]
         }
     }
 
@@ -1992,7 +2057,7 @@ async fn handshakes(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     for rep in 0..sizes.handshake_reps {
         for path in Path3::order4(rep) {
             let addr = match path {
-                Path3::Proxy => proxy.addr,
+                Path3::Proxy | Path3::ProxyTls => proxy.addr,
                 Path3::Straight => sservers.btc,
                 Path3::Relay => relay.addr,
                 Path3::RelayBig => relay_big.addr,
@@ -2173,20 +2238,35 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     let count = (sizes.relay_window.as_millis() / sizes.relay_period.as_millis().max(1)) as u64;
     let rate = n as f64 * 1e3 / sizes.relay_period.as_millis() as f64;
     let mut runs: Vec<(Path3, RelayRun)> = Vec::new();
+    // The TLS run's certificate: a throwaway CA, and the miners' client trusting it.
+    let pki = TestPki::new("bench").map_err(|e| e.to_string())?;
+    let cert = pki.server("proxy").map_err(|e| e.to_string())?;
+    let miners_tls = Arc::new(
+        switchyard_tls::StratumTlsClient::new(&pki.ca_path(), "localhost")
+            .map_err(|e| e.to_string())?,
+    );
     for rep in 0..sizes.relay_reps {
-        for path in Path3::order(rep) {
+        for path in Path3::order_relay(rep) {
             // Fresh processes for every run: the simulated sserver keeps a record of every
             // submit, which must not grow from one run to the next.
             let sservers = Sservers::start(Some(Duration::from_secs(5))).await?;
             let (proxy, relay) = match path {
                 Path3::Proxy => (Some(start_proxy(control.addr(), &sservers).await?), None),
+                Path3::ProxyTls => (
+                    Some(start_proxy_with(control.addr(), &sservers, Some(&cert)).await?),
+                    None,
+                ),
                 Path3::Relay | Path3::RelayBig => (None, Some(Relay::start(sservers.btc).await?)),
                 Path3::Straight => (None, None),
             };
-            let addr = match (&proxy, &relay) {
-                (Some(proxy), _) => proxy.addr,
-                (_, Some(relay)) => relay.addr,
-                _ => sservers.btc,
+            let (addr, tls) = match (&proxy, &relay) {
+                (Some(proxy), _) if path == Path3::ProxyTls => (
+                    proxy.tls_addr.ok_or("the proxy named no TLS listener")?,
+                    Some(Arc::clone(&miners_tls)),
+                ),
+                (Some(proxy), _) => (proxy.addr, None),
+                (_, Some(relay)) => (relay.addr, None),
+                _ => (sservers.btc, None),
             };
             let middle = || match (&proxy, &relay) {
                 (Some(proxy), _) => proxy_cpu(proxy),
@@ -2196,7 +2276,7 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
             let workers = (0..n)
                 .map(|i| format!("{}.r{i}", users[i % users.len()]))
                 .collect();
-            let (fleet, _events) = Fleet::connect(addr, workers).await?;
+            let (fleet, _events) = Fleet::connect_via(addr, workers, tls).await?;
             let start = Instant::now() + Duration::from_millis(300);
             fleet.submit(LoadPlan {
                 start,
@@ -2261,7 +2341,7 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     let mut pooled: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     let mut cores: HashMap<&str, f64> = HashMap::new();
     let mut p99: HashMap<&str, f64> = HashMap::new();
-    for path in [Path3::Proxy, Path3::Straight, Path3::Relay] {
+    for path in [Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay] {
         let mut lat: Vec<u32> = of(path)
             .flat_map(|r| r.totals.latencies_us.iter().copied())
             .collect();
@@ -2319,13 +2399,24 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
         md,
         "\nThe machine's noise moves the tail from one repetition to the next (see the last \
          column): the figures compared are the medians of the repetitions' p99. Ratios: p99 \
-         through the proxy / straight {}, / plain relay {}; proxy CPU / plain relay CPU {}.\n",
+         through the proxy / straight {}, / plain relay {}; proxy CPU / plain relay CPU {}. \
+         TLS (the proxy's TLS miner listener, rustls, the same load): proxy CPU over TLS / \
+         over its plain listener {}, / plain relay {}; p99 over TLS / plain listener {}.\n",
         ratio(pp, ps),
         ratio(pp, pr),
         ratio(
             cores.get(Path3::Proxy.name()).copied().unwrap_or(0.0),
             cores.get(Path3::Relay.name()).copied().unwrap_or(0.0)
         ),
+        ratio(
+            cores.get(Path3::ProxyTls.name()).copied().unwrap_or(0.0),
+            cores.get(Path3::Proxy.name()).copied().unwrap_or(0.0)
+        ),
+        ratio(
+            cores.get(Path3::ProxyTls.name()).copied().unwrap_or(0.0),
+            cores.get(Path3::Relay.name()).copied().unwrap_or(0.0)
+        ),
+        ratio(p99[Path3::ProxyTls.name()], pp),
     );
     report.part(md);
     for (name, lat) in pooled {

@@ -138,6 +138,8 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     /// Where the metrics are served.
     pub metrics_addr: SocketAddr,
+    /// Where TLS miners connect (`TlsListenAddr`), when the config has it.
+    pub tls_addr: Option<SocketAddr>,
     child: Option<Child>,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -169,6 +171,7 @@ impl ProxyProcess {
         let mut this = Self {
             addr,
             metrics_addr,
+            tls_addr: config["TlsListenAddr"].as_str().and_then(|a| a.parse().ok()),
             child: None,
             log_path: dir.path().join("proxy.log"),
             config_path,
