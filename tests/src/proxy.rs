@@ -171,7 +171,9 @@ impl ProxyProcess {
         let mut this = Self {
             addr,
             metrics_addr,
-            tls_addr: config["TlsListenAddr"].as_str().and_then(|a| a.parse().ok()),
+            tls_addr: config["TlsListenAddr"]
+                .as_str()
+                .and_then(|a| a.parse().ok()),
             child: None,
             log_path: dir.path().join("proxy.log"),
             config_path,
