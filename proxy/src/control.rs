@@ -15,7 +15,7 @@ use std::{
     fmt,
     future::Future,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -138,14 +138,52 @@ impl ControlError {
 struct Replica {
     url: String,
     endpoint: Endpoint,
-    channel: OnceLock<Channel>,
+    /// The TLS files of an `https://` replica: when they change (a certificate rotation), the
+    /// next call makes a new channel with them; calls and streams already open keep theirs.
+    tls: Option<switchyard_tls::ClientTlsFiles>,
+    channel: Mutex<Option<(Channel, Option<switchyard_tls::FilesStamp>)>>,
 }
 
 impl Replica {
     fn channel(&self) -> Channel {
-        self.channel
-            .get_or_init(|| self.endpoint.connect_lazy())
+        let stamp = self.tls.as_ref().map(switchyard_tls::ClientTlsFiles::stamp);
+        let mut current = self
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match current.as_mut() {
+            Some((channel, seen)) if *seen == stamp => channel.clone(),
+            Some((channel, seen)) => {
+                // Rotated files: read them again. A broken pair keeps the channel in use and
+                // is reported once (until the files change again).
+                *seen = stamp;
+                match self.reloaded_endpoint() {
+                    Ok(endpoint) => {
+                        info!(endpoint = %self.url, "control TLS files changed: new connections use them");
+                        *channel = endpoint.connect_lazy();
+                    }
+                    Err(e) => warn!(endpoint = %self.url, error = %e,
+                        "control TLS files changed but cannot be used: the previous ones stay"),
+                }
+                channel.clone()
+            }
+            None => {
+                let channel = self.endpoint.connect_lazy();
+                *current = Some((channel.clone(), stamp));
+                channel
+            }
+        }
+    }
+
+    fn reloaded_endpoint(&self) -> Result<Endpoint, String> {
+        let Some(files) = &self.tls else {
+            return Ok(self.endpoint.clone());
+        };
+        let config = files.tonic_config().map_err(|e| e.to_string())?;
+        self.endpoint
             .clone()
+            .tls_config(config)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -196,7 +234,7 @@ impl ControlEndpoints {
         if urls.is_empty() {
             return Err(ControlError::NoEndpoints);
         }
-        let tls = tls
+        let config = tls
             .map(|files| {
                 files
                     .tonic_config()
@@ -208,7 +246,7 @@ impl ControlEndpoints {
             .transpose()?;
         let replicas = urls
             .iter()
-            .map(|url| replica(url, tls.as_ref()))
+            .map(|url| replica(url, config.as_ref(), tls))
             .collect::<Result<Vec<_>, _>>()?;
         let authorization = match token.filter(|t| !t.is_empty()) {
             Some(token) => Some(
@@ -322,6 +360,7 @@ impl ControlEndpoints {
 fn replica(
     url: &str,
     tls: Option<&tonic::transport::ClientTlsConfig>,
+    files: Option<&switchyard_tls::ClientTlsFiles>,
 ) -> Result<Replica, ControlError> {
     let invalid = |reason: String| ControlError::InvalidEndpoint {
         url: url.to_owned(),
@@ -358,8 +397,9 @@ fn replica(
         .keep_alive_while_idle(true);
     Ok(Replica {
         url: url.to_owned(),
+        tls: files.filter(|_| url.starts_with("https://")).cloned(),
         endpoint,
-        channel: OnceLock::new(),
+        channel: Mutex::new(None),
     })
 }
 

@@ -252,14 +252,33 @@ pub struct ControlProcess {
     log_path: PathBuf,
     dir: TempDir,
     extra_env: Vec<(String, String)>,
+    /// What the readiness check trusts and presents when gRPC is served over TLS.
+    tls: Option<switchyard_tls::ClientTlsFiles>,
 }
 
 impl ControlProcess {
+    /// [`Self::start_with`] for a config that serves gRPC over TLS: the readiness check
+    /// trusts and presents what `client` names.
+    pub async fn start_tls_with(
+        adjust: impl FnOnce(&mut serde_json::Value),
+        client: switchyard_tls::ClientTlsFiles,
+    ) -> Result<Self, ControlFixtureError> {
+        Self::start_inner(adjust, Vec::new(), Some(client)).await
+    }
+
     /// Starts the binary with a test config (its data directory inside a fresh temp dir),
     /// adjusted by `adjust`, and waits until it is SERVING.
     pub async fn start_with(
         adjust: impl FnOnce(&mut serde_json::Value),
         extra_env: Vec<(String, String)>,
+    ) -> Result<Self, ControlFixtureError> {
+        Self::start_inner(adjust, extra_env, None).await
+    }
+
+    async fn start_inner(
+        adjust: impl FnOnce(&mut serde_json::Value),
+        extra_env: Vec<(String, String)>,
+        tls: Option<switchyard_tls::ClientTlsFiles>,
     ) -> Result<Self, ControlFixtureError> {
         let dir = tempfile::tempdir().map_err(|e| ControlFixtureError::Io("tempdir", e))?;
         let port = free_port()?;
@@ -280,6 +299,7 @@ impl ControlProcess {
             config_path,
             dir,
             extra_env,
+            tls,
         };
         this.spawn().await?;
         Ok(this)
@@ -310,7 +330,14 @@ impl ControlProcess {
             .spawn()
             .map_err(|e| ControlFixtureError::Io("spawning switchyard-control", e))?;
         self.child = Some(child);
-        if let Err(e) = wait_serving(self.addr).await {
+        let ready = match &self.tls {
+            Some(tls) => match tls_channel(self.addr, tls) {
+                Ok(channel) => wait_serving_on(channel).await,
+                Err(e) => Err(e),
+            },
+            None => wait_serving(self.addr).await,
+        };
+        if let Err(e) = ready {
             return Err(ControlFixtureError::Timeout(format!(
                 "{e}\n--- control log ---\n{}",
                 self.log()

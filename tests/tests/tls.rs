@@ -479,7 +479,8 @@ async fn the_http_switch_api_over_tls_answers_curl_with_the_ca() {
 }
 
 /// A TLS front for a plain simulated sserver (an sserver with TLS on): terminates TLS with
-/// `server`'s certificate and relays to `plain`. Returns its address.
+/// `server`'s certificate (reloaded when its files change) and relays to `plain`. Returns its
+/// address.
 async fn tls_front(server: &CertFiles, plain: SocketAddr) -> SocketAddr {
     use futures::StreamExt;
     let tls = switchyard_tls::ServerTls::load(
@@ -496,6 +497,11 @@ async fn tls_front(server: &CertFiles, plain: SocketAddr) -> SocketAddr {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    // Reloaded as its files change, as an sserver's would be.
+    tokio::spawn(switchyard_tls::keep_reloaded(
+        std::sync::Arc::clone(&tls),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     let mut incoming = Box::pin(switchyard_tls::accept_tls(
         listener,
         tls,
@@ -570,4 +576,152 @@ async fn the_proxy_reaches_an_sserver_over_tls() {
     let mut miner = Miner::connect(other.addr).await.expect("connect");
     let (_, auth) = miner.bitcoin_login("alice.rig2", T).await.expect("answers");
     assert_ne!(auth["result"], json!(true), "{auth}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_takes_a_rotated_client_certificate_without_a_restart() {
+    use switchyard_tests::control::ControlProcess;
+
+    let first = TestPki::new("first").expect("pki");
+    let server = first.server("server").expect("server cert");
+    let proxy_cert = first.client("proxy").expect("client cert");
+    // The CA the control service takes client certificates of: the first one, for now.
+    let trusted = first.dir().join("trusted-clients.pem");
+    std::fs::copy(first.ca_path(), &trusted).expect("trusted CA");
+    let client = ClientTlsFiles {
+        ca: Some(first.ca_path()),
+        cert: Some(proxy_cert.cert.clone()),
+        key: Some(proxy_cert.key.clone()),
+        server_name: None,
+    };
+    let mut control = ControlProcess::start_tls_with(
+        |c| {
+            c["TlsCertFile"] = json!(server.cert);
+            c["TlsKeyFile"] = json!(server.key);
+            c["TlsClientCaFile"] = json!(trusted);
+        },
+        client.clone(),
+    )
+    .await
+    .expect("control over mutual TLS");
+    let control_addr = control.addr;
+    let admin = || {
+        switchyard_proto::v1::switcher_admin_client::SwitcherAdminClient::new(
+            tls_channel(control_addr, &client).expect("channel"),
+        )
+    };
+    let switch = |coin: &str| SwitchCoinRequest {
+        user: "alice".into(),
+        coin: coin.into(),
+    };
+    admin().switch_coin(switch("btc")).await.expect("alice");
+    let sserver = |coin: &'static str| async move {
+        Sserver::start(SserverConfig::new(coin).job_interval(Some(Duration::from_millis(300))))
+            .await
+            .expect("sserver")
+    };
+    let (btc, bch) = (sserver("btc").await, sserver("bch").await);
+    let mut config = proxy_config(&[control.addr], &[&btc, &bch]).expect("config");
+    config["ControlEndpoints"] = json!([format!("https://{}", control.addr)]);
+    config["ControlTlsCaFile"] = json!(first.ca_path());
+    config["ControlTlsCertFile"] = json!(proxy_cert.cert);
+    config["ControlTlsKeyFile"] = json!(proxy_cert.key);
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+    let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    miner.bitcoin_login("alice.rig1", T).await.expect("login");
+    miner.wait_job_of("btc", T).await.expect("a btc job");
+
+    // Rotation: the proxy's certificate is replaced by one of a new CA, and the control
+    // service (restarted, as its trusted CA file says) takes only that CA's now.
+    let second = TestPki::new("second").expect("pki");
+    let rotated = second.client("proxy").expect("client cert");
+    std::fs::copy(&rotated.key, &proxy_cert.key).expect("new key");
+    std::fs::copy(&rotated.cert, &proxy_cert.cert).expect("new cert");
+    std::fs::copy(second.ca_path(), &trusted).expect("new trusted CA");
+    control
+        .restart()
+        .await
+        .expect("control back, taking the new CA");
+    admin().switch_coin(switch("bch")).await.expect("switch");
+    miner.wait_job_of("bch", T).await.unwrap_or_else(|e| {
+        panic!(
+            "the proxy reconnected with its new certificate: {e}\n{}",
+            proxy.log()
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_sserver_certificate_and_ca_are_taken_without_a_restart() {
+    let first = TestPki::new("first").expect("pki");
+    let front_cert = first.server("sserver").expect("server cert");
+    // The CA file the proxy trusts for the sserver: the first CA, for now.
+    let trusted = first.dir().join("sserver-ca.pem");
+    std::fs::copy(first.ca_path(), &trusted).expect("trusted CA");
+    let control = InProcessControl::start().await.expect("control");
+    control
+        .admin()
+        .switch_coin(SwitchCoinRequest {
+            user: "alice".into(),
+            coin: "btc".into(),
+        })
+        .await
+        .expect("alice");
+    let btc =
+        Sserver::start(SserverConfig::new("btc").job_interval(Some(Duration::from_millis(300))))
+            .await
+            .expect("sserver");
+    let front = tls_front(&front_cert, btc.addr()).await;
+    let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
+    config["StratumServerMap"]["btc"] = json!({
+        "URL": front.to_string(),
+        "TLS": true,
+        "TlsCaFile": trusted,
+    });
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+    let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    miner.bitcoin_login("alice.rig1", T).await.expect("login");
+    miner.wait_job_of("btc", T).await.expect("a btc job");
+
+    // The sserver's certificate is replaced by one of a new CA (the front reloads it), the
+    // proxy's CA file by that CA; then the sserver drops its connections.
+    let second = TestPki::new("second").expect("pki");
+    let rotated = second.server("sserver").expect("server cert");
+    std::fs::copy(&rotated.key, &front_cert.key).expect("new key");
+    std::fs::copy(&rotated.cert, &front_cert.cert).expect("new cert");
+    std::fs::copy(second.ca_path(), &trusted).expect("new CA");
+    // The front serves the new certificate once a client trusting only the new CA gets in.
+    let checker =
+        switchyard_tls::StratumTlsClient::new(&second.ca_path(), "localhost").expect("checker");
+    wait_until(T, "the front to serve the new certificate", || {
+        let checker = checker.clone();
+        async move {
+            let socket = tokio::net::TcpStream::connect(front)
+                .await
+                .map_err(|e| e.to_string())?;
+            checker
+                .connect(socket)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    btc.disconnect_all();
+    btc.wait_for(T, "the session back", |r| r.subscribes.len() >= 2)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the proxy reconnected through the new CA: {e}\n{}",
+                proxy.log()
+            )
+        });
+    let new_job = btc.new_job();
+    miner
+        .wait_for("the job after the reconnect", T, |v| {
+            v["params"][0] == json!(new_job.clone())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
 }

@@ -175,8 +175,11 @@ fn server_config(files: &ServerTlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig,
 type Stamps = Vec<Option<(SystemTime, u64)>>;
 
 fn stamps(files: &ServerTlsFiles) -> Stamps {
-    files
-        .paths()
+    stamps_of(&files.paths())
+}
+
+fn stamps_of(paths: &[&Path]) -> Stamps {
+    paths
         .iter()
         .map(|p| {
             std::fs::metadata(p)
@@ -342,12 +345,14 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// TLS to a Stratum server: the CA to trust and the name its certificate must carry.
+/// TLS to a Stratum server: the CA to trust and the name its certificate must carry. The CA
+/// file is read again for the next connection when it changes (a rotation); a file that
+/// cannot be used then keeps the previous CA.
 #[derive(Clone)]
 pub struct StratumTlsClient {
     ca: PathBuf,
     server_name: rustls::pki_types::ServerName<'static>,
-    connector: tokio_rustls::TlsConnector,
+    connector: Arc<Mutex<(Stamps, tokio_rustls::TlsConnector)>>,
 }
 
 impl std::fmt::Debug for StratumTlsClient {
@@ -371,18 +376,24 @@ impl StratumTlsClient {
     /// A client trusting `ca` and expecting `server_name` (a host name or an IP address) in
     /// the server's certificate.
     pub fn new(ca: &Path, server_name: &str) -> Result<Self, TlsError> {
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots(ca)?)
-            .with_no_client_auth();
+        let stamp = stamps_of(&[ca]);
+        let connector = Self::connector(ca)?;
         let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
             .map_err(|e| TlsError::Config(format!("server name {server_name:?}: {e}")))?;
         Ok(Self {
             ca: ca.to_owned(),
             server_name,
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            connector: Arc::new(Mutex::new((stamp, connector))),
         })
+    }
+
+    fn connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, TlsError> {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots(ca)?)
+            .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
 
     /// Runs the TLS handshake on a connected socket.
@@ -390,9 +401,27 @@ impl StratumTlsClient {
         &self,
         socket: TcpStream,
     ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        self.connector
-            .connect(self.server_name.clone(), socket)
-            .await
+        let connector = {
+            let mut current = self
+                .connector
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let now = stamps_of(&[self.ca.as_path()]);
+            if current.0 != now {
+                current.0 = now;
+                match Self::connector(&self.ca) {
+                    Ok(connector) => {
+                        info!(ca = %self.ca.display(), "sserver CA file changed: new connections trust it");
+                        current.1 = connector;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "sserver CA file changed but cannot be used: the previous CA stays")
+                    }
+                }
+            }
+            current.1.clone()
+        };
+        connector.connect(self.server_name.clone(), socket).await
     }
 }
 
@@ -457,7 +486,22 @@ pub enum ClientTlsSettingsError {
     NoCa,
 }
 
+/// When and how large a client's TLS files were: compare two to notice a rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesStamp(Stamps);
+
 impl ClientTlsFiles {
+    /// The files' stamp now; a client whose stamp changed reads them again for its next
+    /// connections ([`Self::tonic_config`]).
+    pub fn stamp(&self) -> FilesStamp {
+        let paths: Vec<&Path> = [&self.ca, &self.cert, &self.key]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect();
+        FilesStamp(stamps_of(&paths))
+    }
+
     /// The files from the `ControlTls*` settings: `None` when none is set (plain endpoints).
     pub fn from_settings(
         ca: Option<PathBuf>,
