@@ -275,6 +275,28 @@ impl ControlProcess {
         Self::start_inner(adjust, extra_env, None).await
     }
 
+    /// The binary on the shared ZooKeeper test server, its directories under `root` (see
+    /// [`crate::zookeeper::unique_root`]), the config then changed by `adjust`.
+    pub async fn on_zookeeper(
+        root: &str,
+        adjust: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<Self, ControlFixtureError> {
+        let zk = crate::zookeeper::ZooKeeperServer::shared()
+            .map_err(|e| ControlFixtureError::Timeout(format!("ZooKeeper: {e}")))?;
+        let broker = zk.connect_string();
+        Self::start_with(
+            |c| {
+                c["ZKBroker"] = serde_json::json!([broker]);
+                c["ZKSwitcherWatchDir"] = serde_json::json!(format!("{root}/switcher/"));
+                c["ZKSwitchyardDir"] = serde_json::json!(format!("{root}/switchyard/"));
+                c["ZKServerIDAssignDir"] = serde_json::json!(format!("{root}/swid/"));
+                adjust(c);
+            },
+            Vec::new(),
+        )
+        .await
+    }
+
     async fn start_inner(
         adjust: impl FnOnce(&mut serde_json::Value),
         extra_env: Vec<(String, String)>,

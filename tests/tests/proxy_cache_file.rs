@@ -31,21 +31,9 @@ fn switch(user: &str, coin: &str) -> SwitchCoinRequest {
 
 /// The control binary on the shared ZooKeeper under `root`, leases living `ttl` seconds.
 async fn zk_control(root: &str, ttl: u64) -> ControlProcess {
-    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
-    let broker = zk.connect_string();
-    let root = root.to_string();
-    ControlProcess::start_with(
-        move |c| {
-            c["ZKBroker"] = json!([broker]);
-            c["ZKSwitcherWatchDir"] = json!(format!("{root}/switcher/"));
-            c["ZKSwitchyardDir"] = json!(format!("{root}/switchyard/"));
-            c["ZKServerIDAssignDir"] = json!(format!("{root}/swid/"));
-            c["LeaseTTLSeconds"] = json!(ttl);
-        },
-        Vec::new(),
-    )
-    .await
-    .expect("control on ZooKeeper")
+    ControlProcess::on_zookeeper(root, |c| c["LeaseTTLSeconds"] = json!(ttl))
+        .await
+        .expect("control on ZooKeeper")
 }
 
 async fn sserver(coin: &str) -> Sserver {

@@ -24,20 +24,9 @@ const T: Duration = Duration::from_secs(20);
 
 /// The control binary on the shared ZooKeeper under a fresh root.
 async fn zk_control(root: &str) -> ControlProcess {
-    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
-    let broker = zk.connect_string();
-    let root = root.to_string();
-    ControlProcess::start_with(
-        move |c| {
-            c["ZKBroker"] = json!([broker]);
-            c["ZKSwitcherWatchDir"] = json!(format!("{root}/switcher/"));
-            c["ZKSwitchyardDir"] = json!(format!("{root}/switchyard/"));
-            c["ZKServerIDAssignDir"] = json!(format!("{root}/swid/"));
-        },
-        Vec::new(),
-    )
-    .await
-    .expect("control on ZooKeeper")
+    ControlProcess::on_zookeeper(root, |_| {})
+        .await
+        .expect("control on ZooKeeper")
 }
 
 /// Logs `worker` in on a new connection; the authorize answer.

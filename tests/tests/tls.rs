@@ -60,6 +60,21 @@ fn client_files(pki: &TestPki, client: Option<&CertFiles>) -> ClientTlsFiles {
     }
 }
 
+/// Switches alice to `coin`.
+fn alice_to(coin: &str) -> SwitchCoinRequest {
+    SwitchCoinRequest {
+        user: "alice".into(),
+        coin: coin.into(),
+    }
+}
+
+/// A simulated sserver of `coin` making a job every 300 ms.
+async fn sserver(coin: &str) -> Sserver {
+    Sserver::start(SserverConfig::new(coin).job_interval(Some(Duration::from_millis(300))))
+        .await
+        .expect("sserver")
+}
+
 #[tokio::test]
 async fn grpc_over_tls_answers_grpcurl_with_the_ca_and_refuses_plaintext() {
     let pki = TestPki::new("control").expect("pki");
@@ -191,10 +206,7 @@ async fn the_proxy_follows_the_control_plane_over_mutual_tls() {
         tls_channel(control.addr, &client_files(&pki, Some(&proxy_cert))).expect("channel"),
     );
     admin
-        .switch_coin(SwitchCoinRequest {
-            user: "alice".into(),
-            coin: "btc".into(),
-        })
+        .switch_coin(alice_to("btc"))
         .await
         .expect("alice over TLS");
     let btc = Sserver::start(SserverConfig::new("btc"))
@@ -243,17 +255,9 @@ async fn a_miner_over_tls_keeps_mining_across_a_switch() {
     let control = InProcessControl::start().await.expect("control");
     control
         .admin()
-        .switch_coin(SwitchCoinRequest {
-            user: "alice".into(),
-            coin: "btc".into(),
-        })
+        .switch_coin(alice_to("btc"))
         .await
         .expect("alice");
-    let sserver = |coin: &'static str| async move {
-        Sserver::start(SserverConfig::new(coin).job_interval(Some(Duration::from_millis(300))))
-            .await
-            .expect("sserver")
-    };
     let (btc, bch) = (sserver("btc").await, sserver("bch").await);
     let tls_port = switchyard_tests::control::free_port().expect("port");
     let mut config = proxy_config(&[control.addr], &[&btc, &bch]).expect("config");
@@ -303,10 +307,7 @@ async fn a_miner_over_tls_keeps_mining_across_a_switch() {
     next_until("a btc job", &job_of("btc")).await;
     control
         .admin()
-        .switch_coin(SwitchCoinRequest {
-            user: "alice".into(),
-            coin: "bch".into(),
-        })
+        .switch_coin(alice_to("bch"))
         .await
         .expect("switch");
     let job = next_until("a bch job after the switch", &job_of("bch")).await;
@@ -526,16 +527,10 @@ async fn the_proxy_reaches_an_sserver_over_tls() {
     let control = InProcessControl::start().await.expect("control");
     control
         .admin()
-        .switch_coin(SwitchCoinRequest {
-            user: "alice".into(),
-            coin: "btc".into(),
-        })
+        .switch_coin(alice_to("btc"))
         .await
         .expect("alice");
-    let btc =
-        Sserver::start(SserverConfig::new("btc").job_interval(Some(Duration::from_millis(300))))
-            .await
-            .expect("sserver");
+    let btc = sserver("btc").await;
     let front = tls_front(&server, btc.addr()).await;
     let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
     config["StratumServerMap"]["btc"] = json!({
@@ -610,16 +605,7 @@ async fn a_proxy_takes_a_rotated_client_certificate_without_a_restart() {
             tls_channel(control_addr, &client).expect("channel"),
         )
     };
-    let switch = |coin: &str| SwitchCoinRequest {
-        user: "alice".into(),
-        coin: coin.into(),
-    };
-    admin().switch_coin(switch("btc")).await.expect("alice");
-    let sserver = |coin: &'static str| async move {
-        Sserver::start(SserverConfig::new(coin).job_interval(Some(Duration::from_millis(300))))
-            .await
-            .expect("sserver")
-    };
+    admin().switch_coin(alice_to("btc")).await.expect("alice");
     let (btc, bch) = (sserver("btc").await, sserver("bch").await);
     let mut config = proxy_config(&[control.addr], &[&btc, &bch]).expect("config");
     config["ControlEndpoints"] = json!([format!("https://{}", control.addr)]);
@@ -642,7 +628,7 @@ async fn a_proxy_takes_a_rotated_client_certificate_without_a_restart() {
         .restart()
         .await
         .expect("control back, taking the new CA");
-    admin().switch_coin(switch("bch")).await.expect("switch");
+    admin().switch_coin(alice_to("bch")).await.expect("switch");
     miner.wait_job_of("bch", T).await.unwrap_or_else(|e| {
         panic!(
             "the proxy reconnected with its new certificate: {e}\n{}",
@@ -661,16 +647,10 @@ async fn a_rotated_sserver_certificate_and_ca_are_taken_without_a_restart() {
     let control = InProcessControl::start().await.expect("control");
     control
         .admin()
-        .switch_coin(SwitchCoinRequest {
-            user: "alice".into(),
-            coin: "btc".into(),
-        })
+        .switch_coin(alice_to("btc"))
         .await
         .expect("alice");
-    let btc =
-        Sserver::start(SserverConfig::new("btc").job_interval(Some(Duration::from_millis(300))))
-            .await
-            .expect("sserver");
+    let btc = sserver("btc").await;
     let front = tls_front(&front_cert, btc.addr()).await;
     let mut config = proxy_config(&[control.addr], &[&btc]).expect("config");
     config["StratumServerMap"]["btc"] = json!({

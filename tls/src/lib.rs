@@ -335,14 +335,7 @@ pub fn accept_tls(
             });
         }
     });
-    tokio_stream_from(rx)
-}
-
-/// The receiver as a stream.
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: mpsc::Receiver<T>,
-) -> impl Stream<Item = T> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// TLS to a Stratum server: the CA to trust and the name its certificate must carry. The CA
