@@ -66,7 +66,9 @@ Switchyard's own settings:
   ZKServerIDAssignDir One directory for every chain type (as in a Go proxy's config):
                       IDs are then unique across chain types. Overridden per chain type by
                       ZKServerIDAssignDirs.
-  ZKSwitchyardDir     ZooKeeper directory of Switchyard's own nodes (replica barriers).
+  ZKSwitchyardDir     ZooKeeper directory of Switchyard's own nodes: replica barriers, and below
+                      it + the watch directory's path, this deployment's held-back switches,
+                      first-seen times and pull position.
                       Default \"/switchyard/\".
   ZKSessionTimeoutSeconds
                       ZooKeeper session timeout. Default 15.
@@ -586,6 +588,7 @@ impl ControlConfig {
             coins,
             case_insensitive: self.case_insensitive,
             max_batch: self.max_switch_batch,
+            pending_reconcile: Duration::from_secs(self.zk_reconcile_seconds.max(1)),
         })
     }
 
@@ -624,6 +627,11 @@ impl ControlConfig {
             brokers: self.zk_broker.clone(),
             switcher_dir: dir("ZKSwitcherWatchDir", &self.zk_switcher_watch_dir)?,
             case_index_dir,
+            deployment_dir: format!(
+                "{}{}",
+                dir("ZKSwitchyardDir", &self.zk_switchyard_dir)?,
+                dir("ZKSwitcherWatchDir", &self.zk_switcher_watch_dir)?.trim_start_matches('/')
+            ),
             switchyard_dir: dir("ZKSwitchyardDir", &self.zk_switchyard_dir)?,
             session_timeout: seconds("ZKSessionTimeoutSeconds", self.zk_session_timeout_seconds)?,
             request_timeout: seconds("ZKRequestTimeoutSeconds", self.zk_request_timeout_seconds)?,

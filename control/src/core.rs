@@ -1,21 +1,39 @@
-//! The switching core: what every API (gRPC today, HTTP for pool backends) calls to read and
-//! change the user→coin state. It validates input, writes through the [`UserCoinStore`] and
-//! applies the result to the [`UserCoinIndex`] that feeds the proxies. Adapters only translate.
+//! The switching core: what every API (gRPC, HTTP for pool backends, the scheduled pull,
+//! auto-registration) calls to read and change the user→coin state. It validates input, writes
+//! through the [`UserCoinStore`], and alone applies the store's change stream to the
+//! [`UserCoinIndex`] that feeds the proxies; a write returns once the stream has brought it
+//! back. Adapters only translate.
+//!
+//! # Held-back switches (SPEC §6's safety period)
+//!
+//! A switch of an existing user to a coin whose user list is ingested, other than the coin the
+//! user mines now, is held back until the user has been in that list for the safety period.
+//! Held-back switches of one call are recorded in one store batch, dated by the user's record
+//! ([`PendingSwitch::after`]), and put on this replica's [`HeldBackSchedule`]; a timer applies
+//! each at its due time through [`UserCoinStore::apply_pending`], which writes it only if the
+//! user has not changed since (an immediate switch, another replica's, an outside writer's):
+//! an older held-back coin never overwrites a newer switch. Every `ZKReconcileSeconds` the
+//! replica reads the store's pending switches to learn those held back elsewhere (or before a
+//! restart). First-seen times are in the store, so a restart does not hold back every switch
+//! again.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     sync::{Arc, RwLock},
     time::Duration,
 };
 
 use thiserror::Error;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    held_back::HeldBackSchedule,
     index::UserCoinIndex,
-    store::{PendingSwitch, Record, RecordKey, Revision, StoreError, StoreWrite, UserCoinStore},
+    store::{
+        ChangeReceiver, HoldSwitch, PendingOutcome, PendingSwitch, Record, RecordKey, Revision,
+        StoreContents, StoreError, StoreWrite, UserCoinStore,
+    },
     validate::{CoinSet, InvalidInput, validate_user},
 };
 
@@ -69,11 +87,15 @@ pub enum BatchError {
     },
 }
 
-/// How long a store that feeds the index itself may take to deliver its state at start-up.
+/// How long the store may take to deliver its whole state at start-up.
 const STATE_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a write may take to come back through such a store's feed before the call returns
-/// anyway (the write is durable; the index catches up).
+/// How long a write may take to come back through the store's change stream before the call
+/// returns anyway (the write is durable; the index catches up).
 const WRITE_VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a held-back switch whose apply failed (store unavailable) waits before another try.
+const PENDING_RETRY_SECONDS: u64 = 2;
+/// Held-back switches of one call logged one by one; beyond, one line says how many.
+const LOGGED_HELD_BACK: usize = 10;
 
 /// How the core treats names and batches.
 #[derive(Debug, Clone)]
@@ -89,6 +111,9 @@ pub struct CoreSettings {
     /// Keep a case index (lowercase name → name) of ingested users
     /// (`ZKUserCaseInsensitiveIndex` set, outside case-insensitive mode).
     pub case_index: bool,
+    /// How often the store's pending switches are read again, to learn those held back by
+    /// other replicas or before a restart (`ZKReconcileSeconds`).
+    pub pending_reconcile: Duration,
 }
 
 /// What ingestion did with one listed user.
@@ -117,28 +142,17 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// How often held-back switches are looked for.
-const PENDING_POLL: Duration = Duration::from_secs(1);
-
 /// The switching core; see the module doc.
 pub struct SwitchCore {
     store: Arc<dyn UserCoinStore>,
     index: Arc<UserCoinIndex>,
     settings: CoreSettings,
-    /// For a store the core applies its own writes to (see [`UserCoinStore::follow`]):
-    /// serializes store writes with their application to the index, so that the index (and
-    /// every watcher) sees changes in revision order. A batch is one store write, so holding
-    /// this costs one store write per batch, not per user.
-    write_order: Mutex<()>,
-    /// The store feeds the index itself; writes wait until their records are in.
-    followed: bool,
-    /// When each user was first seen in each coin's user list (coin → user → Unix seconds),
-    /// as reported by ingestion; read by the safety period. Kept in memory: after a restart a
-    /// user counts as never seen, which only delays a switch, never hurries one.
+    /// When users were first seen in coins' user lists (coin → user → Unix seconds), as read
+    /// from the store: a cache of what [`UserCoinStore::first_seen`] answers (a recorded time
+    /// never changes). Users never seen are not cached: ingestion may see them any moment.
     first_seen: RwLock<HashMap<String, HashMap<String, u64>>>,
-    /// Users with a held-back switch, as last read from the store, so that an immediate switch
-    /// knows which pending ones to cancel without asking the store for every user.
-    pending_users: std::sync::Mutex<HashSet<String>>,
+    /// The held-back switches this replica knows of, by due time.
+    held_back: HeldBackSchedule,
 }
 
 impl std::fmt::Debug for SwitchCore {
@@ -150,31 +164,75 @@ impl std::fmt::Debug for SwitchCore {
     }
 }
 
+/// Applies the store's change stream to the index until the stream ends (shutdown).
+async fn apply_changes(index: Arc<UserCoinIndex>, mut changes: ChangeReceiver) {
+    while let Some(change) = changes.recv().await {
+        index.apply(change.records, change.through);
+    }
+}
+
+fn unix_time_of(seconds: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(seconds)
+}
+
+/// A Unix time as UTC text, for logs ("2026-12-03T01:02:03Z").
+pub fn utc_text(seconds: u64) -> String {
+    let days = seconds / 86_400;
+    let rem = seconds % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
 impl SwitchCore {
-    /// Loads the store into a fresh index and builds the core over both. A store that feeds
-    /// the index itself keeps doing so until `shutdown`.
+    /// Builds the core over `store`: starts its change stream, waits for the whole state, and
+    /// keeps applying the stream to a fresh index until `shutdown`.
     pub async fn open(
         store: Arc<dyn UserCoinStore>,
         settings: CoreSettings,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
-        let contents = store.load().await?;
-        let index = Arc::new(UserCoinIndex::new(contents));
-        let followed = store.follow(Arc::clone(&index), shutdown);
-        if followed && !index.wait_for(1, STATE_LOAD_TIMEOUT).await {
-            return Err(StoreError::Unavailable(format!(
-                "the {} store did not deliver its state within {STATE_LOAD_TIMEOUT:?}",
-                store.kind()
-            )));
-        }
+        let index = Arc::new(UserCoinIndex::new(StoreContents {
+            records: Vec::new(),
+            revision: 0,
+            store_id: store.store_id().to_owned(),
+        }));
+        let mut changes = store.changes(Arc::clone(&index) as _, shutdown)?;
+        let first = tokio::time::timeout(STATE_LOAD_TIMEOUT, changes.recv())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "the {} store did not deliver its state within {STATE_LOAD_TIMEOUT:?}",
+                    store.kind()
+                ))
+            })?
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "the {} store ended its changes before its state",
+                    store.kind()
+                ))
+            })?;
+        index.apply(first.records, first.through);
+        tokio::spawn(apply_changes(Arc::clone(&index), changes));
         Ok(Self {
             store,
             index,
             settings,
-            write_order: Mutex::new(()),
-            followed,
             first_seen: RwLock::new(HashMap::new()),
-            pending_users: std::sync::Mutex::new(HashSet::new()),
+            held_back: HeldBackSchedule::default(),
         })
     }
 
@@ -257,85 +315,122 @@ impl SwitchCore {
             .collect())
     }
 
-    /// Records when `users` were first seen in `coin`'s user list (the earliest time wins).
-    pub fn record_first_seen<'a>(
+    /// Records, durably, when `users` were first seen in `coin`'s user list (the earliest time
+    /// wins). Only coins under the safety period are recorded.
+    pub async fn record_first_seen(
         &self,
         coin: &str,
-        users: impl IntoIterator<Item = &'a str>,
+        users: Vec<String>,
         at: u64,
-    ) {
-        let mut first_seen = self.first_seen.write().unwrap_or_else(|e| e.into_inner());
-        let coin = first_seen.entry(coin.to_owned()).or_default();
-        for user in users {
-            coin.entry(user.to_owned()).or_insert(at);
+    ) -> Result<(), StoreError> {
+        let watched = self
+            .settings
+            .safety
+            .as_ref()
+            .is_some_and(|s| s.coins.contains(coin));
+        if !watched || users.is_empty() {
+            return Ok(());
         }
+        self.store.record_first_seen(coin, users, at).await
     }
 
-    /// When a switch of `user` to `coin` may be written, if not now.
-    fn held_back_until(&self, user: &str, coin: &str, now: u64) -> Option<u64> {
-        let safety = self.settings.safety.as_ref()?;
-        if !safety.coins.contains(coin) || self.index.user_coin(user).is_none() {
-            return None;
+    /// When each user was first seen in `coin`'s list: from the cache, else from the store.
+    async fn first_seen_times(&self, coin: &str, users: &[&str]) -> Vec<Option<u64>> {
+        let mut out: Vec<Option<u64>> = {
+            let cache = self.first_seen.read().unwrap_or_else(|e| e.into_inner());
+            let known = cache.get(coin);
+            users
+                .iter()
+                .map(|u| known.and_then(|k| k.get(*u).copied()))
+                .collect()
+        };
+        let missing: Vec<usize> = (0..users.len()).filter(|i| out[*i].is_none()).collect();
+        if missing.is_empty() {
+            return out;
+        }
+        let names: Vec<String> = missing.iter().map(|i| users[*i].to_owned()).collect();
+        match self.store.first_seen(coin, names).await {
+            Ok(found) => {
+                let mut cache = self.first_seen.write().unwrap_or_else(|e| e.into_inner());
+                let known = cache.entry(coin.to_owned()).or_default();
+                for (i, seen) in missing.into_iter().zip(found) {
+                    if let Some(seen) = seen {
+                        known.insert(users[i].to_owned(), seen);
+                        out[i] = Some(seen);
+                    }
+                }
+            }
+            // Unknown counts as never seen: that only delays a switch, never hurries one.
+            Err(e) => warn!(coin, error = %e, "cannot read first-seen times; holding back"),
+        }
+        out
+    }
+
+    /// When each switch may be written, if not now: `None` for a switch written at once.
+    async fn hold_times(&self, switches: &[(String, String)], now: u64) -> Vec<Option<u64>> {
+        let mut out = vec![None; switches.len()];
+        let Some(safety) = self.settings.safety.as_ref() else {
+            return out;
+        };
+        // Coin → the entries that may be held: existing users moving to another coin.
+        let mut candidates: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, (user, coin)) in switches.iter().enumerate() {
+            if !safety.coins.contains(coin) {
+                continue;
+            }
+            match self.index.user_coin(user) {
+                // A new user is created at once; a same-coin switch re-announces at once.
+                None => {}
+                Some((current, _)) if current == *coin => {}
+                Some(_) => candidates.entry(coin.as_str()).or_default().push(i),
+            }
         }
         let period = safety.period.as_secs();
-        let seen = self
-            .first_seen
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(coin)
-            .and_then(|users| users.get(user).copied());
-        let due = match seen {
-            Some(at) => at.saturating_add(period),
-            None => now.saturating_add(period),
-        };
-        (due > now).then_some(due)
-    }
-
-    fn pending_view(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.pending_users.lock().unwrap_or_else(|e| e.into_inner())
+        for (coin, entries) in candidates {
+            let users: Vec<&str> = entries.iter().map(|i| switches[*i].0.as_str()).collect();
+            let seen = self.first_seen_times(coin, &users).await;
+            for (i, seen) in entries.into_iter().zip(seen) {
+                let due = seen.unwrap_or(now).saturating_add(period);
+                out[i] = (due > now).then_some(due);
+            }
+        }
+        out
     }
 
     /// Applies validated switches: held back by the safety period (recorded as pending) or
-    /// written at once (cancelling the user's pending switch). One result per switch.
+    /// written at once (replacing the user's pending switch). One result per switch.
     async fn apply_valid(
         &self,
         switches: Vec<(String, String)>,
     ) -> Vec<Result<SwitchOutcome, StoreError>> {
         let now = unix_now();
+        let mut hold = self.hold_times(&switches, now).await;
+        // A user's last entry decides: an entry held back before an immediate one of the same
+        // user is written in order with it instead.
+        let mut last_immediate: HashMap<&str, usize> = HashMap::new();
+        for (i, (user, _)) in switches.iter().enumerate() {
+            if hold[i].is_none() {
+                last_immediate.insert(user.as_str(), i);
+            }
+        }
+        for (i, (user, _)) in switches.iter().enumerate() {
+            if last_immediate.get(user.as_str()).is_some_and(|last| *last > i) {
+                hold[i] = None;
+            }
+        }
         let mut results: Vec<Option<Result<SwitchOutcome, StoreError>>> =
             (0..switches.len()).map(|_| None).collect();
-        let mut immediate = Vec::new();
-        let mut immediate_at = Vec::new();
-        for (i, (user, coin)) in switches.into_iter().enumerate() {
-            match self.held_back_until(&user, &coin, now) {
+        let (mut immediate, mut immediate_at, mut held, mut held_at) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, ((user, coin), hold)) in switches.into_iter().zip(hold).enumerate() {
+            match hold {
                 Some(apply_at) => {
-                    let pending = PendingSwitch {
-                        user: user.clone(),
-                        coin: coin.clone(),
+                    held_at.push(i);
+                    held.push(HoldSwitch {
+                        user,
+                        coin,
                         apply_at,
-                    };
-                    let outcome = match self.store.put_pending(&pending).await {
-                        Ok(()) => {
-                            self.pending_view().insert(user.clone());
-                            info!(
-                                user,
-                                coin, apply_at, "switch held back by the safety period"
-                            );
-                            let (current, revision) =
-                                self.index.user_coin(&user).unwrap_or_default();
-                            Ok(SwitchOutcome {
-                                record: UserCoinRecord {
-                                    user,
-                                    coin: current.clone(),
-                                    revision,
-                                },
-                                previous_coin: Some(current),
-                                pending_until: Some(apply_at),
-                            })
-                        }
-                        Err(e) => Err(e),
-                    };
-                    results[i] = Some(outcome);
+                    });
                 }
                 None => {
                     immediate_at.push(i);
@@ -343,28 +438,62 @@ impl SwitchCore {
                 }
             }
         }
-        // An immediate switch replaces a switch still waiting for its safety period.
-        let cancel: Vec<String> = {
-            let view = self.pending_view();
-            immediate
-                .iter()
-                .filter(|(user, _)| view.contains(user))
-                .map(|(user, _)| user.clone())
-                .collect()
-        };
-        for user in cancel {
-            match self.store.take_pending(&user, None).await {
-                Ok(_) => {
-                    self.pending_view().remove(&user);
-                }
-                Err(e) => warn!(user, error = %e, "could not cancel a pending switch"),
+        // Immediate switches first: a held-back entry is then dated after them.
+        let written = self.write_switches(immediate).await;
+        // A written switch is newer than the user's held-back one: take it out now (it could
+        // not be applied anyway, its user having changed).
+        let replaced: Vec<String> = written
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|o| o.record.user.clone())
+            .filter(|user| self.held_back.contains(user))
+            .collect();
+        if !replaced.is_empty() {
+            for user in &replaced {
+                self.held_back.remove(user);
+            }
+            if let Err(e) = self.store.cancel_pending(replaced).await {
+                warn!(error = %e, "could not remove replaced held-back switches; they are dropped when due");
             }
         }
-        for (i, outcome) in immediate_at
-            .into_iter()
-            .zip(self.write_switches(immediate).await)
-        {
+        for (i, outcome) in immediate_at.into_iter().zip(written) {
             results[i] = Some(outcome);
+        }
+        if !held.is_empty() {
+            let count = held.len();
+            let put = self.store.put_pending(held).await;
+            for (n, (i, outcome)) in held_at.into_iter().zip(put).enumerate() {
+                results[i] = Some(outcome.map(|pending| {
+                    if n < LOGGED_HELD_BACK {
+                        info!(
+                            user = %pending.user,
+                            coin = %pending.coin,
+                            apply_at = pending.apply_at,
+                            "switch held until {} by the safety period",
+                            utc_text(pending.apply_at)
+                        );
+                    }
+                    let (current, revision) =
+                        self.index.user_coin(&pending.user).unwrap_or_default();
+                    let outcome = SwitchOutcome {
+                        record: UserCoinRecord {
+                            user: pending.user.clone(),
+                            coin: current.clone(),
+                            revision,
+                        },
+                        previous_coin: Some(current),
+                        pending_until: Some(pending.apply_at),
+                    };
+                    self.held_back.insert(pending);
+                    outcome
+                }));
+            }
+            if count > LOGGED_HELD_BACK {
+                info!(
+                    switches = count,
+                    "switches held back by the safety period ({LOGGED_HELD_BACK} logged one by one)"
+                );
+            }
         }
         results
             .into_iter()
@@ -374,33 +503,55 @@ impl SwitchCore {
             .collect()
     }
 
-    /// The user's switch held back by the safety period, if any.
+    /// The user's switch held back by the safety period, if any and still to be applied (one
+    /// the user's later switch replaced is not shown).
     pub async fn pending_switch(&self, user: &str) -> Result<Option<PendingSwitch>, SwitchError> {
         let user = self.normalize_user(user)?;
-        Ok(self.store.pending(&user).await?)
+        let current = self.index.user_coin(&user).map_or(0, |(_, r)| r);
+        Ok(self
+            .store
+            .pending(&user)
+            .await?
+            .filter(|p| p.after >= current))
     }
 
-    /// Writes held-back switches when they are due, until `shutdown`. Any replica may write a
-    /// due switch; taking it from the store first makes sure only one does.
+    /// Writes held-back switches when they are due, until `shutdown`: a timer for the earliest
+    /// one this replica knows of, and a reconcile every `pending_reconcile` (and at start) for
+    /// those held back elsewhere. Any replica may apply a due switch; the store makes sure one
+    /// writes it, and only if the user has not changed since.
     pub async fn run_pending(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut poll = tokio::time::interval(PENDING_POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconcile = tokio::time::interval(self.settings.pending_reconcile);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let now = unix_now();
+            for pending in self.held_back.take_due(now) {
+                self.apply_pending(pending).await;
+            }
+            let wait = match self.held_back.next_due() {
+                Some(at) => unix_time_of(at)
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+                None => Duration::from_secs(3_600),
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = poll.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.held_back.added() => {}
+                _ = reconcile.tick() => self.reconcile_pending().await,
             }
-            let all = match self.store.all_pending().await {
-                Ok(all) => all,
-                Err(e) => {
-                    warn!(error = %e, "cannot read pending switches; will retry");
-                    continue;
+        }
+    }
+
+    /// Learns every pending switch in the store (a record that cannot be read is skipped).
+    async fn reconcile_pending(&self) {
+        match self.store.all_pending().await {
+            Ok(all) => {
+                for pending in all {
+                    self.held_back.learn(pending);
                 }
-            };
-            *self.pending_view() = all.iter().map(|p| p.user.clone()).collect();
-            let now = unix_now();
-            for pending in all.into_iter().filter(|p| p.apply_at <= now) {
-                self.apply_pending(pending).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read pending switches; will retry at the next reconcile")
             }
         }
     }
@@ -408,51 +559,46 @@ impl SwitchCore {
     async fn apply_pending(&self, pending: PendingSwitch) {
         let valid = validate_user(&pending.user).is_ok()
             && self.settings.coins.check(&pending.coin).is_ok();
-        match self.store.take_pending(&pending.user, Some(&pending)).await {
-            Ok(true) => {}
-            Ok(false) => return, // replaced, cancelled, or applied by another replica
-            Err(e) => {
-                warn!(user = %pending.user, error = %e, "cannot take a due pending switch; will retry");
-                return;
-            }
-        }
-        self.pending_view().remove(&pending.user);
         if !valid {
-            warn!(user = %pending.user, coin = %pending.coin, "dropped a pending switch with an invalid user or coin");
+            // Left in the store: another service of this deployment may know the coin.
+            warn!(user = %pending.user, coin = %pending.coin, "a pending switch names an invalid user or a coin not available here; left alone");
             return;
         }
-        let written = self
-            .write_switches(vec![(pending.user.clone(), pending.coin.clone())])
-            .await;
-        match written.into_iter().next() {
-            Some(Ok(outcome)) => info!(
-                user = %outcome.record.user,
-                coin = %outcome.record.coin,
-                revision = outcome.record.revision,
-                "wrote a switch after its safety period"
+        match self.store.apply_pending(&pending).await {
+            Ok(PendingOutcome::Applied(record)) => {
+                let revision = record.revision;
+                self.publish(&[record]).await;
+                info!(
+                    user = %pending.user,
+                    coin = %pending.coin,
+                    revision,
+                    "wrote a switch held back by the safety period"
+                );
+            }
+            Ok(PendingOutcome::Superseded) => info!(
+                user = %pending.user,
+                coin = %pending.coin,
+                "dropped a held-back switch: the user switched again since"
             ),
-            other => {
-                warn!(user = %pending.user, result = ?other, "writing a due switch failed; it stays pending");
-                if let Err(e) = self.store.put_pending(&pending).await {
-                    warn!(user = %pending.user, error = %e, "could not put the switch back; it is lost");
-                }
+            Ok(PendingOutcome::Gone) => {}
+            Err(e) => {
+                warn!(user = %pending.user, error = %e, "cannot apply a due held-back switch; will retry");
+                self.held_back
+                    .insert_at(pending, unix_now() + PENDING_RETRY_SECONDS);
             }
         }
     }
 
-    /// Gets written records into the index: applies them (a store the core applies its own
-    /// writes to; the caller holds `write_order`), or waits until the store's feed has.
-    async fn publish(&self, written: Vec<Record>) {
-        let highest = written.iter().map(|r| r.revision).max().unwrap_or(0);
-        if self.followed {
-            if !self.index.wait_for(highest, WRITE_VISIBLE_TIMEOUT).await {
-                warn!(
-                    revision = highest,
-                    "a write did not come back through the store's feed in time"
-                );
-            }
-        } else if !written.is_empty() {
-            self.index.apply(written, highest);
+    /// Waits until written records are in the index (the store's change stream brings them).
+    async fn publish(&self, written: &[Record]) {
+        let Some(highest) = written.iter().map(|r| r.revision).max() else {
+            return;
+        };
+        if !self.index.wait_for(highest, WRITE_VISIBLE_TIMEOUT).await {
+            warn!(
+                revision = highest,
+                "a write did not come back through the store's changes in time"
+            );
         }
     }
 
@@ -471,7 +617,11 @@ impl SwitchCore {
         let checked: Vec<Result<String, InvalidInput>> =
             users.iter().map(|u| self.normalize_user(u)).collect();
         let valid: Vec<&String> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
-        self.record_first_seen(coin, valid.iter().map(|u| u.as_str()), seen_at);
+        let seen: Vec<String> = valid.iter().map(|u| (*u).clone()).collect();
+        if let Err(e) = self.record_first_seen(coin, seen, seen_at).await {
+            // Not recorded counts as never seen: that only delays a switch, never hurries one.
+            warn!(coin, error = %e, "cannot record first-seen times");
+        }
         let mut writes: Vec<StoreWrite> = valid
             .iter()
             .map(|user| StoreWrite::SetUserCoin {
@@ -487,17 +637,12 @@ impl SwitchCore {
             }));
         }
         let results = {
-            let _order = if self.followed {
-                None
-            } else {
-                Some(self.write_order.lock().await)
-            };
             let mut results = self.store.create_if_absent(writes).await;
             let created: Vec<Record> = results
                 .iter()
                 .filter_map(|r| r.as_ref().ok().and_then(|r| r.clone()))
                 .collect();
-            self.publish(created).await;
+            self.publish(&created).await;
             results.truncate(users_written);
             results
         };
@@ -537,11 +682,6 @@ impl SwitchCore {
         if switches.is_empty() {
             return Vec::new();
         }
-        let _order = if self.followed {
-            None
-        } else {
-            Some(self.write_order.lock().await)
-        };
         // Previous coins, as the index knows them before the write (a user twice in one batch
         // sees its first entry as previous).
         let mut previous: Vec<Option<String>> = Vec::with_capacity(switches.len());
@@ -574,7 +714,7 @@ impl SwitchCore {
             .iter()
             .filter_map(|r| r.as_ref().ok().cloned())
             .collect();
-        self.publish(written).await;
+        self.publish(&written).await;
         results
             .into_iter()
             .zip(previous)
@@ -597,6 +737,16 @@ impl SwitchCore {
                 ))),
             })
             .collect()
+    }
+
+    /// A piece of the service's own durable state (e.g. the scheduled pull's position).
+    pub async fn marker(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.store.get_marker(name).await
+    }
+
+    /// Sets such a piece of state.
+    pub async fn set_marker(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.store.set_marker(name, value).await
     }
 
     /// Reads one user's coin; `Ok(None)` when the user has no record.

@@ -53,12 +53,12 @@
 //!   (`HTTP_PROXY`, `NO_PROXY`, ...), as Go's `http.Get` did. Logs show the URL without any
 //!   user or password it carries.
 //!
-//! # Known gaps
-//!
-//! - The safety period of SPEC §6 is not applied (as for the HTTP switch API): pulled switches
-//!   are written at once.
-//! - `last_date` lives in memory only: after a restart the first pull is bare again (the whole
-//!   map, as with the Go server).
+//! - Pulled switches go through the core like any other: the safety period of SPEC §6 applies
+//!   (a switch to a coin whose user list is ingested may be held back).
+//! - The position (`now_date` of the last successful round) is stored durably, one per URL
+//!   ([`UserCoinMapPuller::resume`]): after a restart the first pull asks for `last_date` like
+//!   the others, where the Go server pulled the whole map again (every pair of which would
+//!   become a switch).
 
 use std::{sync::Arc, time::Duration};
 
@@ -249,6 +249,31 @@ impl UserCoinMapPuller {
         })
     }
 
+    /// The name of the stored position: one per URL, so that a new URL starts bare.
+    fn marker_name(&self) -> String {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.url.as_str().bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+        format!("cron-{hash:016x}")
+    }
+
+    /// Takes up the position stored by an earlier run with the same URL, if any: the next
+    /// round then asks for `last_date` instead of the whole map.
+    pub async fn resume(&mut self) {
+        match self.core.marker(&self.marker_name()).await {
+            Ok(Some(value)) => match value.parse::<u64>() {
+                Ok(now_date) if now_date > 0 => {
+                    info!(now_date, "resuming the user->coin map pull from its stored position");
+                    self.now_date = Some(now_date);
+                }
+                _ => warn!(value, "ignoring a stored pull position that is not a positive integer"),
+            },
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot read the pull's stored position; pulling the whole map"),
+        }
+    }
+
     /// The settings the puller runs with.
     pub fn settings(&self) -> &UserCoinMapPull {
         &self.settings
@@ -377,6 +402,14 @@ impl UserCoinMapPuller {
             }
         }
         self.now_date = Some(page.now_date);
+        // Durable, so that the first pull after a restart is paged like the others.
+        if let Err(e) = self
+            .core
+            .set_marker(&self.marker_name(), &page.now_date.to_string())
+            .await
+        {
+            warn!(error = %e, "cannot store the pull's position; a restart would pull the whole map");
+        }
         Ok(PullSummary {
             entries,
             applied,
@@ -401,9 +434,11 @@ pub async fn run(
             return Err(e);
         }
     };
+    puller.resume().await;
     info!(
         url = %redacted(&puller.url),
         interval = ?puller.settings.interval,
+        last_date = ?puller.last_date(),
         "user->coin map pull started"
     );
     let mut ticker = tokio::time::interval(puller.settings.interval);

@@ -65,13 +65,14 @@
 //! - Case-insensitive mode (`StratumServerCaseInsensitive`) stores names lowercased; the core
 //!   does it.
 //!
-//! # Known gaps
+//! # Elsewhere
 //!
 //! - Reading a request is bounded in time ([`serve`]: header and body read timeouts) and in
 //!   size (the limits above); [`switchyard_initializer::http_server`] has the details.
-//! - The safety period of SPEC §6, the scheduled pull and the user-list API of SPEC §7 are not
-//!   part of this module (the core applies the first, [`crate::cron`] and the initializer serve
-//!   the others).
+//! - The safety period of SPEC §6 applies to these switches as to every other: the core holds a
+//!   switch back (the answer is still success, as in the Go server) and writes it when due.
+//!   The scheduled pull and the user-list API of SPEC §7 are [`crate::cron`]'s and the
+//!   initializer's.
 
 use std::{borrow::Cow, collections::BTreeSet, net::SocketAddr, sync::Arc};
 

@@ -367,6 +367,12 @@ impl IndexState {
     }
 }
 
+impl crate::store::KeyPresence for UserCoinIndex {
+    fn contains(&self, key: &RecordKey) -> bool {
+        UserCoinIndex::contains(self, key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

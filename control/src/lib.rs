@@ -4,7 +4,8 @@
 //! - [`store`]: the durable state behind the [`store::UserCoinStore`] trait (embedded redb; the
 //!   ZooKeeper layout of SPEC §5 for fleets).
 //! - [`index`]: the in-memory index with revisions, fanned out to watchers.
-//! - [`core`]: the switching core every API adapter calls; [`validate`] checks outside input.
+//! - [`core`]: the switching core every API adapter calls; [`validate`] checks outside input;
+//!   [`held_back`]: when each switch held back by the safety period is due.
 //! - [`leases`]: proxy server-ID leases.
 //! - [`ingest`]: user-list ingestion (the initializer's pullers) into the core.
 //! - [`grpc`]: the `switchyard.v1` services as thin adapters over the core.
@@ -16,6 +17,8 @@
 //!   core.
 //! - [`subpool`]: the sub-pool coinbase API of SPEC §6, a request to a coin's job maker and its
 //!   answer through ZooKeeper (`ZKSubPoolUpdateBaseDir`), served by [`http`]'s router.
+//! - [`zk_session`]: the main ZooKeeper session, shared by the leases, auto-registration and
+//!   the store, and why a second one (the store's batch session) exists beside it.
 //! - [`config`] and [`server`]: the configuration file and the assembly of the service;
 //!   [`limits`]: the bounds of its servers.
 
@@ -26,6 +29,7 @@ pub mod config;
 pub mod core;
 pub mod cron;
 pub mod grpc;
+pub mod held_back;
 pub mod http;
 pub mod index;
 pub mod ingest;
@@ -35,5 +39,6 @@ pub mod server;
 pub mod store;
 pub mod subpool;
 pub mod validate;
+pub mod zk_session;
 
 pub use server::{ControlError, ControlPlane};

@@ -11,7 +11,7 @@ use switchyard_proto::v1::{
 };
 use switchyard_tls::ServerTls;
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -37,6 +37,7 @@ use crate::{
     limits::ServerLimits,
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
     subpool::SubPoolApi,
+    zk_session::ZkSession,
 };
 
 /// The largest SwitcherAdmin request: 100,000 users of 128 bytes with room to spare.
@@ -94,6 +95,9 @@ pub struct ControlPlane {
     http_api: Option<(std::net::SocketAddr, SwitchApiAuth)>,
     /// The sub-pool coinbase API, served with the switch API.
     sub_pool: Arc<SubPoolApi>,
+    /// The store's parts that can fail on their own (each ZooKeeper session), each reported
+    /// by the health service under its name.
+    store_parts: Vec<(&'static str, watch::Receiver<bool>)>,
     /// Whether the store can be reached: the health status follows it.
     available: tokio::sync::watch::Receiver<bool>,
     leases: Arc<dyn ServerIdLeases>,
@@ -138,16 +142,20 @@ impl ControlPlane {
                 StoreChoice::ZooKeeper => {
                     let zk_settings = config.zk_settings()?;
                     let request_timeout = zk_settings.request_timeout;
-                    let store = ZooKeeperStore::connect(zk_settings).await?;
+                    // One main session, handed to each of its users (see `zk_session`).
+                    let main =
+                        ZkSession::connect(&zk_settings.brokers, zk_settings.session_timeout)
+                            .await?;
+                    let store = ZooKeeperStore::connect(zk_settings, &main).await?;
                     let leases = ZkLeases::start(
-                        store.client(),
+                        main.client(),
                         config.lease_dirs()?,
                         config.lease_ttl()?,
                         request_timeout,
                         shutdown.clone(),
                     )
                     .await?;
-                    zk_client = Some(store.client());
+                    zk_client = Some(main.client());
                     (Arc::new(store), Arc::new(leases))
                 }
             };
@@ -190,7 +198,7 @@ impl ControlPlane {
                             ZkRegistrations::start(
                                 zk,
                                 registrar,
-                                &zk_settings.switchyard_dir,
+                                &zk_settings.deployment_dir,
                                 zk_settings.request_timeout,
                                 shutdown.clone(),
                             )
@@ -233,6 +241,7 @@ impl ControlPlane {
             http_api,
             sub_pool: Arc::new(sub_pool),
             available: store.available(),
+            store_parts: store.parts(),
             core,
             leases,
             registrations,
@@ -353,6 +362,31 @@ impl ControlPlane {
                 }
             })
         };
+        // Each ZooKeeper session on its own, for operators (the whole server follows the
+        // store as a whole, above).
+        let part_tasks: Vec<_> = self
+            .store_parts
+            .iter()
+            .map(|(name, up)| {
+                let (name, mut up) = (*name, up.clone());
+                let health = health.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let status = if *up.borrow_and_update() {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        health.set_service_status(name, status).await;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            changed = up.changed() => if changed.is_err() { return },
+                        }
+                    }
+                })
+            })
+            .collect();
         let local = listener.local_addr().ok();
         info!(
             addr = ?local,
@@ -367,6 +401,9 @@ impl ControlPlane {
             async move {
                 shutdown.cancelled().await;
                 health_task.abort();
+                for task in &part_tasks {
+                    task.abort();
+                }
                 info!("shutting down: health NOT_SERVING, ending streams");
                 for name in std::iter::once("").chain(SERVICE_NAMES) {
                     health

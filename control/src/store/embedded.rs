@@ -2,27 +2,41 @@
 //! node with no ZooKeeper. Durable: every write is committed to disk before it is acknowledged,
 //! and the revision counter is stored with the data, so that revisions keep increasing across
 //! restarts.
+//!
+//! The store emits its own writes on its change stream ([`UserCoinStore::changes`]): each
+//! write transaction and the sending of its records happen under one lock, so batches leave in
+//! revision order; the stream's buffer is bounded ([`CHANGE_BUFFER`]), so a consumer that
+//! stalls holds writers back rather than growing memory.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::watch;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{
-    PendingSwitch, Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite,
-    UserCoinStore,
+    CHANGE_BUFFER, ChangeReceiver, HoldSwitch, KeyPresence, PendingOutcome, PendingSwitch, Record,
+    RecordKey, Revision, StoreChange, StoreContents, StoreError, StoreWrite, UserCoinStore,
 };
-use crate::index::UserCoinIndex;
 
 /// user name → (revision, coin)
 const USERS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("users");
 /// lowercase name → (revision, canonical name)
 const CASE_INDEX: TableDefinition<&str, (u64, &str)> = TableDefinition::new("case_index");
-/// user name → (apply at, coin): switches waiting for their safety period.
+/// user name → (apply at, coin): switches waiting for their safety period (written by earlier
+/// versions, which did not date them; read as dated by the user's record when opened).
 const PENDING: TableDefinition<&str, (u64, &str)> = TableDefinition::new("pending");
+/// user name → (apply at, coin, the user's revision when held back).
+const HELD: TableDefinition<&str, (u64, &str, u64)> = TableDefinition::new("held");
+/// (coin, user name) → when the user was first seen in the coin's user list (Unix seconds).
+const FIRST_SEEN: TableDefinition<(&str, &str), u64> = TableDefinition::new("first_seen");
+/// name → value: small pieces of the service's own state (the scheduled pull's position).
+const MARKERS: TableDefinition<&str, &str> = TableDefinition::new("markers");
 /// "revision" → the highest revision handed out.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// "store_id" → the random identity made when the database was created.
@@ -40,6 +54,22 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     /// Always `true`: a local file is always there.
     available: watch::Sender<bool>,
+    store_id: String,
+    /// The change stream, once started; held while a write commits and sends its records,
+    /// so that batches leave in revision order.
+    changes: Arc<Mutex<ChangeSink>>,
+}
+
+/// Where the store's own writes go.
+#[derive(Debug, Default)]
+enum ChangeSink {
+    /// [`UserCoinStore::changes`] was not called yet.
+    #[default]
+    NotStarted,
+    /// Writes are sent here.
+    Started(mpsc::Sender<StoreChange>),
+    /// The consumer is gone (shutdown): writes are no longer announced.
+    Closed,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -69,6 +99,9 @@ impl EmbeddedStore {
             txn.open_table(USERS).map_err(unavailable)?;
             txn.open_table(CASE_INDEX).map_err(unavailable)?;
             txn.open_table(PENDING).map_err(unavailable)?;
+            txn.open_table(HELD).map_err(unavailable)?;
+            txn.open_table(FIRST_SEEN).map_err(unavailable)?;
+            txn.open_table(MARKERS).map_err(unavailable)?;
             txn.open_table(COUNTERS).map_err(unavailable)?;
             let mut identity = txn.open_table(IDENTITY).map_err(unavailable)?;
             if identity.get(STORE_ID_KEY).map_err(unavailable)?.is_none() {
@@ -78,12 +111,74 @@ impl EmbeddedStore {
                     .map_err(unavailable)?;
                 info!(path = %path.display(), store_id = %id, "created a new embedded store");
             }
+            // Switches held back by an earlier version were not dated: date them by the
+            // user's record now (any switch after this point is newer than them).
+            let mut old_pending = txn.open_table(PENDING).map_err(unavailable)?;
+            let mut undated = Vec::new();
+            for row in old_pending.iter().map_err(unavailable)? {
+                let (user, value) = row.map_err(unavailable)?;
+                let (apply_at, coin) = value.value();
+                undated.push((user.value().to_owned(), apply_at, coin.to_owned()));
+            }
+            let users = txn.open_table(USERS).map_err(unavailable)?;
+            let mut held = txn.open_table(HELD).map_err(unavailable)?;
+            for (user, apply_at, coin) in undated {
+                let after = user_revision(&users, &user)?;
+                held.insert(user.as_str(), (apply_at, coin.as_str(), after))
+                    .map_err(unavailable)?;
+                old_pending.remove(user.as_str()).map_err(unavailable)?;
+            }
         }
         txn.commit().map_err(unavailable)?;
+        let store_id = {
+            let txn = db.begin_read().map_err(unavailable)?;
+            txn.open_table(IDENTITY)
+                .map_err(unavailable)?
+                .get(STORE_ID_KEY)
+                .map_err(unavailable)?
+                .map(|v| v.value().to_owned())
+                .ok_or_else(|| StoreError::Corrupt("the store has no identity".into()))?
+        };
         Ok(Self {
             db: Arc::new(db),
             available: watch::Sender::new(true),
+            store_id,
+            changes: Arc::new(Mutex::new(ChangeSink::NotStarted)),
         })
+    }
+
+    fn sink(&self) -> std::sync::MutexGuard<'_, ChangeSink> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits a write transaction and announces its records, under the change lock, so that
+    /// batches leave in revision order. Runs on a blocking thread: a full stream waits.
+    fn commit_and_announce(
+        &self,
+        sink: &mut ChangeSink,
+        txn: WriteTransaction,
+        records: Vec<Record>,
+    ) -> Result<(), StoreError> {
+        txn.commit().map_err(unavailable)?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        if let ChangeSink::Started(tx) = sink {
+            let through = records.iter().map(|r| r.revision).max().unwrap_or(0);
+            if tx.blocking_send(StoreChange { records, through }).is_err() {
+                *sink = ChangeSink::Closed;
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole state, as read now; for tests and tools (the service reads it from the change
+    /// stream's first batch).
+    pub async fn load(&self) -> Result<StoreContents, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.load_blocking())
+            .await
+            .map_err(unavailable)?
     }
 
     fn load_blocking(&self) -> Result<StoreContents, StoreError> {
@@ -138,6 +233,7 @@ impl EmbeddedStore {
         writes: Vec<StoreWrite>,
         only_absent: bool,
     ) -> Result<Vec<Option<Record>>, StoreError> {
+        let mut sink = self.sink();
         let txn = self.db.begin_write().map_err(unavailable)?;
         let mut out = Vec::with_capacity(writes.len());
         {
@@ -185,7 +281,8 @@ impl EmbeddedStore {
                 .insert(REVISION_KEY, revision)
                 .map_err(unavailable)?;
         }
-        txn.commit().map_err(unavailable)?;
+        let records = out.iter().flatten().cloned().collect();
+        self.commit_and_announce(&mut sink, txn, records)?;
         Ok(out)
     }
 
@@ -225,63 +322,171 @@ impl EmbeddedStore {
     }
 }
 
+/// The user's record revision in a transaction (0: no record).
+fn user_revision(
+    users: &impl ReadableTable<&'static str, (u64, &'static str)>,
+    user: &str,
+) -> Result<Revision, StoreError> {
+    Ok(users
+        .get(user)
+        .map_err(unavailable)?
+        .map_or(0, |v| v.value().0))
+}
+
 #[async_trait]
 impl UserCoinStore for EmbeddedStore {
-    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError> {
-        let p = pending.clone();
+    fn store_id(&self) -> &str {
+        &self.store_id
+    }
+
+    fn changes(
+        &self,
+        _presence: Arc<dyn KeyPresence>,
+        _shutdown: CancellationToken,
+    ) -> Result<ChangeReceiver, StoreError> {
+        if !matches!(*self.sink(), ChangeSink::NotStarted) {
+            return Err(StoreError::Unavailable(
+                "the embedded store's changes were already started".into(),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(CHANGE_BUFFER);
+        let this = self.clone();
+        // The snapshot and the switch to announcing happen under the change lock: a write
+        // before it is in the snapshot, a write after it is announced.
+        tokio::task::spawn_blocking(move || {
+            let mut sink = this.sink();
+            match this.load_blocking() {
+                Ok(contents) => {
+                    let first = StoreChange {
+                        records: contents.records,
+                        through: contents.revision,
+                    };
+                    *sink = if tx.blocking_send(first).is_ok() {
+                        ChangeSink::Started(tx)
+                    } else {
+                        ChangeSink::Closed
+                    };
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the embedded store");
+                    *sink = ChangeSink::Closed;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn put_pending(
+        &self,
+        switches: Vec<HoldSwitch>,
+    ) -> Vec<Result<PendingSwitch, StoreError>> {
+        let count = switches.len();
+        let result = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(unavailable)?;
+                let mut out = Vec::with_capacity(switches.len());
+                {
+                    let users = txn.open_table(USERS).map_err(unavailable)?;
+                    let mut held = txn.open_table(HELD).map_err(unavailable)?;
+                    for s in switches {
+                        let after = user_revision(&users, &s.user)?;
+                        held.insert(s.user.as_str(), (s.apply_at, s.coin.as_str(), after))
+                            .map_err(unavailable)?;
+                        out.push(PendingSwitch {
+                            user: s.user,
+                            coin: s.coin,
+                            apply_at: s.apply_at,
+                            after,
+                        });
+                    }
+                }
+                txn.commit().map_err(unavailable)?;
+                Ok(out)
+            })
+            .await;
+        match result {
+            Ok(out) => out.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); count],
+        }
+    }
+
+    async fn cancel_pending(&self, users: Vec<String>) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(PENDING)
-                .map_err(unavailable)?
-                .insert(p.user.as_str(), (p.apply_at, p.coin.as_str()))
-                .map_err(unavailable)?;
+            {
+                let mut held = txn.open_table(HELD).map_err(unavailable)?;
+                for user in &users {
+                    held.remove(user.as_str()).map_err(unavailable)?;
+                }
+            }
             txn.commit().map_err(unavailable)
         })
         .await
     }
 
-    async fn take_pending(
-        &self,
-        user: &str,
-        only: Option<&PendingSwitch>,
-    ) -> Result<bool, StoreError> {
-        let user = user.to_owned();
-        let only = only.cloned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let removed = {
-                let mut table = txn.open_table(PENDING).map_err(unavailable)?;
-                let current = table.get(user.as_str()).map_err(unavailable)?.map(|v| {
-                    let (apply_at, coin) = v.value();
-                    (apply_at, coin.to_owned())
+    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError> {
+        let this = self.clone();
+        let p = pending.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sink = this.sink();
+            let txn = this.db.begin_write().map_err(unavailable)?;
+            let (outcome, records) = {
+                let mut held = txn.open_table(HELD).map_err(unavailable)?;
+                let current = held.get(p.user.as_str()).map_err(unavailable)?.map(|v| {
+                    let (at, coin, after) = v.value();
+                    (at, coin.to_owned(), after)
                 });
-                let matches = match (&current, &only) {
-                    (None, _) => false,
-                    (Some(_), None) => true,
-                    (Some((at, coin)), Some(p)) => *at == p.apply_at && *coin == p.coin,
-                };
-                if matches {
-                    table.remove(user.as_str()).map_err(unavailable)?;
+                if current != Some((p.apply_at, p.coin.clone(), p.after)) {
+                    (PendingOutcome::Gone, Vec::new())
+                } else {
+                    held.remove(p.user.as_str()).map_err(unavailable)?;
+                    let mut users = txn.open_table(USERS).map_err(unavailable)?;
+                    if user_revision(&users, &p.user)? != p.after {
+                        (PendingOutcome::Superseded, Vec::new())
+                    } else {
+                        let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
+                        let revision = counters
+                            .get(REVISION_KEY)
+                            .map_err(unavailable)?
+                            .map_or(0, |v| v.value())
+                            + 1;
+                        users
+                            .insert(p.user.as_str(), (revision, p.coin.as_str()))
+                            .map_err(unavailable)?;
+                        counters
+                            .insert(REVISION_KEY, revision)
+                            .map_err(unavailable)?;
+                        let record = Record {
+                            key: RecordKey::User(p.user.clone()),
+                            value: Some(p.coin.clone()),
+                            revision,
+                        };
+                        (PendingOutcome::Applied(record.clone()), vec![record])
+                    }
                 }
-                matches
             };
-            txn.commit().map_err(unavailable)?;
-            Ok(removed)
+            this.commit_and_announce(&mut sink, txn, records)?;
+            Ok(outcome)
         })
         .await
+        .map_err(unavailable)?
     }
 
     async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {
         let user = user.to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(PENDING).map_err(unavailable)?;
+            let table = txn.open_table(HELD).map_err(unavailable)?;
             Ok(table.get(user.as_str()).map_err(unavailable)?.map(|v| {
-                let (apply_at, coin) = v.value();
+                let (apply_at, coin, after) = v.value();
                 PendingSwitch {
                     user: user.clone(),
                     coin: coin.to_owned(),
                     apply_at,
+                    after,
                 }
             }))
         })
@@ -291,15 +496,16 @@ impl UserCoinStore for EmbeddedStore {
     async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(PENDING).map_err(unavailable)?;
+            let table = txn.open_table(HELD).map_err(unavailable)?;
             let mut out = Vec::new();
             for row in table.iter().map_err(unavailable)? {
                 let (user, value) = row.map_err(unavailable)?;
-                let (apply_at, coin) = value.value();
+                let (apply_at, coin, after) = value.value();
                 out.push(PendingSwitch {
                     user: user.value().to_owned(),
                     coin: coin.to_owned(),
                     apply_at,
+                    after,
                 });
             }
             Ok(out)
@@ -307,11 +513,82 @@ impl UserCoinStore for EmbeddedStore {
         .await
     }
 
-    async fn load(&self) -> Result<StoreContents, StoreError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.load_blocking())
-            .await
-            .map_err(unavailable)?
+    async fn first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        let coin = coin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(FIRST_SEEN).map_err(unavailable)?;
+            users
+                .iter()
+                .map(|user| {
+                    Ok(table
+                        .get((coin.as_str(), user.as_str()))
+                        .map_err(unavailable)?
+                        .map(|v| v.value()))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn record_first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+        seen_at: u64,
+    ) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let coin = coin.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(FIRST_SEEN).map_err(unavailable)?;
+                for user in &users {
+                    let key = (coin.as_str(), user.as_str());
+                    let earlier = table
+                        .get(key)
+                        .map_err(unavailable)?
+                        .is_some_and(|v| v.value() <= seen_at);
+                    if !earlier {
+                        table.insert(key, seen_at).map_err(unavailable)?;
+                    }
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_marker(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(MARKERS).map_err(unavailable)?;
+            Ok(table
+                .get(name.as_str())
+                .map_err(unavailable)?
+                .map(|v| v.value().to_owned()))
+        })
+        .await
+    }
+
+    async fn set_marker(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let (name, value) = (name.to_owned(), value.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(MARKERS)
+                .map_err(unavailable)?
+                .insert(name.as_str(), value.as_str())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
     }
 
     async fn read_fresh(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -356,12 +633,12 @@ impl UserCoinStore for EmbeddedStore {
         self.write_all(writes, true).await
     }
 
-    fn follow(&self, _index: Arc<UserCoinIndex>, _shutdown: CancellationToken) -> bool {
-        false
-    }
-
     fn available(&self) -> watch::Receiver<bool> {
         self.available.subscribe()
+    }
+
+    fn parts(&self) -> Vec<(&'static str, watch::Receiver<bool>)> {
+        Vec::new()
     }
 
     fn kind(&self) -> &'static str {

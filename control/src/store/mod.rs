@@ -16,8 +16,6 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::index::UserCoinIndex;
-
 /// A position in the store's history: every change gets a higher one than all before it.
 pub type Revision = u64;
 
@@ -75,7 +73,8 @@ pub struct StoreContents {
 }
 
 /// A switch accepted but held back until the target coin's safety period has passed (SPEC §6).
-/// Kept in the store so that a restart does not lose it.
+/// Kept in the store so that a restart does not lose it, and applied only if the user has had
+/// no newer switch since (see [`UserCoinStore::apply_pending`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingSwitch {
     /// The user, as stored.
@@ -84,6 +83,58 @@ pub struct PendingSwitch {
     pub coin: String,
     /// When it is due, in Unix seconds.
     pub apply_at: u64,
+    /// The revision of the user's record when the switch was held back (0: no record). Any
+    /// later change of the user is a newer switch, which the held-back one must never
+    /// overwrite.
+    pub after: Revision,
+}
+
+/// A switch to hold back: what [`UserCoinStore::put_pending`] records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldSwitch {
+    /// The user, as stored.
+    pub user: String,
+    /// The coin the switch will write.
+    pub coin: String,
+    /// When it is due, in Unix seconds.
+    pub apply_at: u64,
+}
+
+/// What became of a due pending switch ([`UserCoinStore::apply_pending`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingOutcome {
+    /// Written: the user's new record. The pending record is gone.
+    Applied(Record),
+    /// The user changed after the switch was held back (a newer switch, by anyone): the
+    /// held-back switch was dropped, not written.
+    Superseded,
+    /// The pending record is no longer the one asked about (replaced, cancelled, or applied by
+    /// another replica); nothing was done.
+    Gone,
+}
+
+/// A batch of changes, in revision order, and the revision through which the store's state is
+/// complete once they are applied (at least the highest of their revisions).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreChange {
+    /// The records changed (a removal has no value).
+    pub records: Vec<Record>,
+    /// Every change at or below this revision is in this batch or an earlier one.
+    pub through: Revision,
+}
+
+/// The changes a store emits; see [`UserCoinStore::changes`].
+pub type ChangeReceiver = tokio::sync::mpsc::Receiver<StoreChange>;
+
+/// Batches of changes a store may have emitted and not yet seen taken, at most: a consumer
+/// that stalls holds the store's writers back instead of growing a buffer.
+pub const CHANGE_BUFFER: usize = 64;
+
+/// Whether a record is known to exist, as the consumer of a store's changes knows it; lets a
+/// store choose the cheaper way to write a record that most likely exists.
+pub trait KeyPresence: Send + Sync {
+    /// Whether `key` has a live record.
+    fn contains(&self, key: &RecordKey) -> bool;
 }
 
 /// Why a store operation failed.
@@ -99,17 +150,27 @@ pub enum StoreError {
 
 /// The durable user→coin state.
 ///
-/// Two ways changes reach the in-memory index. A store that only this process writes (the
-/// embedded one) leaves it to the caller ([`crate::core::SwitchCore`]), which serializes its
-/// writes and applies their records in revision order. A store that others write too
-/// (ZooKeeper: other replicas, zkCli, the Go API server) follows its own changes and feeds the
-/// index itself, in revision order, from [`UserCoinStore::follow`]; the caller then only waits
-/// until the index has caught up with its writes.
+/// One contract for every implementation: the store emits every change, whoever made it
+/// (this process, another replica, zkCli, the Go API server), on one ordered stream
+/// ([`UserCoinStore::changes`]); the caller alone applies that stream to its in-memory index,
+/// and a writer waits until the stream has brought its write back. The embedded store emits
+/// its own writes on the stream as it commits them; the ZooKeeper store emits what its feed
+/// reads.
 #[async_trait]
 pub trait UserCoinStore: Send + Sync + 'static {
-    /// Reads the whole state. A store that feeds the index itself may return no records: its
-    /// feed delivers them.
-    async fn load(&self) -> Result<StoreContents, StoreError>;
+    /// The identity of the store, so that revisions from another store are never mistaken for
+    /// this one's.
+    fn store_id(&self) -> &str;
+
+    /// Starts the change stream (once; a second call is an error). Its first batch is the
+    /// whole state (every live record) through some revision; after it comes every change, in
+    /// revision order, until `shutdown`. `presence` is the consumer's view of which records
+    /// exist (a hint for writes).
+    fn changes(
+        &self,
+        presence: Arc<dyn KeyPresence>,
+        shutdown: CancellationToken,
+    ) -> Result<ChangeReceiver, StoreError>;
 
     /// Makes `writes` durable and returns the record each one produced, in order. Writes may
     /// be in flight together; each has its own result.
@@ -129,32 +190,65 @@ pub trait UserCoinStore: Send + Sync + 'static {
     /// reached the streams yet). `Ok(None)` when there is no such record.
     async fn read_fresh(&self, key: &RecordKey) -> Result<Option<Record>, StoreError>;
 
-    /// Starts feeding every change of the store, whoever made it, into `index` until
-    /// `shutdown`; returns `false` when the store has no outside writers and the caller applies
-    /// its own writes.
-    fn follow(&self, index: Arc<UserCoinIndex>, shutdown: CancellationToken) -> bool;
-
     /// Whether the store can be reached now (`true` for a local store); the health service
     /// reports NOT_SERVING while it is `false`.
     fn available(&self) -> watch::Receiver<bool>;
 
+    /// The parts of the store that can fail on their own (each ZooKeeper session), by name,
+    /// with whether each is up; the health service reports each. Empty for a local store.
+    fn parts(&self) -> Vec<(&'static str, watch::Receiver<bool>)>;
+
     /// A short name of the implementation for logs and metrics, e.g. `"embedded"`.
     fn kind(&self) -> &'static str;
 
-    /// Records a pending switch, replacing the user's previous one.
-    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError>;
-
-    /// Removes the user's pending switch; with `only`, only when it is still that one.
-    /// Answers whether one was removed.
-    async fn take_pending(
+    /// Records held-back switches, in one batch (a transaction where the store has them),
+    /// each replacing the user's previous pending switch. Each is dated by the user's record
+    /// as fresh as the store can give ([`PendingSwitch::after`]). One result per switch, in
+    /// order.
+    async fn put_pending(
         &self,
-        user: &str,
-        only: Option<&PendingSwitch>,
-    ) -> Result<bool, StoreError>;
+        switches: Vec<HoldSwitch>,
+    ) -> Vec<Result<PendingSwitch, StoreError>>;
+
+    /// Removes the pending switches of `users`, where there are any (an immediate switch
+    /// replaces them).
+    async fn cancel_pending(&self, users: Vec<String>) -> Result<(), StoreError>;
+
+    /// Applies a due pending switch, atomically: when its record is still exactly `pending`
+    /// and the user's record is still at `pending.after`, writes the coin and removes the
+    /// pending record; when the user changed since, removes the pending record without
+    /// writing. Safe to call from every replica at once: at most one writes.
+    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError>;
 
     /// The user's pending switch, if any.
     async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError>;
 
-    /// Every pending switch.
+    /// Every pending switch of this deployment. A record that cannot be read is skipped (and
+    /// logged), not fatal.
     async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError>;
+
+    /// When each of `users` was first seen in `coin`'s user list (Unix seconds), as recorded
+    /// by [`UserCoinStore::record_first_seen`]; `None` for a user never recorded. One answer
+    /// per user, in order.
+    async fn first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+    ) -> Result<Vec<Option<u64>>, StoreError>;
+
+    /// Records that `users` were seen in `coin`'s user list at `seen_at` (Unix seconds),
+    /// keeping the earlier time for a user already recorded.
+    async fn record_first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+        seen_at: u64,
+    ) -> Result<(), StoreError>;
+
+    /// A small piece of the control service's own durable state (e.g. the scheduled pull's
+    /// position), by name; `None` when never set.
+    async fn get_marker(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Sets such a piece of state.
+    async fn set_marker(&self, name: &str, value: &str) -> Result<(), StoreError>;
 }

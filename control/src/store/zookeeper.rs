@@ -4,12 +4,17 @@
 //! - `ZKSwitcherWatchDir` + name holds a user's coin; `ZKUserCaseInsensitiveIndex` + lowercase
 //!   name holds the canonical name. A record's revision is its znode's modification zxid, one
 //!   order shared by every replica.
-//! - Two ZooKeeper sessions. The main one (zookeeper-async) makes single writes (switches,
-//!   pending switches) and is shared with the server-ID leases and auto-registration. The batch
-//!   session (zookeeper-client, `zookeeper/session.rs`) makes what zookeeper-async cannot:
-//!   `multi` and `multiRead` requests and persistent recursive watches, which need ZooKeeper 3.6
-//!   or later. The store is available while the main session is connected and the feed (once
-//!   started) is watching.
+//! - Two ZooKeeper sessions ([`crate::zk_session`] says which does what and why): the main one
+//!   (zookeeper-async, handed in) makes single writes (switches, markers); the batch session
+//!   (zookeeper-client, `zookeeper/session.rs`) makes `multi` and `multiRead` requests and
+//!   holds the persistent recursive watches. The store is available while the main session is
+//!   connected and the feed (once started) is watching.
+//! - Switchyard's own state is scoped to its deployment: [`ZkSettings::deployment_dir`]
+//!   (`ZKSwitchyardDir` + the watch directory's path) holds `pending/<user>` (held-back switches,
+//!   each naming the watch directory it was written for: a record naming another is never
+//!   taken), `seen/<coin>/<user>` (first-seen times, for the safety period) and
+//!   `markers/<name>` (the scheduled pull's position). Two deployments on one ensemble with
+//!   different watch directories never touch each other's records.
 //! - Writes are pipelined: a batch puts every request on the session at once.
 //! - Creating absent nodes ([`UserCoinStore::create_if_absent`], user-list ingestion) batches
 //!   up to 1,000 creates into one `multi` transaction, several in flight. A transaction fails
@@ -23,6 +28,7 @@
 //!   every `ZKReconcileSeconds`.
 
 mod feed;
+mod pending;
 mod session;
 
 use std::{
@@ -40,7 +46,7 @@ use futures::{StreamExt, stream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use zookeeper_async::{Acl, CreateMode, WatchedEvent, ZkError, ZkState, ZooKeeper};
+use zookeeper_async::{Acl, CreateMode, ZkError, ZooKeeper};
 use zookeeper_client as zk;
 
 use self::{
@@ -48,10 +54,10 @@ use self::{
     session::{BatchSession, persistent},
 };
 use super::{
-    PendingSwitch, Record, RecordKey, Revision, StoreContents, StoreError, StoreWrite,
-    UserCoinStore,
+    CHANGE_BUFFER, ChangeReceiver, HoldSwitch, KeyPresence, PendingOutcome, PendingSwitch, Record,
+    RecordKey, Revision, StoreError, StoreWrite, UserCoinStore,
 };
-use crate::{index::UserCoinIndex, validate::validate_user};
+use crate::{validate::validate_user, zk_session::ZkSession};
 
 /// Requests one batch puts on the session at once.
 const MAX_IN_FLIGHT: usize = 2_000;
@@ -80,6 +86,9 @@ pub struct ZkSettings {
     pub case_index_dir: Option<String>,
     /// `ZKSwitchyardDir`: Switchyard's own nodes (barriers), with a trailing `/`.
     pub switchyard_dir: String,
+    /// This deployment's own nodes: `switchyard_dir` + the watch directory's path (without its
+    /// leading `/`), with a trailing `/`; see the module doc.
+    pub deployment_dir: String,
     /// The ZooKeeper session timeout.
     pub session_timeout: Duration,
     /// How long one request may take.
@@ -117,13 +126,17 @@ pub struct ZooKeeperStore {
     /// The batch session: `multi` creates and the feed.
     batch: Arc<BatchSession>,
     available: watch::Receiver<bool>,
+    /// Whether the main session is connected; part of `available`.
+    main_up: watch::Receiver<bool>,
     /// Whether the feed is watching (`true` until it is started); part of `available`.
     feed_up: watch::Sender<bool>,
-    /// Whether the feed was started ([`UserCoinStore::follow`] starts it once).
+    /// Whether the feed was started ([`UserCoinStore::changes`] starts it once).
     followed: AtomicBool,
-    /// The index the store feeds, once followed: tells whether a node is likely to exist, so
-    /// that a write to a new user creates at once instead of failing a set first.
-    index: std::sync::OnceLock<Arc<UserCoinIndex>>,
+    /// The consumer's view of which records exist, once the changes are followed: a write to
+    /// a new user creates at once instead of failing a set first.
+    presence: std::sync::OnceLock<Arc<dyn KeyPresence>>,
+    /// Coins whose first-seen directory is known to exist.
+    seen_dirs: std::sync::Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for ZooKeeperStore {
@@ -190,50 +203,19 @@ fn parse_value(bytes: &[u8]) -> Option<String> {
 }
 
 impl ZooKeeperStore {
-    /// Connects, waits until the session is up, and creates the directories the store uses.
-    pub async fn connect(settings: ZkSettings) -> Result<Self, StoreError> {
-        // The main session sets no watches: the feed watches on the batch session.
-        let watcher = |_: WatchedEvent| {};
-        let connect_string = settings.brokers.join(",");
-        let zk = ZooKeeper::connect_with_retry_time(
-            &connect_string,
-            settings.session_timeout,
-            watcher,
-            RETRY_DELAY,
-        )
-        .await
-        .map_err(|e| zk_error("connect", &connect_string, e))?;
-        let (main_tx, main_up) = watch::channel(false);
-        let available_tx = Arc::new(main_tx);
-        {
-            let available_tx = Arc::clone(&available_tx);
-            zk.add_listener(move |state| {
-                let up = matches!(state, ZkState::Connected | ZkState::ConnectedReadOnly);
-                info!(?state, "ZooKeeper session state");
-                available_tx.send_replace(up);
-            });
-        }
-        // The first connection may have completed before the listener was in place: probe.
-        let deadline =
-            tokio::time::Instant::now() + settings.session_timeout.max(Duration::from_secs(10));
-        loop {
-            match timed(Duration::from_secs(2), zk.exists("/", false)).await {
-                Ok(_) => break,
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot reach ZooKeeper at {connect_string}: {e}"
-                    )));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        available_tx.send_replace(true);
-
+    /// Opens the store on the main session `main`: opens the batch session and creates the
+    /// directories the store uses.
+    pub async fn connect(settings: ZkSettings, main: &ZkSession) -> Result<Self, StoreError> {
+        let zk = main.client();
+        let main_up = main.up();
+        let connect_string = main.brokers().to_owned();
         let timeout = settings.request_timeout;
         let mut dirs = vec![
             settings.switcher_dir.clone(),
             format!("{}barriers/", settings.switchyard_dir),
-            format!("{}pending/", settings.switchyard_dir),
+            format!("{}pending/", settings.deployment_dir),
+            format!("{}seen/", settings.deployment_dir),
+            format!("{}markers/", settings.deployment_dir),
         ];
         dirs.extend(settings.case_index_dir.clone());
         for dir in &dirs {
@@ -257,7 +239,7 @@ impl ZooKeeperStore {
             rand::random::<u64>()
         );
         let (feed_up, feed_rx) = watch::channel(true);
-        let available = both_up(main_up, feed_rx);
+        let available = both_up(main_up.clone(), feed_rx);
         let batch = BatchSession::connect(
             connect_string.clone(),
             settings.session_timeout,
@@ -267,24 +249,21 @@ impl ZooKeeperStore {
         .await?;
         info!(brokers = %connect_string, watch_dir, %store_id, "connected to ZooKeeper");
         Ok(Self {
-            zk: Arc::new(zk),
+            zk,
             settings: Arc::new(settings),
             store_id,
             batch: Arc::new(batch),
             available,
+            main_up,
             feed_up,
             followed: AtomicBool::new(false),
-            index: std::sync::OnceLock::new(),
+            presence: std::sync::OnceLock::new(),
+            seen_dirs: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
     fn pending_path(&self, user: &str) -> String {
-        format!("{}pending/{user}", self.settings.switchyard_dir)
-    }
-
-    /// The ZooKeeper session, for other users of the same ensemble (server-ID leases).
-    pub fn client(&self) -> Arc<ZooKeeper> {
-        Arc::clone(&self.zk)
+        format!("{}pending/{user}", self.settings.deployment_dir)
     }
 
     fn path_of(&self, key: &RecordKey) -> Option<String> {
@@ -363,7 +342,7 @@ impl ZooKeeperStore {
     /// Whether the index (once followed) holds the record, so that its node most likely
     /// exists.
     fn likely_exists(&self, key: &RecordKey) -> bool {
-        self.index.get().is_some_and(|index| index.contains(key))
+        self.presence.get().is_some_and(|p| p.contains(key))
     }
 
     /// Creates nodes one request each, pipelined, on the batch session.
@@ -476,8 +455,8 @@ impl ZooKeeperStore {
 
     async fn write_one(&self, write: StoreWrite) -> Result<Record, StoreError> {
         let (key, value, path) = self.target(write)?;
-        let likely_new = match (&key, self.index.get()) {
-            (RecordKey::User(user), Some(index)) => index.user_coin(user).is_none(),
+        let likely_new = match (&key, self.presence.get()) {
+            (RecordKey::User(_), Some(presence)) => !presence.contains(&key),
             _ => false,
         };
         let revision = self.put(&path, value.as_bytes(), likely_new).await?;
@@ -491,14 +470,8 @@ impl ZooKeeperStore {
 
 #[async_trait]
 impl UserCoinStore for ZooKeeperStore {
-    async fn load(&self) -> Result<StoreContents, StoreError> {
-        // The feed delivers the records (see `follow`): a snapshot read here could not be
-        // ordered with the changes that follow it.
-        Ok(StoreContents {
-            records: Vec::new(),
-            revision: 0,
-            store_id: self.store_id.clone(),
-        })
+    fn store_id(&self) -> &str {
+        &self.store_id
     }
 
     async fn read_fresh(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -603,64 +576,73 @@ impl UserCoinStore for ZooKeeperStore {
             .collect()
     }
 
-    fn follow(&self, index: Arc<UserCoinIndex>, shutdown: CancellationToken) -> bool {
+    fn changes(
+        &self,
+        presence: Arc<dyn KeyPresence>,
+        shutdown: CancellationToken,
+    ) -> Result<ChangeReceiver, StoreError> {
         if self.followed.swap(true, Ordering::SeqCst) {
-            warn!("the ZooKeeper store is already followed");
-            return true;
+            return Err(StoreError::Unavailable(
+                "the ZooKeeper store's changes were already started".into(),
+            ));
         }
-        let _ = self.index.set(Arc::clone(&index));
+        let _ = self.presence.set(presence);
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANGE_BUFFER);
+        // The feed's first publication follows its first full read: the whole state.
         let feed = Feed::new(
             Arc::clone(&self.batch),
             Arc::clone(&self.settings),
-            index,
+            tx,
             self.feed_up.clone(),
         );
         tokio::spawn(feed.run(shutdown));
-        true
+        Ok(rx)
     }
 
     fn available(&self) -> watch::Receiver<bool> {
         self.available.clone()
     }
 
+    fn parts(&self) -> Vec<(&'static str, watch::Receiver<bool>)> {
+        vec![
+            ("switchyard.zookeeper.main", self.main_up.clone()),
+            ("switchyard.zookeeper.batch", self.feed_up.subscribe()),
+        ]
+    }
+
     fn kind(&self) -> &'static str {
         "zookeeper"
     }
 
-    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError> {
-        let data = serde_json::to_vec(&PendingNode {
-            coin: pending.coin.clone(),
-            apply_at: pending.apply_at,
-        })
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.put(&self.pending_path(&pending.user), &data, false)
-            .await
-            .map(|_| ())
+    async fn put_pending(
+        &self,
+        switches: Vec<HoldSwitch>,
+    ) -> Vec<Result<PendingSwitch, StoreError>> {
+        self.put_pending_batch(switches).await
     }
 
-    async fn take_pending(
-        &self,
-        user: &str,
-        only: Option<&PendingSwitch>,
-    ) -> Result<bool, StoreError> {
-        let path = self.pending_path(user);
+    async fn cancel_pending(&self, users: Vec<String>) -> Result<(), StoreError> {
         let timeout = self.settings.request_timeout;
-        let version = match only {
-            None => None,
-            Some(expected) => match self.read_pending(user).await? {
-                Some((current, version))
-                    if current.coin == expected.coin && current.apply_at == expected.apply_at =>
-                {
-                    Some(version)
+        let results: Vec<Result<(), StoreError>> = stream::iter(users)
+            .map(|user| async move {
+                let path = self.pending_path(&user);
+                match self.read_pending(&user).await? {
+                    // Only this deployment's records are taken.
+                    None => Ok(()),
+                    Some((_, version)) => match timed(timeout, self.zk.delete(&path, Some(version))).await {
+                        Ok(()) | Err(ZkError::NoNode | ZkError::BadVersion) => Ok(()),
+                        Err(e) => Err(zk_error("delete", &path, e)),
+                    },
                 }
-                _ => return Ok(false),
-            },
-        };
-        match timed(timeout, self.zk.delete(&path, version)).await {
-            Ok(()) => Ok(true),
-            Err(ZkError::NoNode | ZkError::BadVersion) => Ok(false),
-            Err(e) => Err(zk_error("delete", &path, e)),
-        }
+            })
+            .buffer_unordered(MAX_IN_FLIGHT)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError> {
+        self.apply_pending_once(pending).await
     }
 
     async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {
@@ -668,7 +650,7 @@ impl UserCoinStore for ZooKeeperStore {
     }
 
     async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError> {
-        let dir = format!("{}pending", self.settings.switchyard_dir);
+        let dir = format!("{}pending", self.settings.deployment_dir);
         let names = timed(
             self.settings.request_timeout,
             self.zk.get_children(&dir, false),
@@ -686,11 +668,44 @@ impl UserCoinStore for ZooKeeperStore {
             .await;
         let mut out = Vec::with_capacity(read.len());
         for r in read {
-            if let Some((p, _)) = r? {
-                out.push(p);
+            match r {
+                Ok(Some((p, _))) => out.push(p),
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "skipped a pending switch that could not be read"),
             }
         }
         Ok(out)
+    }
+
+    async fn first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        self.read_first_seen(coin, users).await
+    }
+
+    async fn record_first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+        seen_at: u64,
+    ) -> Result<(), StoreError> {
+        self.write_first_seen(coin, users, seen_at).await
+    }
+
+    async fn get_marker(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let path = format!("{}markers/{name}", self.settings.deployment_dir);
+        match timed(self.settings.request_timeout, self.zk.get_data(&path, false)).await {
+            Ok((data, _)) => Ok(parse_value(&data)),
+            Err(ZkError::NoNode) => Ok(None),
+            Err(e) => Err(zk_error("get", &path, e)),
+        }
+    }
+
+    async fn set_marker(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let path = format!("{}markers/{name}", self.settings.deployment_dir);
+        self.put(&path, value.as_bytes(), false).await.map(|_| ())
     }
 }
 
@@ -745,48 +760,6 @@ fn multi_batches(nodes: Vec<NewNode>) -> Vec<Vec<NewNode>> {
         batches.push(batch);
     }
     batches
-}
-
-/// A pending switch's node (`ZKSwitchyardDir/pending/<user>`).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct PendingNode {
-    #[serde(rename = "Coin")]
-    coin: String,
-    #[serde(rename = "ApplyAt")]
-    apply_at: u64,
-}
-
-impl ZooKeeperStore {
-    /// A pending switch and its node's version; `None` when absent or unreadable (logged).
-    async fn read_pending(&self, user: &str) -> Result<Option<(PendingSwitch, i32)>, StoreError> {
-        let path = self.pending_path(user);
-        match timed(
-            self.settings.request_timeout,
-            self.zk.get_data(&path, false),
-        )
-        .await
-        {
-            Ok((data, stat)) => match serde_json::from_slice::<PendingNode>(&data) {
-                Ok(node) if parse_value(node.coin.as_bytes()).is_some() => Ok(Some((
-                    PendingSwitch {
-                        user: user.to_owned(),
-                        coin: node.coin,
-                        apply_at: node.apply_at,
-                    },
-                    stat.version,
-                ))),
-                _ => {
-                    warn!(
-                        path,
-                        "ignoring a pending switch node that is not the expected JSON"
-                    );
-                    Ok(None)
-                }
-            },
-            Err(ZkError::NoNode) => Ok(None),
-            Err(e) => Err(zk_error("get", &path, e)),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The feed: follows the store's directories on the batch session and feeds every change,
-//! whoever made it (this replica, other replicas, zkCli, the Go tools), into the index, in zxid
-//! order.
+//! whoever made it (this replica, other replicas, zkCli, the Go tools), onto the store's change
+//! stream, in zxid order; the stream's consumer alone applies it to the index.
 //!
 //! - One persistent recursive watch per directory (`addWatch`, ZooKeeper ≥ 3.6) reports every
 //!   node created, changed or deleted below it, without a watch per node and without listing the
@@ -39,8 +39,7 @@ use super::{
     session::{BatchSession, timed, zk_error},
 };
 use crate::{
-    index::UserCoinIndex,
-    store::{Record, RecordKey, Revision, StoreError},
+    store::{Record, RecordKey, Revision, StoreChange, StoreError},
     validate::validate_user,
 };
 
@@ -79,11 +78,12 @@ impl Round {
     }
 }
 
-/// Follows the directories and feeds the index; see the module doc.
+/// Follows the directories and emits their changes; see the module doc.
 pub(super) struct Feed {
     session: Arc<BatchSession>,
     settings: Arc<ZkSettings>,
-    index: Arc<UserCoinIndex>,
+    /// The store's change stream.
+    sink: tokio::sync::mpsc::Sender<StoreChange>,
     /// Every node the feed has seen, with the revision it staged for it.
     known: HashMap<RecordKey, Revision>,
     /// Changes read but not yet published.
@@ -99,13 +99,13 @@ impl Feed {
     pub(super) fn new(
         session: Arc<BatchSession>,
         settings: Arc<ZkSettings>,
-        index: Arc<UserCoinIndex>,
+        sink: tokio::sync::mpsc::Sender<StoreChange>,
         up: watch::Sender<bool>,
     ) -> Self {
         Self {
             session,
             settings,
-            index,
+            sink,
             known: HashMap::new(),
             staged: HashMap::new(),
             want_barrier: true,
@@ -275,7 +275,7 @@ impl Feed {
             }
             let taken = std::mem::take(round);
             self.apply(&current.client, taken).await?;
-            self.publish(barrier);
+            self.publish(barrier).await;
         }
     }
 
@@ -457,7 +457,7 @@ impl Feed {
     }
 
     /// Publishes every staged record at or below the barrier.
-    fn publish(&mut self, barrier: Revision) {
+    async fn publish(&mut self, barrier: Revision) {
         let ready: Vec<RecordKey> = self
             .staged
             .iter()
@@ -466,7 +466,14 @@ impl Feed {
             .collect();
         let records: Vec<Record> = ready.iter().filter_map(|k| self.staged.remove(k)).collect();
         debug!(barrier, records = records.len(), "publishing");
-        self.index.apply(records, barrier);
+        // A closed stream means shutdown: nobody applies changes any more.
+        let _ = self
+            .sink
+            .send(StoreChange {
+                records,
+                through: barrier,
+            })
+            .await;
         self.want_barrier = false;
     }
 
