@@ -81,6 +81,20 @@ Switchyard's own settings:
   AutoRegTimeoutSeconds
                       The bound on one exchange with UserAutoRegAPI.URL, answer included.
                       Default 10.
+  AutoRegMaxConcurrent
+                      Exchanges with UserAutoRegAPI.URL in flight at once per replica (the
+                      IntervalSeconds wait holds none). Default 16.
+  AutoRegMaxPendingPerProxy
+                      The most auto-registrations pending at once from one proxy (its
+                      server ID, read from the session ID). Default 250.
+  AutoRegMaxPendingPerPattern
+                      The most auto-registrations pending at once for names of one
+                      pattern (the name without trailing digits, lowercased, its first
+                      5 characters: test1, test2, ... share \"test\"). Default 100.
+  AutoRegRefusedSeconds
+                      A name the backend refused (puid <= 0) is remembered this long: a
+                      request for it is answered NOT_FOUND at once, without a POST.
+                      0: not remembered. Default 300.
 
 Bounds of the servers (every value at least 1):
   GrpcMaxConcurrentRequests
@@ -240,6 +254,14 @@ pub struct ControlConfig {
     pub auto_reg_max_pending: usize,
     #[serde(rename = "AutoRegTimeoutSeconds")]
     pub auto_reg_timeout_seconds: u64,
+    #[serde(rename = "AutoRegMaxConcurrent")]
+    pub auto_reg_max_concurrent: usize,
+    #[serde(rename = "AutoRegMaxPendingPerProxy")]
+    pub auto_reg_max_pending_per_proxy: usize,
+    #[serde(rename = "AutoRegMaxPendingPerPattern")]
+    pub auto_reg_max_pending_per_pattern: usize,
+    #[serde(rename = "AutoRegRefusedSeconds")]
+    pub auto_reg_refused_seconds: u64,
     #[serde(rename = "GrpcMaxConcurrentRequests")]
     pub grpc_max_concurrent_requests: usize,
     #[serde(rename = "GrpcMaxConcurrentRequestsPerConnection")]
@@ -329,6 +351,10 @@ impl Default for ControlConfig {
             zk_reconcile_seconds: 300,
             auto_reg_max_pending: crate::autoreg::DEFAULT_MAX_PENDING,
             auto_reg_timeout_seconds: crate::autoreg::DEFAULT_TIMEOUT.as_secs(),
+            auto_reg_max_concurrent: crate::autoreg::DEFAULT_MAX_CONCURRENT,
+            auto_reg_max_pending_per_proxy: crate::autoreg::DEFAULT_MAX_PENDING_PER_PROXY,
+            auto_reg_max_pending_per_pattern: crate::autoreg::DEFAULT_MAX_PENDING_PER_PATTERN,
+            auto_reg_refused_seconds: crate::autoreg::DEFAULT_REFUSED_TTL.as_secs(),
             grpc_max_concurrent_requests: ServerLimits::DEFAULT_GRPC_MAX_CONCURRENT_REQUESTS,
             grpc_max_concurrent_requests_per_connection:
                 ServerLimits::DEFAULT_GRPC_MAX_CONCURRENT_REQUESTS_PER_CONNECTION,
@@ -451,6 +477,10 @@ const KNOWN_KEYS: &[&str] = &[
     "ZKReconcileSeconds",
     "AutoRegMaxPending",
     "AutoRegTimeoutSeconds",
+    "AutoRegMaxConcurrent",
+    "AutoRegMaxPendingPerProxy",
+    "AutoRegMaxPendingPerPattern",
+    "AutoRegRefusedSeconds",
     "GrpcMaxConcurrentRequests",
     "GrpcMaxConcurrentRequestsPerConnection",
     "GrpcRequestTimeoutSeconds",
@@ -697,7 +727,9 @@ impl ControlConfig {
     }
 
     /// Auto-registration's settings (`EnableUserAutoReg`, `ZKAutoRegWatchDir`,
-    /// `UserAutoRegAPI`, `AutoRegMaxPending`, `AutoRegTimeoutSeconds`); `None` when disabled.
+    /// `UserAutoRegAPI`, `AutoRegMaxPending`, `AutoRegTimeoutSeconds`, `AutoRegMaxConcurrent`,
+    /// `AutoRegMaxPendingPerProxy`, `AutoRegMaxPendingPerPattern`, `AutoRegRefusedSeconds`);
+    /// `None` when disabled.
     pub fn auto_reg(&self) -> Result<Option<crate::autoreg::AutoRegSettings>, ConfigError> {
         if !self.enable_user_auto_reg {
             return Ok(None);
@@ -718,6 +750,21 @@ impl ControlConfig {
         if self.auto_reg_timeout_seconds == 0 {
             return Err(invalid("AutoRegTimeoutSeconds", "must be at least 1"));
         }
+        for (key, value) in [
+            ("AutoRegMaxConcurrent", self.auto_reg_max_concurrent),
+            (
+                "AutoRegMaxPendingPerProxy",
+                self.auto_reg_max_pending_per_proxy,
+            ),
+            (
+                "AutoRegMaxPendingPerPattern",
+                self.auto_reg_max_pending_per_pattern,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
         let watch_dir = if self.store_choice()? == StoreChoice::ZooKeeper
             || !self.zk_auto_reg_watch_dir.is_empty()
         {
@@ -735,6 +782,10 @@ impl ControlConfig {
             interval: Duration::from_secs(api.interval_seconds),
             timeout: Duration::from_secs(self.auto_reg_timeout_seconds),
             max_pending: self.auto_reg_max_pending,
+            max_pending_per_proxy: self.auto_reg_max_pending_per_proxy,
+            max_pending_per_pattern: self.auto_reg_max_pending_per_pattern,
+            max_concurrent: self.auto_reg_max_concurrent,
+            refused_ttl: Duration::from_secs(self.auto_reg_refused_seconds),
             watch_dir,
             ..crate::autoreg::AutoRegSettings::new(api.url.clone(), api.default_coin.clone())
         };

@@ -12,7 +12,27 @@
 //! pending requests in the control process (the embedded store, a single node),
 //! [`zookeeper::ZkRegistrations`] in ZooKeeper's `ZKAutoRegWatchDir`, in the layout the Go
 //! proxies and initUserCoin use, shared by every replica. Both hand the work to a
-//! [`Registrar`], which talks to the backend and the core.
+//! [`Registrar`], which talks to the backend and the core, and which both registries start
+//! ([`Registrar::start`]).
+//!
+//! # At pool speed
+//!
+//! A registration spends most of its life in the `IntervalSeconds` wait (10 s in the example
+//! config) and a few milliseconds with the backend. So the two are bounded apart:
+//!
+//! - **Exchanges with the backend**: at most `AutoRegMaxConcurrent` POSTs in flight per replica
+//!   (default [`DEFAULT_MAX_CONCURRENT`]); a registration holds its permit from the POST to the
+//!   backend's answer, no longer. 16 connections are a modest load for a pool's web backend and
+//!   give 16 / (answer time) registrations per second per replica: 320/s at 50 ms, 32/s at
+//!   500 ms, far above the few per second a pool onboards. Raise it for a slow backend; lower
+//!   it to protect a weak one.
+//! - **The wait**: after the backend answered a puid, the user's creation is queued at now +
+//!   `IntervalSeconds` in one delay queue per replica (`waits`: at most `AutoRegMaxPending`
+//!   entries), and one task creates every user due at once in one write of the core (one
+//!   ZooKeeper `multi`, one redb transaction). A waiting registration holds no permit, so the
+//!   rate is bounded by the exchanges, not by `IntervalSeconds`: N registrations asked at once
+//!   take about one interval plus N / `AutoRegMaxConcurrent` answer times. (Before: a permit
+//!   of 16 was held through the wait, about 1.6 registrations/s with a 10 s interval.)
 //!
 //! # Choices where SPEC §7 is silent
 //!
@@ -25,8 +45,48 @@
 //!   (RESOURCE_EXHAUSTED) unless one is already pending for the name. On ZooKeeper the bound is
 //!   checked against the directory's child count before creating, so concurrent requests on
 //!   several replicas may pass it by at most their number.
-//! - At most [`DEFAULT_CONCURRENCY`] requests are processed at once per replica; the others
-//!   wait for their turn.
+//! - **Bounds per source**, so that one source cannot fill the whole registry (checked the same
+//!   way, RESOURCE_EXHAUSTED beyond them, unless the name is already pending):
+//!   - *Per proxy*, `AutoRegMaxPendingPerProxy` (default [`DEFAULT_MAX_PENDING_PER_PROXY`]).
+//!     The request carries no proxy identity (RequestUserRegistration has the user, the worker
+//!     and the session ID only), but the session ID does: it is `server_id << 24 | index`
+//!     (`server_id << 16 | index` on ethereum, SPEC §3), and a server ID is unique among the
+//!     live proxies of a chain type. So the source is the server ID read from the session ID
+//!     ([`admission::source_of`]); 0 for a request without one (a node written by hand). The
+//!     same session ID is in the pending node the Go proxies write, so every replica counts the
+//!     requests of the whole directory, whoever recorded them. The peer address is not used:
+//!     behind a load balancer or NAT every proxy has the same one, and it is not in the node.
+//!     Proxies of two chain types may hold the same server ID; they then share a bound.
+//!     250 of 1,000: a proxy that onboards 25 users/s with a 10 s interval still fits, and
+//!     four proxies' floods are needed to fill the registry; real users' requests are refused
+//!     only on the proxies that carry the flood.
+//!   - *Per name pattern*, `AutoRegMaxPendingPerPattern` (default
+//!     [`DEFAULT_MAX_PENDING_PER_PATTERN`]): the pattern is the name without its trailing
+//!     digits, lowercased, cut to its first [`admission::PATTERN_CHARS`] characters
+//!     ([`admission::name_pattern`]): `test1` … `test999` share `test`. A name of digits only
+//!     has no pattern (pools with numeric account names), and random names share none: the
+//!     bound per proxy holds those. 100 of 1,000: real users sharing the first five letters
+//!     of their names at 10 registrations/s with a 10 s interval still fit.
+//!
+//!   On ZooKeeper each replica counts sources and patterns from its last reading of the
+//!   directory (every [`zookeeper::POLL_INTERVAL`], the session ID of each new node read once)
+//!   plus the requests it recorded since; like the global bound, concurrent requests on several
+//!   replicas may pass it by a little.
+//! - **Refused names are remembered**: a name the backend refused (puid ≤ 0, or no puid) is
+//!   remembered for `AutoRegRefusedSeconds` (default 300; 0: not remembered), at most
+//!   [`MAX_REFUSED_NAMES`] names per replica, the oldest forgotten first. A request for it
+//!   within that time answers NOT_FOUND at once (the proxy answers its miner 201) without a
+//!   pending request or a POST, and a pending request for it (a Go proxy's node, another
+//!   replica's request) is removed without a POST. So a junk name costs one POST per replica
+//!   per `AutoRegRefusedSeconds`, however often its miners reconnect, and a flood of junk names
+//!   costs one POST each and holds a place in the registry only for the backend's answer time.
+//!   Failures (transport, HTTP status, timeout, an answer that is not JSON) are not remembered:
+//!   they say nothing about the name. The memory is per replica, in memory: a restart forgets.
+//!   300 s: a miner with a mistyped name that reconnects every few seconds costs the backend
+//!   one POST per five minutes, and a user whose account is fixed on the pool's side waits at
+//!   most five minutes.
+//! - Refusals by a bound and answers from the memory are logged at most once per 10 s as a
+//!   warning (with how many were held back), each at debug level.
 //! - The POST carries `PostData` as a JSON object (`Content-Type: application/json`), every
 //!   `{sub_name}` in the values replaced by the name, with basic auth when `User` is set.
 //!   The exchange, body included, must end within `AutoRegTimeoutSeconds` (default 10); the
@@ -35,18 +95,25 @@
 //!   string of digits as some PHP backends send). A puid of 0 or less, a missing `data` or
 //!   `puid` (PHP's `"data":[]`) is a refusal; any other status, a transport error, a timeout,
 //!   a body that is not a JSON object or a `puid` of another type is a failure. Neither is
-//!   retried: the pending request is removed, and a proxy that asks again starts over.
-//! - `UserAutoRegAPI.IntervalSeconds` 0 means no wait.
-//! - Shutdown stops new work and interrupts a registration in progress; an interrupted request
-//!   is left pending (on ZooKeeper another replica, or this one after its restart, processes it
-//!   again, POSTing again if the first POST had been answered).
+//!   retried: the pending request is removed, and a proxy that asks again starts over (after a
+//!   refusal, only once `AutoRegRefusedSeconds` have passed).
+//! - `UserAutoRegAPI.IntervalSeconds` 0 means no wait (the creation still goes through the
+//!   queue, and is batched with the others due).
+//! - Shutdown stops new work and interrupts a registration in progress, in the exchange or in
+//!   the wait; an interrupted request is left pending (on ZooKeeper another replica, or this one
+//!   after its restart, processes it again, POSTing again if the first POST had been answered).
 //! - Every outcome is logged with the user, the session ID, the worker and the puid.
 
+pub mod admission;
+mod waits;
 pub mod zookeeper;
 
 use std::{
     collections::{BTreeMap, btree_map::Entry},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -56,10 +123,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchyard_cli::Secret;
 use thiserror::Error;
-use tokio::sync::Semaphore;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use self::{
+    admission::{RefusedNames, SourceLimits, Tally, Throttle, later, name_pattern, source_of},
+    waits::{Waiting, Waits},
+};
 use crate::{
     core::{Listed, SwitchCore},
     validate::excerpt,
@@ -67,19 +141,33 @@ use crate::{
 
 /// The default bound on pending requests (`AutoRegMaxPending`).
 pub const DEFAULT_MAX_PENDING: usize = 1000;
+/// The default bound on pending requests from one proxy (`AutoRegMaxPendingPerProxy`).
+pub const DEFAULT_MAX_PENDING_PER_PROXY: usize = 250;
+/// The default bound on pending requests for names of one pattern
+/// (`AutoRegMaxPendingPerPattern`).
+pub const DEFAULT_MAX_PENDING_PER_PATTERN: usize = 100;
 /// The default bound on one exchange with the backend (`AutoRegTimeoutSeconds`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Requests one replica processes at once.
-pub const DEFAULT_CONCURRENCY: usize = 16;
+/// The default bound on exchanges with the backend in flight per replica
+/// (`AutoRegMaxConcurrent`).
+pub const DEFAULT_MAX_CONCURRENT: usize = 16;
+/// How long a refused name is remembered by default (`AutoRegRefusedSeconds`).
+pub const DEFAULT_REFUSED_TTL: Duration = Duration::from_secs(300);
+/// The most refused names one replica remembers (about 25 MB with names of the longest kind).
+pub const MAX_REFUSED_NAMES: usize = 50_000;
 /// The largest answer accepted from the backend, in bytes.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// The longest worker name accepted, in bytes.
 pub const MAX_WORKER_BYTES: usize = 256;
 /// The longest excerpt of outside text put in a log line.
 const MAX_EXCERPT_BYTES: usize = 200;
+/// The most users created in one write of the core.
+const MAX_CREATE_BATCH: usize = 1000;
+/// How often a refusal by a bound, or from the memory of refused names, is logged as a warning.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
-/// Auto-registration's settings, from `UserAutoRegAPI`, `ZKAutoRegWatchDir`,
-/// `AutoRegMaxPending` and `AutoRegTimeoutSeconds`.
+/// Auto-registration's settings, from `UserAutoRegAPI`, `ZKAutoRegWatchDir` and the
+/// `AutoReg*` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AutoRegSettings {
     /// `UserAutoRegAPI.URL`: where to POST, `http` or `https`.
@@ -99,8 +187,18 @@ pub struct AutoRegSettings {
     pub timeout: Duration,
     /// `AutoRegMaxPending`: the most requests pending at once.
     pub max_pending: usize,
-    /// Requests processed at once by one replica.
-    pub concurrency: usize,
+    /// `AutoRegMaxPendingPerProxy`: the most requests pending at once from one proxy.
+    pub max_pending_per_proxy: usize,
+    /// `AutoRegMaxPendingPerPattern`: the most requests pending at once for names of one
+    /// pattern.
+    pub max_pending_per_pattern: usize,
+    /// `AutoRegMaxConcurrent`: exchanges with the backend in flight at once per replica.
+    pub max_concurrent: usize,
+    /// `AutoRegRefusedSeconds`: how long a name the backend refused is remembered (zero: not
+    /// remembered).
+    pub refused_ttl: Duration,
+    /// The most refused names remembered.
+    pub max_refused: usize,
     /// The largest answer accepted, in bytes.
     pub max_answer_bytes: usize,
     /// `ZKAutoRegWatchDir`, with a trailing `/`: the pending requests on ZooKeeper (required
@@ -120,7 +218,11 @@ impl AutoRegSettings {
             interval: Duration::ZERO,
             timeout: DEFAULT_TIMEOUT,
             max_pending: DEFAULT_MAX_PENDING,
-            concurrency: DEFAULT_CONCURRENCY,
+            max_pending_per_proxy: DEFAULT_MAX_PENDING_PER_PROXY,
+            max_pending_per_pattern: DEFAULT_MAX_PENDING_PER_PATTERN,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            refused_ttl: DEFAULT_REFUSED_TTL,
+            max_refused: MAX_REFUSED_NAMES,
             max_answer_bytes: MAX_ANSWER_BYTES,
             watch_dir: None,
         }
@@ -141,12 +243,29 @@ impl AutoRegSettings {
         if self.timeout.is_zero() {
             return Err(settings("the timeout must not be zero".into()));
         }
-        if self.max_pending == 0 || self.concurrency == 0 || self.max_answer_bytes == 0 {
+        if [
+            self.max_pending,
+            self.max_pending_per_proxy,
+            self.max_pending_per_pattern,
+            self.max_concurrent,
+            self.max_answer_bytes,
+        ]
+        .contains(&0)
+        {
             return Err(settings(
-                "the pending, concurrency and answer bounds must not be zero".into(),
+                "the pending, per-proxy, per-pattern, concurrency and answer bounds must not be zero"
+                    .into(),
             ));
         }
         Ok(url)
+    }
+
+    /// The bounds per source.
+    pub fn source_limits(&self) -> SourceLimits {
+        SourceLimits {
+            per_proxy: self.max_pending_per_proxy,
+            per_pattern: self.max_pending_per_pattern,
+        }
     }
 }
 
@@ -162,6 +281,36 @@ pub enum AutoRegError {
         /// `AutoRegMaxPending`.
         max: usize,
     },
+    /// Too many requests from the asking proxy are pending.
+    #[error(
+        "{max} auto-registrations from the proxy with server ID {server_id} are already pending; try again later"
+    )]
+    TooManyFromProxy {
+        /// The proxy's server ID, from the session ID (0: none).
+        server_id: u8,
+        /// `AutoRegMaxPendingPerProxy`.
+        max: usize,
+    },
+    /// Too many requests for names of the same pattern are pending.
+    #[error(
+        "{max} auto-registrations of names like {pattern:?}… are already pending; try again later"
+    )]
+    TooManyLikeName {
+        /// The pattern.
+        pattern: String,
+        /// `AutoRegMaxPendingPerPattern`.
+        max: usize,
+    },
+    /// The backend refused the name a moment ago.
+    #[error(
+        "the pool backend refused to register {user:?} a moment ago; it is not asked again for {left_seconds} s"
+    )]
+    RecentlyRefused {
+        /// The name.
+        user: String,
+        /// How long the refusal is still remembered, rounded up.
+        left_seconds: u64,
+    },
     /// Where pending requests are kept cannot be reached.
     #[error("auto-registration unavailable: {0}")]
     Unavailable(String),
@@ -170,11 +319,30 @@ pub enum AutoRegError {
     Settings(String),
 }
 
+impl AutoRegError {
+    /// Whether this refuses a request by a bound or from the memory of refused names (a flood
+    /// makes many of these).
+    fn is_flood_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::TooManyPending { .. }
+                | Self::TooManyFromProxy { .. }
+                | Self::TooManyLikeName { .. }
+                | Self::RecentlyRefused { .. }
+        )
+    }
+}
+
 impl From<AutoRegError> for tonic::Status {
     fn from(e: AutoRegError) -> Self {
         match e {
             AutoRegError::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
-            AutoRegError::TooManyPending { .. } => tonic::Status::resource_exhausted(e.to_string()),
+            AutoRegError::TooManyPending { .. }
+            | AutoRegError::TooManyFromProxy { .. }
+            | AutoRegError::TooManyLikeName { .. } => {
+                tonic::Status::resource_exhausted(e.to_string())
+            }
+            AutoRegError::RecentlyRefused { .. } => tonic::Status::not_found(e.to_string()),
             AutoRegError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
             AutoRegError::Settings(_) => tonic::Status::internal(e.to_string()),
         }
@@ -215,6 +383,12 @@ impl PendingRequest {
                 Self::default()
             }
         }
+    }
+
+    /// The source of a node's request ([`admission::source_of`] of its session ID), without a
+    /// warning for a node that is not the expected JSON (source 0).
+    pub fn source_of_json(data: &[u8]) -> u8 {
+        serde_json::from_slice::<Self>(data).map_or(0, |r| source_of(r.session_id))
     }
 }
 
@@ -278,6 +452,11 @@ pub enum Outcome {
         /// The answer's `message`.
         message: String,
     },
+    /// The backend refused the name a moment ago; it was not asked again.
+    RecentlyRefused {
+        /// How long the refusal is still remembered.
+        left: Duration,
+    },
     /// The exchange failed (transport, status, timeout, size, not the expected JSON), or the
     /// user could not be created after the backend's success (`puid` then set).
     Failed {
@@ -308,10 +487,21 @@ pub struct Registrar {
     settings: AutoRegSettings,
     url: Url,
     client: reqwest::Client,
+    /// Exchanges with the backend in flight (`AutoRegMaxConcurrent`).
+    exchanges: Arc<Semaphore>,
+    /// Registrations waiting `IntervalSeconds` for their user's creation.
+    waits: Waits,
+    /// Names the backend refused a moment ago.
+    refused: Mutex<RefusedNames>,
+    /// Throttles the warnings for refused requests.
+    refusals: Throttle,
+    /// Whether the creations task runs.
+    started: AtomicBool,
 }
 
 impl Registrar {
-    /// A registrar over `core` with `settings` (checked here).
+    /// A registrar over `core` with `settings` (checked here). It creates no user until a
+    /// registry starts it ([`Registrar::start`]).
     pub fn new(core: Arc<SwitchCore>, settings: AutoRegSettings) -> Result<Self, AutoRegError> {
         let url = settings.validate()?;
         let client = reqwest::Client::builder()
@@ -321,10 +511,26 @@ impl Registrar {
             .map_err(|e| AutoRegError::Settings(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             core,
+            exchanges: Arc::new(Semaphore::new(settings.max_concurrent)),
+            waits: Waits::new(settings.max_pending),
+            refused: Mutex::new(RefusedNames::new(
+                settings.refused_ttl,
+                settings.max_refused,
+            )),
+            refusals: Throttle::new(REFUSAL_WARNING_EVERY),
+            started: AtomicBool::new(false),
             settings,
             url,
             client,
         })
+    }
+
+    /// Starts the task that creates the users whose wait is over, until `shutdown` (once; later
+    /// calls do nothing).
+    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+        if !self.started.swap(true, Ordering::SeqCst) {
+            tokio::spawn(Arc::clone(self).run_creations(shutdown));
+        }
     }
 
     /// The settings it runs with.
@@ -341,26 +547,105 @@ impl Registrar {
         url
     }
 
+    /// How many registrations wait for their user's creation.
+    pub fn waiting(&self) -> usize {
+        self.waits.len()
+    }
+
+    /// A permit for one exchange with the backend, when one is free now.
+    pub fn try_exchange_permit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.exchanges).try_acquire_owned().ok()
+    }
+
+    /// Waits for a permit for one exchange with the backend; `None` at shutdown.
+    pub async fn exchange_permit(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            permit = Arc::clone(&self.exchanges).acquire_owned() => permit.ok(),
+        }
+    }
+
+    fn lock_refused(&self) -> std::sync::MutexGuard<'_, RefusedNames> {
+        // Its two collections are updated together without a panic between them.
+        self.refused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long the backend's refusal of `user` is still remembered, if it is.
+    pub fn refused_for(&self, user: &str) -> Option<Duration> {
+        self.lock_refused().remembered(user, Instant::now())
+    }
+
     /// Checks a request: `Ok(Some(name))` with the name as stored when a registration should be
-    /// recorded, `Ok(None)` when the user already has a coin.
+    /// recorded, `Ok(None)` when the user already has a coin; refused when the backend refused
+    /// the name a moment ago.
     pub fn admit(&self, user: &str, worker: &str) -> Result<Option<String>, AutoRegError> {
         let user = self
             .core
             .normalize_user(user)
             .map_err(|e| AutoRegError::Invalid(e.to_string()))?;
         check_worker(worker)?;
-        Ok(self.core.index().user_coin(&user).is_none().then_some(user))
+        if self.core.index().user_coin(&user).is_some() {
+            return Ok(None);
+        }
+        if let Some(left) = self.refused_for(&user) {
+            return Err(AutoRegError::RecentlyRefused {
+                user,
+                left_seconds: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+            });
+        }
+        Ok(Some(user))
+    }
+
+    /// Checks a request against the bounds per source, counted in `tally`.
+    pub fn check_sources(
+        &self,
+        tally: &Tally,
+        user: &str,
+        session_id: u32,
+    ) -> Result<(), AutoRegError> {
+        tally.check(
+            source_of(session_id),
+            name_pattern(user).as_deref(),
+            self.settings.source_limits(),
+        )
+    }
+
+    /// Logs a refused request: a warning at most every 10 s (a flood makes many), else debug.
+    pub fn log_refusal(&self, user: &str, session_id: u32, error: &AutoRegError) {
+        let shown = excerpt(user, MAX_EXCERPT_BYTES);
+        if !error.is_flood_refusal() {
+            debug!(user = %shown, session_id, error = %error, "registration request refused");
+            return;
+        }
+        match self.refusals.pass(Instant::now()) {
+            Some(held_back) => warn!(
+                user = %shown,
+                session_id,
+                error = %error,
+                similar_since_last_warning = held_back,
+                "auto-registration request refused"
+            ),
+            None => {
+                debug!(user = %shown, session_id, error = %error, "auto-registration request refused")
+            }
+        }
     }
 
     /// Processes one pending request up to (not including) its removal; logs the outcome.
-    /// Never panics, whatever the backend does.
+    /// `exchange` is a permit from [`Registrar::exchange_permit`]; it is released once the
+    /// backend answered, before the wait. Never panics, whatever the backend does.
     pub async fn process(
         &self,
         name: &str,
         request: &PendingRequest,
+        exchange: OwnedSemaphorePermit,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        let outcome = self.run(name, request, shutdown).await;
+        let outcome = self.run(name, request, exchange, shutdown).await;
         log_outcome(name, request, &outcome, &self.settings.default_coin);
         outcome
     }
@@ -369,6 +654,7 @@ impl Registrar {
         &self,
         name: &str,
         request: &PendingRequest,
+        exchange: OwnedSemaphorePermit,
         shutdown: &CancellationToken,
     ) -> Outcome {
         let user = match self.core.normalize_user(name) {
@@ -383,6 +669,9 @@ impl Registrar {
         if let Some((coin, _)) = self.core.index().user_coin(&user) {
             return Outcome::AlreadyHasCoin { coin };
         }
+        if let Some(left) = self.refused_for(&user) {
+            return Outcome::RecentlyRefused { left };
+        }
         if shutdown.is_cancelled() {
             return Outcome::Interrupted { puid: None };
         }
@@ -391,11 +680,13 @@ impl Registrar {
             _ = shutdown.cancelled() => return Outcome::Interrupted { puid: None },
             answer = self.post(&user, request) => answer,
         };
+        drop(exchange);
         let answer = match answer {
             Ok(answer) => answer,
             Err(error) => return Outcome::Failed { puid: None, error },
         };
         if answer.puid <= 0 {
+            self.lock_refused().remember(&user, Instant::now());
             return Outcome::Refused {
                 puid: answer.puid,
                 status: answer.status,
@@ -411,51 +702,109 @@ impl Registrar {
             wait = ?self.settings.interval,
             "the backend registered the user; creating it after the wait"
         );
+        let created =
+            match self
+                .waits
+                .schedule(later(Instant::now(), self.settings.interval), user, puid)
+            {
+                Ok(created) => created,
+                Err(full) => {
+                    return Outcome::Failed {
+                        puid: Some(puid),
+                        error: format!(
+                            "{} registrations already wait for their user's creation",
+                            full.capacity
+                        ),
+                    };
+                }
+            };
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Outcome::Interrupted { puid: Some(puid) },
-            _ = tokio::time::sleep(self.settings.interval) => {}
+            _ = shutdown.cancelled() => Outcome::Interrupted { puid: Some(puid) },
+            outcome = created => outcome.unwrap_or(Outcome::Interrupted { puid: Some(puid) }),
         }
-        self.create_if_absent(&user, puid).await
     }
 
-    /// Creates `user` with the default coin unless it has a coin by now (the core's
-    /// create-if-absent write: a coin set meanwhile by anyone is never overwritten). The user
-    /// counts as seen in the default coin's list from now on, and gets its case-index entry.
-    async fn create_if_absent(&self, user: &str, puid: i64) -> Outcome {
-        let failed = |error: String| Outcome::Failed {
-            puid: Some(puid),
-            error,
-        };
+    /// Creates the users whose wait is over, every user due at once in one write, until
+    /// `shutdown`; see the module doc.
+    async fn run_creations(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = self.waits.next_due();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = self.waits.added() => continue,
+                _ = async {
+                    match next {
+                        Some(due) => tokio::time::sleep_until(due).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            loop {
+                let due = self.waits.take_due(Instant::now(), MAX_CREATE_BATCH);
+                if due.is_empty() {
+                    break;
+                }
+                self.create_all(due).await;
+            }
+        }
+        // The waiting registrations see the queue closed: interrupted, left pending.
+        self.waits.clear();
+    }
+
+    /// Creates each user unless it has a coin by now (the core's create-if-absent write: a coin
+    /// set meanwhile by anyone is never overwritten), in one write. The users count as seen in
+    /// the default coin's list from now on, and get their case-index entries.
+    async fn create_all(&self, due: Vec<Waiting>) {
         let coin = self.settings.default_coin.clone();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        match self
-            .core
-            .create_users_if_absent(&coin, vec![user.to_owned()], now)
-            .await
-        {
-            Ok(results) => match results.into_iter().next() {
-                Some(Ok(Listed::Created(record))) => Outcome::Registered {
-                    puid,
+        let users: Vec<String> = due.iter().map(|w| w.user.clone()).collect();
+        let count = users.len();
+        let results = self.core.create_users_if_absent(&coin, users, now).await;
+        debug!(
+            count,
+            "created the auto-registered users whose wait is over"
+        );
+        let mut results = match results {
+            Ok(results) => results.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
+            Err(e) => {
+                let error = format!("the core refused the write: {e}");
+                (0..count)
+                    .map(|_| Err(error.clone()))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+            }
+        };
+        for waiting in due {
+            let failed = |error: String| Outcome::Failed {
+                puid: Some(waiting.puid),
+                error,
+            };
+            let outcome = match results.next() {
+                Some(Ok(Ok(Listed::Created(record)))) => Outcome::Registered {
+                    puid: waiting.puid,
                     coin: record.coin,
                     created: true,
                 },
-                Some(Ok(Listed::Existed)) => Outcome::Registered {
-                    puid,
+                Some(Ok(Ok(Listed::Existed))) => Outcome::Registered {
+                    puid: waiting.puid,
                     coin: self
                         .core
-                        .user_coin(user)
+                        .user_coin(&waiting.user)
                         .ok()
                         .flatten()
-                        .map_or(coin, |r| r.coin),
+                        .map_or_else(|| coin.clone(), |r| r.coin),
                     created: false,
                 },
-                Some(Err(e)) => failed(format!("cannot create the user: {e}")),
+                Some(Ok(Err(e))) => failed(format!("cannot create the user: {e}")),
+                Some(Err(error)) => failed(error),
                 None => failed("the core answered no result".into()),
-            },
-            Err(e) => failed(format!("the core refused the write: {e}")),
+            };
+            // The registration may have stopped waiting (shutdown).
+            let _ = waiting.done.send(outcome);
         }
     }
 
@@ -605,6 +954,13 @@ fn log_outcome(user: &str, request: &PendingRequest, outcome: &Outcome, default_
             user,
             session_id, worker, puid, status, message, "the backend refused an auto-registration"
         ),
+        Outcome::RecentlyRefused { left } => info!(
+            user,
+            session_id,
+            worker,
+            remembered_for = ?left,
+            "the backend refused this name a moment ago; it was not asked again"
+        ),
         Outcome::Failed { puid, error } => warn!(
             user,
             session_id, worker, puid, error, "auto-registration failed"
@@ -629,21 +985,36 @@ pub struct LocalRegistrations {
 #[derive(Debug)]
 struct LocalInner {
     registrar: Arc<Registrar>,
-    pending: Mutex<BTreeMap<String, PendingRequest>>,
-    permits: Arc<Semaphore>,
+    state: Mutex<LocalState>,
     shutdown: CancellationToken,
 }
 
+/// The pending requests (at most `AutoRegMaxPending`) and their counts per source.
+#[derive(Debug, Default)]
+struct LocalState {
+    /// Each pending name with its request's session ID.
+    pending: BTreeMap<String, u32>,
+    tally: Tally,
+}
+
+impl LocalState {
+    fn remove(&mut self, user: &str) {
+        if let Some(session_id) = self.pending.remove(user) {
+            self.tally
+                .remove(source_of(session_id), name_pattern(user).as_deref());
+        }
+    }
+}
+
 impl LocalRegistrations {
-    /// A registry over `registrar`; processing stops at `shutdown`.
+    /// A registry over `registrar` (started here); processing stops at `shutdown`.
     pub fn new(registrar: Arc<Registrar>, shutdown: CancellationToken) -> Self {
-        let permits = Arc::new(Semaphore::new(registrar.settings().concurrency));
+        registrar.start(shutdown.clone());
         info!(url = %registrar.url_for_logs(), "auto-registration started in the control process");
         Self {
             inner: Arc::new(LocalInner {
                 registrar,
-                pending: Mutex::new(BTreeMap::new()),
-                permits,
+                state: Mutex::new(LocalState::default()),
                 shutdown,
             }),
         }
@@ -651,21 +1022,41 @@ impl LocalRegistrations {
 }
 
 impl LocalInner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PendingRequest>> {
-        // Single inserts and removes: the map is valid after any panic.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
+        // The map and the tally change together without a panic between them.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a request unless it is pending already (`Ok(false)`) or over a bound.
+    fn record(&self, user: &str, session_id: u32) -> Result<bool, AutoRegError> {
+        let max = self.registrar.settings().max_pending;
+        let mut state = self.lock();
+        let len = state.pending.len();
+        match state.pending.entry(user.to_owned()) {
+            Entry::Occupied(_) => return Ok(false),
+            Entry::Vacant(_) if len >= max => return Err(AutoRegError::TooManyPending { max }),
+            Entry::Vacant(_) => {}
+        }
+        self.registrar
+            .check_sources(&state.tally, user, session_id)?;
+        state.pending.insert(user.to_owned(), session_id);
+        state
+            .tally
+            .add(source_of(session_id), name_pattern(user).as_deref());
+        Ok(true)
     }
 
     async fn process(self: Arc<Self>, user: String, request: PendingRequest) {
-        let permit = tokio::select! {
-            _ = self.shutdown.cancelled() => return,
-            permit = Arc::clone(&self.permits).acquire_owned() => permit,
+        let Some(exchange) = self.registrar.exchange_permit(&self.shutdown).await else {
+            return;
         };
-        let Ok(_permit) = permit else { return };
-        self.registrar
-            .process(&user, &request, &self.shutdown)
+        let outcome = self
+            .registrar
+            .process(&user, &request, exchange, &self.shutdown)
             .await;
-        self.lock().remove(&user);
+        if !matches!(outcome, Outcome::Interrupted { .. }) {
+            self.lock().remove(&user);
+        }
     }
 }
 
@@ -677,34 +1068,32 @@ impl UserRegistrations for LocalRegistrations {
         worker: &str,
         session_id: u32,
     ) -> Result<bool, AutoRegError> {
-        let Some(user) = self.inner.registrar.admit(user, worker)? else {
+        let registrar = &self.inner.registrar;
+        let admitted = registrar
+            .admit(user, worker)
+            .inspect_err(|e| registrar.log_refusal(user, session_id, e))?;
+        let Some(user) = admitted else {
             return Ok(false);
         };
+        match self.inner.record(&user, session_id) {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(e) => {
+                registrar.log_refusal(&user, session_id, &e);
+                return Err(e);
+            }
+        }
+        info!(user, session_id, worker, "auto-registration requested");
         let request = PendingRequest {
             session_id,
             worker: worker.to_owned(),
         };
-        {
-            let max = self.inner.registrar.settings().max_pending;
-            let mut pending = self.inner.lock();
-            let len = pending.len();
-            match pending.entry(user.clone()) {
-                Entry::Occupied(_) => return Ok(false),
-                Entry::Vacant(_) if len >= max => {
-                    return Err(AutoRegError::TooManyPending { max });
-                }
-                Entry::Vacant(slot) => {
-                    slot.insert(request.clone());
-                }
-            }
-        }
-        info!(user, session_id, worker, "auto-registration requested");
         tokio::spawn(Arc::clone(&self.inner).process(user, request));
         Ok(true)
     }
 
     async fn pending(&self) -> Result<Vec<String>, AutoRegError> {
-        Ok(self.inner.lock().keys().cloned().collect())
+        Ok(self.inner.lock().pending.keys().cloned().collect())
     }
 }
 

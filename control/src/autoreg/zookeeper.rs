@@ -7,7 +7,15 @@
 //! - Every replica polls the directory (every [`POLL_INTERVAL`], and at once after it created a
 //!   node itself), so that nodes created by any replica or directly by an old Go proxy are
 //!   processed. Polling rather than watches: zookeeper-async re-arms no watch after a
-//!   reconnect, and a missed watch would leave a request waiting for ever.
+//!   reconnect, and a missed watch would leave a request waiting for ever. A round takes the
+//!   names nobody claimed, in random order (so that replicas reading the same listing do not
+//!   all race for the same names), one by one as exchange permits (`AutoRegMaxConcurrent`)
+//!   free up: a replica holds a permit only through the exchange with the backend, and holds
+//!   its claim through the `IntervalSeconds` wait (at most `AutoRegMaxPending` claims per
+//!   replica).
+//! - Each round also updates the replica's view of the directory for the bounds per source:
+//!   each name's pattern, and its proxy, from the session ID in the node (each new node is
+//!   read once per replica; at most [`VIEW_FACTOR`] × `AutoRegMaxPending` nodes are viewed).
 //! - Before processing a name, a replica claims it with the ephemeral node
 //!   `ZKSwitchyardDir/autoreg-claims/<name>` holding its replica ID; `NodeExists` means another
 //!   replica has it. After claiming, the replica reads the pending node again: a request that
@@ -19,22 +27,32 @@
 //!   not be deleted is deleted later (or goes with the session).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use async_trait::async_trait;
+use futures::{StreamExt, stream};
+use rand::seq::SliceRandom;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use zookeeper_async::{Acl, CreateMode, ZkError, ZooKeeper};
 
-use super::{AutoRegError, Outcome, PendingRequest, Registrar, UserRegistrations};
+use super::{
+    AutoRegError, Outcome, PendingRequest, Registrar, UserRegistrations,
+    admission::{Tally, name_pattern, source_of},
+};
 use crate::store::zookeeper::{create_path, timed};
 
 /// How often the directory of pending requests is read.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// The view of the directory holds at most this many times `AutoRegMaxPending` nodes (the
+/// directory may hold more: Go proxies write it directly).
+pub const VIEW_FACTOR: usize = 4;
+/// Nodes read at once when the view takes in new ones.
+const VIEW_READS_AT_ONCE: usize = 32;
 /// Attempts to delete a finished request's node, or a claim, while ZooKeeper cannot be reached.
 const CLEANUP_ATTEMPTS: usize = 10;
 /// Wait between those attempts.
@@ -56,11 +74,15 @@ struct Inner {
     request_timeout: Duration,
     /// Identifies this replica in its claims.
     replica_id: String,
-    /// Names this replica is processing.
+    /// Names this replica is processing (at most `AutoRegMaxPending`: one per slot).
     in_flight: Mutex<HashSet<String>>,
     /// Names whose claim this replica could not delete.
     stale_claims: Mutex<HashSet<String>>,
-    permits: Arc<Semaphore>,
+    /// Claims this replica may hold at once, through exchanges and waits
+    /// (`AutoRegMaxPending`).
+    slots: Arc<Semaphore>,
+    /// The pending requests as this replica last saw them, for the bounds per source.
+    view: Mutex<View>,
     /// Poll now: this replica created a request.
     wake: Notify,
     shutdown: CancellationToken,
@@ -85,6 +107,30 @@ fn lock(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<Strin
     set.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The pending requests a replica knows of, with the proxy each came from, counted per source
+/// and per pattern. At most [`VIEW_FACTOR`] × `AutoRegMaxPending` names.
+#[derive(Debug, Default)]
+struct View {
+    sources: HashMap<String, u8>,
+    tally: Tally,
+}
+
+impl View {
+    fn add(&mut self, name: &str, source: u8, capacity: usize) {
+        if self.sources.len() >= capacity || self.sources.contains_key(name) {
+            return;
+        }
+        self.sources.insert(name.to_owned(), source);
+        self.tally.add(source, name_pattern(name).as_deref());
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(source) = self.sources.remove(name) {
+            self.tally.remove(source, name_pattern(name).as_deref());
+        }
+    }
+}
+
 impl ZkRegistrations {
     /// Pending requests in the registrar's `watch_dir` on the session of `zk` (connected), with
     /// claims under `switchyard_dir` (with a trailing `/`). Creates both directories, and
@@ -105,7 +151,8 @@ impl ZkRegistrations {
                 .await
                 .map_err(|e| AutoRegError::Unavailable(e.to_string()))?;
         }
-        let permits = Arc::new(Semaphore::new(registrar.settings().concurrency));
+        registrar.start(shutdown.clone());
+        let slots = Arc::new(Semaphore::new(registrar.settings().max_pending));
         let inner = Arc::new(Inner {
             zk,
             registrar,
@@ -115,7 +162,8 @@ impl ZkRegistrations {
             replica_id: format!("{:016x}", rand::random::<u64>()),
             in_flight: Mutex::new(HashSet::new()),
             stale_claims: Mutex::new(HashSet::new()),
-            permits,
+            slots,
+            view: Mutex::new(View::default()),
             wake: Notify::new(),
             shutdown,
         });
@@ -174,36 +222,107 @@ impl Inner {
         info!("auto-registration stopped");
     }
 
-    /// One round: starts processing every pending request that nobody processes, as far as
-    /// the concurrency bound allows (the rest waits for a later round).
+    fn lock_view(&self) -> std::sync::MutexGuard<'_, View> {
+        // The map and the tally change together without a panic between them.
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn view_capacity(&self) -> usize {
+        self.registrar
+            .settings()
+            .max_pending
+            .saturating_mul(VIEW_FACTOR)
+    }
+
+    /// Brings the view in line with a listing of the directory: forgets the names gone, reads
+    /// the source of the new ones (as far as the view's bound allows).
+    async fn refresh_view(&self, names: &[String]) {
+        let listed: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let new: Vec<String> = {
+            let mut view = self.lock_view();
+            let gone: Vec<String> = view
+                .sources
+                .keys()
+                .filter(|name| !listed.contains(name.as_str()))
+                .cloned()
+                .collect();
+            for name in &gone {
+                view.remove(name);
+            }
+            let room = self.view_capacity().saturating_sub(view.sources.len());
+            names
+                .iter()
+                .filter(|name| !view.sources.contains_key(*name))
+                .take(room)
+                .cloned()
+                .collect()
+        };
+        let read: Vec<(String, Option<u8>)> = stream::iter(new)
+            .map(|name| async move {
+                let path = self.pending_path(&name);
+                let source = match timed(self.request_timeout, self.zk.get_data(&path, false)).await
+                {
+                    Ok((data, _)) => Some(PendingRequest::source_of_json(&data)),
+                    // Gone meanwhile, or unreadable now: seen again next round.
+                    Err(_) => None,
+                };
+                (name, source)
+            })
+            .buffer_unordered(VIEW_READS_AT_ONCE)
+            .collect()
+            .await;
+        let capacity = self.view_capacity();
+        let mut view = self.lock_view();
+        for (name, source) in read {
+            if let Some(source) = source {
+                view.add(&name, source, capacity);
+            }
+        }
+    }
+
+    /// One round: starts processing every pending request that nobody processes, each as an
+    /// exchange permit frees up, as far as this replica's slots allow (the rest waits for a
+    /// later round).
     async fn scan(self: &Arc<Self>) -> Result<(), AutoRegError> {
         self.clear_stale_claims().await;
         let mut names = self.list(&self.watch_dir).await?;
+        self.refresh_view(&names).await;
         if names.is_empty() {
             return Ok(());
         }
-        names.sort();
         let claimed: HashSet<String> = self.list(&self.claim_dir).await?.into_iter().collect();
+        names.retain(|name| !claimed.contains(name));
+        names.shuffle(&mut rand::rng());
         for name in names {
-            if claimed.contains(&name) || lock(&self.in_flight).contains(&name) {
+            if lock(&self.in_flight).contains(&name) {
                 continue;
             }
-            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
                 break;
             };
-            lock(&self.in_flight).insert(name.clone());
-            tokio::spawn(Arc::clone(self).handle(name, permit));
+            let Some(exchange) = self.registrar.exchange_permit(&self.shutdown).await else {
+                break;
+            };
+            if !lock(&self.in_flight).insert(name.clone()) {
+                continue;
+            }
+            tokio::spawn(Arc::clone(self).handle(name, slot, exchange));
         }
         Ok(())
     }
 
-    async fn handle(self: Arc<Self>, name: String, _permit: OwnedSemaphorePermit) {
-        self.handle_claimed(&name).await;
+    async fn handle(
+        self: Arc<Self>,
+        name: String,
+        _slot: OwnedSemaphorePermit,
+        exchange: OwnedSemaphorePermit,
+    ) {
+        self.handle_claimed(&name, exchange).await;
         lock(&self.in_flight).remove(&name);
     }
 
     /// Claims `name`, processes its request, removes it and releases the claim.
-    async fn handle_claimed(&self, name: &str) {
+    async fn handle_claimed(&self, name: &str, exchange: OwnedSemaphorePermit) {
         match self.claim(name).await {
             Ok(true) => {}
             Ok(false) => return,
@@ -226,10 +345,14 @@ impl Inner {
                 return;
             }
         };
-        let outcome = self.registrar.process(name, &request, &self.shutdown).await;
+        let outcome = self
+            .registrar
+            .process(name, &request, exchange, &self.shutdown)
+            .await;
         if !matches!(outcome, Outcome::Interrupted { .. }) {
             self.delete_retrying(&path, "pending auto-registration")
                 .await;
+            self.lock_view().remove(name);
         }
         self.release(name).await;
     }
@@ -335,25 +458,38 @@ impl UserRegistrations for ZkRegistrations {
         session_id: u32,
     ) -> Result<bool, AutoRegError> {
         let inner = &self.inner;
-        let Some(user) = inner.registrar.admit(user, worker)? else {
+        let registrar = &inner.registrar;
+        let admitted = registrar
+            .admit(user, worker)
+            .inspect_err(|e| registrar.log_refusal(user, session_id, e))?;
+        let Some(user) = admitted else {
             return Ok(false);
         };
         let path = inner.pending_path(&user);
         let dir = inner.watch_dir.trim_end_matches('/');
         let timeout = inner.request_timeout;
-        let max = inner.registrar.settings().max_pending;
+        let max = registrar.settings().max_pending;
         let pending = timed(timeout, inner.zk.exists(dir, false))
             .await
             .map_err(|e| unavailable("exists", dir, e))?
             .map_or(0, |stat| usize::try_from(stat.num_children).unwrap_or(0));
-        if pending >= max {
+        let over = if pending >= max {
+            Some(AutoRegError::TooManyPending { max })
+        } else {
+            registrar
+                .check_sources(&inner.lock_view().tally, &user, session_id)
+                .err()
+        };
+        if let Some(over) = over {
+            // Over a bound, unless a request is pending for the name already.
             let exists = timed(timeout, inner.zk.exists(&path, false))
                 .await
                 .map_err(|e| unavailable("exists", &path, e))?;
-            return match exists {
-                Some(_) => Ok(false),
-                None => Err(AutoRegError::TooManyPending { max }),
-            };
+            if exists.is_some() {
+                return Ok(false);
+            }
+            registrar.log_refusal(&user, session_id, &over);
+            return Err(over);
         }
         let data = PendingRequest {
             session_id,
@@ -370,6 +506,10 @@ impl UserRegistrations for ZkRegistrations {
             match timed(timeout, created).await {
                 Ok(_) => {
                     info!(user, session_id, worker, "auto-registration requested");
+                    let capacity = inner.view_capacity();
+                    inner
+                        .lock_view()
+                        .add(&user, source_of(session_id), capacity);
                     inner.wake.notify_one();
                     return Ok(true);
                 }
