@@ -1,11 +1,16 @@
 //! Auto-registration of unknown users (SPEC §7) through `RequestUserRegistration`, against a
 //! real HTTP backend on loopback that counts the POSTs per `sub_name` and checks their body and
 //! basic auth, on the embedded store and on a real ZooKeeper (one replica or two, and pending
-//! nodes written by a plain ZooKeeper client as a Go proxy would).
+//! nodes written by a plain ZooKeeper client as a Go proxy would). Also at pool speed (issue
+//! 14): the `IntervalSeconds` wait holds no exchange permit, one proxy's junk flood leaves room
+//! for the others, and a name the backend refused is not POSTed again for a while.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -19,7 +24,10 @@ use axum::{
 };
 use futures::{StreamExt, future::join_all};
 use serde_json::{Value, json};
-use switchyard_control::config::{AutoRegApiConfig, ConfigError, ControlConfig};
+use switchyard_control::{
+    config::{AutoRegApiConfig, ConfigError, ControlConfig},
+    core::SwitchCore,
+};
 use switchyard_proto::v1::{
     RequestUserRegistrationRequest, SwitchCoinRequest, WatchSwitchesRequest, WatchSwitchesResponse,
 };
@@ -54,6 +62,32 @@ struct BackendState {
     posts: Mutex<BTreeMap<String, usize>>,
     problems: Mutex<Vec<String>>,
     next_puid: Mutex<i64>,
+    /// The control services whose users it looks at (see `max_waiting`).
+    cores: Mutex<Vec<Arc<SwitchCore>>>,
+    /// The names it answered a puid for, in order.
+    answered: Mutex<Vec<String>>,
+    /// The most registrations waiting for their user at once, as seen at each POST: the names
+    /// answered a puid before, whose user no control service knows yet, plus the one POSTed.
+    max_waiting: AtomicUsize,
+}
+
+impl BackendState {
+    /// Notes a puid answered for `name` and how many registrations wait their interval now.
+    fn answered(&self, name: &str) {
+        let cores = self.cores.lock().expect("cores").clone();
+        let mut answered = self.answered.lock().expect("answered");
+        let waiting = answered
+            .iter()
+            .filter(|n| {
+                !cores
+                    .iter()
+                    .any(|core| core.user_coin(n).ok().flatten().is_some())
+            })
+            .count()
+            + 1;
+        answered.push(name.to_owned());
+        self.max_waiting.fetch_max(waiting, Ordering::SeqCst);
+    }
 }
 
 async fn register(
@@ -131,6 +165,7 @@ async fn register(
             *next += 1;
             *next
         };
+        state.answered(&name);
         (
             json,
             json!({"data": {"puid": puid}, "status": "success", "message": "created"}).to_string(),
@@ -163,6 +198,20 @@ impl Backend {
 
     fn posts_for(&self, name: &str) -> usize {
         self.posts().get(name).copied().unwrap_or(0)
+    }
+
+    fn post_count(&self) -> usize {
+        self.posts().values().sum()
+    }
+
+    /// Looks at the users of `controls` from now on (see [`BackendState::max_waiting`]).
+    fn watch(&self, controls: &[&InProcessControl]) {
+        *self.state.cores.lock().expect("cores") =
+            controls.iter().map(|c| Arc::clone(&c.core)).collect();
+    }
+
+    fn max_waiting(&self) -> usize {
+        self.state.max_waiting.load(Ordering::SeqCst)
     }
 
     fn assert_no_problems(&self) {
@@ -208,6 +257,11 @@ fn zk_config(c: &mut ControlConfig, zk: &ZooKeeperServer, root: &str) {
     c.zk_auto_reg_watch_dir = format!("{root}/autoreg/");
     c.zk_session_timeout_seconds = SESSION.as_secs();
     c.zk_request_timeout_seconds = 5;
+}
+
+/// A session ID of the proxy with `server_id` (SPEC §3, bitcoin-like).
+fn sid(server_id: u32, index: u32) -> u32 {
+    server_id << 24 | index
 }
 
 async fn ask(control: &InProcessControl, user: &str, session_id: u32) -> Result<bool, Status> {
@@ -305,7 +359,15 @@ async fn until_nothing_pending(client: &ZooKeeper, root: &str) {
         "no pending auto-registration and no claim",
         || async {
             let pending = children(client, &format!("{root}/autoreg")).await;
-            let claims = children(client, &format!("{root}/switchyard/autoreg-claims")).await;
+            // Claims live in the deployment's directory: ZKSwitchyardDir + ZKSwitcherWatchDir.
+            let claims = children(
+                client,
+                &format!(
+                    "{root}/switchyard/{}/switcher/autoreg-claims",
+                    root.trim_start_matches('/')
+                ),
+            )
+            .await;
             if pending.is_empty() && claims.is_empty() {
                 Ok(())
             } else {
@@ -435,7 +497,8 @@ async fn two_replicas_post_once_per_name() {
 }
 
 /// Refused, failed and unanswered registrations leave no pending request behind (a new
-/// request for the name is recorded again) and create no user.
+/// request for the name is recorded again, or for a refused name answered NOT_FOUND at once)
+/// and create no user.
 async fn failures_leave_nothing_behind(control: &InProcessControl, backend: &Backend) {
     let names = ["zero-a", "fail-b", "hang-c", "garbage-d"];
     for name in names {
@@ -447,7 +510,8 @@ async fn failures_leave_nothing_behind(control: &InProcessControl, backend: &Bac
             &format!("{name}'s request to be removed"),
             || async move {
                 match ask(control, name, 2).await {
-                    Ok(true) => Ok(()),
+                    Ok(true) if name != "zero-a" => Ok(()),
+                    Err(e) if name == "zero-a" && e.code() == Code::NotFound => Ok(()),
                     other => Err(format!("{other:?}; posts {}", backend.posts_for(name))),
                 }
             },
@@ -488,6 +552,11 @@ async fn zookeeper_failures_leave_nothing_pending_and_create_no_user() {
     // The second round of requests is processed the same way, and then nothing is left.
     let client = zk.connect(SESSION).await.expect("client");
     until_nothing_pending(&client, &root).await;
+    assert_eq!(
+        backend.posts_for("zero-a"),
+        1,
+        "the refused name was not asked again"
+    );
     for name in ["zero-a", "fail-b", "hang-c", "garbage-d"] {
         assert_eq!(control.core.user_coin(name).expect("valid"), None, "{name}");
     }
@@ -610,6 +679,297 @@ async fn requests_are_checked_and_bounded() {
     backend.assert_no_problems();
 }
 
+/// How long the pace test's registrations wait before their user is created.
+const PACE_INTERVAL_SECONDS: u64 = 2;
+/// Exchanges with the backend at once in the pace test.
+const PACE_CONCURRENT: usize = 2;
+
+/// 20 registrations asked at once, with `AutoRegMaxConcurrent` = 2 and `IntervalSeconds` = 2:
+/// the backend sees all 20 POSTs while more than 2 registrations wait their interval at once
+/// (the wait holds no exchange permit), and all 20 users exist within a few intervals, not 10.
+async fn registrations_wait_together(controls: &[&InProcessControl], backend: &Backend) {
+    backend.watch(controls);
+    let names: Vec<String> = (0..20).map(|i| format!("pace{i}")).collect();
+    let calls = names.iter().enumerate().map(|(i, name)| {
+        let control = controls[i % controls.len()];
+        async move { (name, ask(control, name, sid(1, 128 + i as u32)).await) }
+    });
+    for (name, result) in join_all(calls).await {
+        assert!(
+            result.unwrap_or_else(|e| panic!("request for {name}: {e:?}")),
+            "{name} recorded"
+        );
+    }
+    wait_until(DEADLINE, "20 POSTs and 20 users", || async {
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| {
+                !controls
+                    .iter()
+                    .all(|c| c.core.user_coin(n).expect("valid").is_some())
+            })
+            .collect();
+        let posts = backend.post_count();
+        if posts == 20 && missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{posts} POSTs, users missing: {missing:?}, most waiting at once {}",
+                backend.max_waiting()
+            ))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        backend.max_waiting() > PACE_CONCURRENT,
+        "at most {} registrations waited their interval at once: the wait holds an exchange permit",
+        backend.max_waiting()
+    );
+    assert_eq!(
+        backend.posts(),
+        names.iter().map(|n| (n.clone(), 1)).collect(),
+        "one POST per name"
+    );
+    backend.assert_no_problems();
+}
+
+fn pace_config(c: &mut ControlConfig, backend: &Backend) {
+    autoreg_config(c, backend);
+    c.user_auto_reg_api.interval_seconds = PACE_INTERVAL_SECONDS;
+    c.auto_reg_max_concurrent = PACE_CONCURRENT;
+}
+
+#[tokio::test]
+async fn embedded_registrations_wait_their_interval_together() {
+    let backend = Backend::start().await;
+    let control = InProcessControl::start_with(|c| pace_config(c, &backend))
+        .await
+        .expect("control");
+    registrations_wait_together(&[&control], &backend).await;
+}
+
+#[tokio::test]
+async fn zookeeper_registrations_wait_their_interval_together() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("autoreg-pace");
+    let backend = Backend::start().await;
+    let start = || {
+        InProcessControl::start_with(|c| {
+            zk_config(c, zk, &root);
+            pace_config(c, &backend);
+        })
+    };
+    let a = start().await.expect("replica A");
+    let b = start().await.expect("replica B");
+    registrations_wait_together(&[&a, &b], &backend).await;
+    let client = zk.connect(SESSION).await.expect("client");
+    until_nothing_pending(&client, &root).await;
+}
+
+/// Asks for `names` through `control` from the proxies `server_ids` (in turn); returns how
+/// many were recorded. Every other answer must be RESOURCE_EXHAUSTED.
+async fn flood(control: &InProcessControl, names: &[String], server_ids: &[u32]) -> usize {
+    let mut recorded = 0;
+    for (i, name) in names.iter().enumerate() {
+        let server_id = server_ids[i % server_ids.len()];
+        match ask(control, name, sid(server_id, 128 + i as u32)).await {
+            Ok(true) => recorded += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    recorded
+}
+
+/// A real user asked through `control` from the proxy `server_id` while the flood is pending:
+/// recorded, and registered.
+async fn real_user_gets_in(control: &InProcessControl, name: &str, server_id: u32) {
+    let recorded = ask(control, name, sid(server_id, 7))
+        .await
+        .unwrap_or_else(|e| panic!("the real user {name} was refused: {e:?}"));
+    assert!(recorded, "{name}'s request recorded");
+    wait_until(DEADLINE, &format!("{name} registered"), || async {
+        match control.core.user_coin(name).expect("valid") {
+            Some(record) if record.coin == DEFAULT_COIN => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn flood_config(c: &mut ControlConfig, backend: &Backend) {
+    autoreg_config(c, backend);
+    c.auto_reg_max_pending = 10;
+    c.auto_reg_max_pending_per_proxy = 4;
+    c.auto_reg_max_pending_per_pattern = 4;
+}
+
+/// Junk names the backend does not answer (they stay pending for `AutoRegTimeoutSeconds`):
+/// 30 random-looking names from one proxy, then 30 names of one pattern from 30 proxies. Each
+/// flood gets 4 places of the 10 (the bounds per proxy and per pattern), and a real user asking
+/// through `real` meanwhile is recorded and registered.
+async fn floods_leave_room(flooded: &InProcessControl, real: &InProcessControl, backend: &Backend) {
+    let random: Vec<String> = (0..30)
+        .map(|i| {
+            format!(
+                "hang-{}",
+                ["qx", "vb", "zk", "jw", "pf"][i % 5].repeat(1 + i / 5)
+            )
+        })
+        .collect();
+    // hang-… names share a pattern: one proxy's flood of them meets both bounds at 4.
+    assert_eq!(flood(flooded, &random, &[1]).await, 4, "one proxy's flood");
+    real_user_gets_in(real, "alice", 2).await;
+    let patterned: Vec<String> = (0..30).map(|i| format!("hang-p{i}")).collect();
+    let proxies: Vec<u32> = (10..40).collect();
+    // The first flood is still pending (4 of the pattern's 4 places): none of these fits yet.
+    let recorded = flood(flooded, &patterned, &proxies).await;
+    assert!(recorded <= 4, "{recorded} of one pattern recorded");
+    real_user_gets_in(real, "bob", 10).await;
+    backend.assert_no_problems();
+}
+
+#[tokio::test]
+async fn embedded_a_junk_flood_does_not_lock_out_real_users() {
+    let backend = Backend::start().await;
+    let control = InProcessControl::start_with(|c| flood_config(c, &backend))
+        .await
+        .expect("control");
+    floods_leave_room(&control, &control, &backend).await;
+}
+
+#[tokio::test]
+async fn zookeeper_a_junk_flood_does_not_lock_out_real_users() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("autoreg-flood");
+    let backend = Backend::start().await;
+    let start = || {
+        InProcessControl::start_with(|c| {
+            zk_config(c, zk, &root);
+            flood_config(c, &backend);
+        })
+    };
+    let a = start().await.expect("replica A");
+    floods_leave_room(&a, &a, &backend).await;
+    // The flood through one replica, the real users through another.
+    let b = start().await.expect("replica B");
+    let client = zk.connect(SESSION).await.expect("client");
+    until_nothing_pending(&client, &root).await;
+    let random: Vec<String> = (0..30)
+        .map(|i| format!("hang-r{}", "x".repeat(i)))
+        .collect();
+    assert_eq!(flood(&a, &random, &[3]).await, 4, "one proxy's flood on A");
+    real_user_gets_in(&b, "carol", 4).await;
+}
+
+/// A name the backend refused is answered NOT_FOUND at once, without a POST, while it is
+/// remembered; so is a pending request for it written straight into ZooKeeper (`client`).
+async fn refused_names_are_remembered(
+    control: &InProcessControl,
+    backend: &Backend,
+    zk: Option<(&ZooKeeper, &str)>,
+) {
+    assert!(
+        ask(control, "zero-r", sid(1, 1))
+            .await
+            .expect("first request")
+    );
+    wait_until(DEADLINE, "the refusal to be remembered", || async {
+        match ask(control, "zero-r", sid(1, 2)).await {
+            Err(e) if e.code() == Code::NotFound => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..5 {
+        let err = ask(control, "zero-r", sid(2, i))
+            .await
+            .expect_err("remembered");
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
+    if let Some((client, root)) = zk {
+        // A Go proxy's node for the name: removed without a POST.
+        client
+            .create(
+                &format!("{root}/autoreg/zero-r"),
+                br#"{"SessionID":16777345,"Worker":"zero-r.go"}"#.to_vec(),
+                Acl::open_unsafe().clone(),
+                CreateMode::Persistent,
+            )
+            .await
+            .expect("create");
+        until_nothing_pending(client, root).await;
+    }
+    assert_eq!(backend.posts_for("zero-r"), 1, "POSTed once");
+    assert_eq!(control.core.user_coin("zero-r").expect("valid"), None);
+    backend.assert_no_problems();
+}
+
+#[tokio::test]
+async fn embedded_a_refused_name_is_not_posted_again_within_the_ttl() {
+    let backend = Backend::start().await;
+    let control = InProcessControl::start_with(|c| autoreg_config(c, &backend))
+        .await
+        .expect("control");
+    refused_names_are_remembered(&control, &backend, None).await;
+}
+
+#[tokio::test]
+async fn zookeeper_a_refused_name_is_not_posted_again_within_the_ttl() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("autoreg-refused");
+    let backend = Backend::start().await;
+    let control = InProcessControl::start_with(|c| {
+        zk_config(c, zk, &root);
+        autoreg_config(c, &backend);
+    })
+    .await
+    .expect("control on ZooKeeper");
+    let client = zk.connect(SESSION).await.expect("client");
+    refused_names_are_remembered(&control, &backend, Some((&client, &root))).await;
+}
+
+/// Once `AutoRegRefusedSeconds` have passed, the name is asked again.
+#[tokio::test]
+async fn a_refused_name_is_asked_again_after_the_ttl() {
+    let backend = Backend::start().await;
+    let control = InProcessControl::start_with(|c| {
+        autoreg_config(c, &backend);
+        c.auto_reg_refused_seconds = 1;
+    })
+    .await
+    .expect("control");
+    assert!(ask(&control, "zero-t", 1).await.expect("first request"));
+    wait_until(DEADLINE, "the refusal to be remembered", || async {
+        match ask(&control, "zero-t", 2).await {
+            Err(e) if e.code() == Code::NotFound => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(backend.posts_for("zero-t"), 1);
+    wait_until(DEADLINE, "the refusal to be forgotten", || async {
+        match ask(&control, "zero-t", 3).await {
+            Ok(true) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_until(DEADLINE, "a second POST", || async {
+        match backend.posts_for("zero-t") {
+            2 => Ok(()),
+            n => Err(format!("{n} POSTs")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 fn config_error_key(json: Value) -> Option<&'static str> {
     let (config, unknown) = ControlConfig::from_json(&json.to_string()).expect("parses");
     assert!(unknown.is_empty(), "unknown keys {unknown:?}");
@@ -656,6 +1016,36 @@ fn settings_are_validated() {
     let mut c = base();
     c["AutoRegTimeoutSeconds"] = json!(0);
     assert_eq!(config_error_key(c), Some("AutoRegTimeoutSeconds"));
+    for key in [
+        "AutoRegMaxConcurrent",
+        "AutoRegMaxPendingPerProxy",
+        "AutoRegMaxPendingPerPattern",
+    ] {
+        let mut c = base();
+        c[key] = json!(0);
+        assert_eq!(config_error_key(c), Some(key));
+    }
+    // The defaults, and the settings read.
+    assert_eq!(settings.max_concurrent, 16);
+    assert_eq!(settings.max_pending_per_proxy, 250);
+    assert_eq!(settings.max_pending_per_pattern, 100);
+    assert_eq!(settings.refused_ttl, Duration::from_secs(300));
+    let mut c = base();
+    c["AutoRegMaxConcurrent"] = json!(3);
+    c["AutoRegMaxPendingPerProxy"] = json!(4);
+    c["AutoRegMaxPendingPerPattern"] = json!(5);
+    c["AutoRegRefusedSeconds"] = json!(0);
+    let (config, _) = ControlConfig::from_json(&c.to_string()).expect("parses");
+    let settings = config.auto_reg().expect("valid").expect("enabled");
+    assert_eq!(
+        (
+            settings.max_concurrent,
+            settings.max_pending_per_proxy,
+            settings.max_pending_per_pattern,
+            settings.refused_ttl
+        ),
+        (3, 4, 5, Duration::ZERO)
+    );
     // On ZooKeeper the directory is required, and normalized.
     let mut c = base();
     c["ZKBroker"] = json!(["127.0.0.1:2181"]);
