@@ -152,6 +152,8 @@ impl UserCoinIndex {
     pub fn apply(&self, mut records: Vec<Record>, through: Revision) {
         records.sort_by_key(|r| r.revision);
         let mut state = self.write();
+        // Before the records: inserting them raises the revision too.
+        let before = state.revision;
         let applied: Vec<Record> = records
             .into_iter()
             .filter(|r| {
@@ -164,7 +166,6 @@ impl UserCoinIndex {
         for record in &applied {
             state.insert(record.clone());
         }
-        let before = state.revision;
         state.revision = state.revision.max(through);
         if !applied.is_empty() {
             state.seq += 1;
@@ -557,5 +558,26 @@ mod tests {
         assert_eq!(seen.len(), 25);
         seen.dedup();
         assert_eq!(seen.len(), 25);
+    }
+
+    /// A batch whose `through` is its highest record's revision (a store that publishes
+    /// exactly as far as it read) still wakes whoever waits for that revision.
+    #[tokio::test]
+    async fn waiters_see_a_revision_carried_by_the_records_themselves() {
+        let index = index_with(Vec::new());
+        index.apply(vec![user("a", "btc", 5), user("b", "bch", 7)], 7);
+        assert_eq!(index.revision(), 7);
+        assert!(
+            index
+                .wait_for(7, std::time::Duration::from_millis(100))
+                .await,
+            "the published revision follows the index's"
+        );
+        index.apply(vec![user("a", "bch", 9)], 8);
+        assert!(
+            index
+                .wait_for(9, std::time::Duration::from_millis(100))
+                .await
+        );
     }
 }
