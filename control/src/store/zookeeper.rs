@@ -23,8 +23,9 @@
 //!   write still gets its exact outcome (created, or already there). Nodes the index already
 //!   knows are created one by one from the start, as they most likely exist.
 //! - Every writer counts (other replicas, zkCli, the Go API server): the store's feed
-//!   (`zookeeper/feed.rs`) follows the directories with persistent recursive watches and feeds each change
-//!   into the index, ordered by barriers, re-reading everything after any session trouble and
+//!   (`zookeeper/feed.rs`) follows the directories with persistent recursive watches and emits
+//!   each change on the store's change stream in zxid order (known from the zxids its reads
+//!   answer, without a write of its own), re-reading everything after any session trouble and
 //!   every `ZKReconcileSeconds`.
 
 mod feed;

@@ -4,16 +4,41 @@
 //!
 //! - One persistent recursive watch per directory (`addWatch`, ZooKeeper ≥ 3.6) reports every
 //!   node created, changed or deleted below it, without a watch per node and without listing the
-//!   directory again. Events name the node but not its data, so the feed reads what changed,
-//!   up to 1,000 nodes per `multiRead` request.
-//! - Order. Reads answer with data newer than the event that asked for them, so results arrive
-//!   out of zxid order. The feed stages them and publishes at a *barrier*: it writes its own
-//!   barrier node; ZooKeeper sends a session's watch events and responses in zxid order, and
-//!   zookeeper-client hands events to the watchers' queues before it completes the response, so
-//!   once the write's answer (with its zxid) is in, every event up to that zxid is queued. The
-//!   feed takes them all, reads what they name, and publishes everything staged at or below the
-//!   barrier, sorted. The index revision is therefore a true resume point: every change at or
-//!   below it is in.
+//!   directory again. Events name the node but not its data (nor, before ZooKeeper 3.9, their
+//!   zxid), so the feed reads what changed, up to 1,000 nodes per `multiRead` request; every
+//!   such request also reads each watched directory's own node, whose stat dates deletions
+//!   (below) and bounds the order at no extra round trip.
+//! - Order, without a write of its own. Reads answer with data newer than the event that asked
+//!   for them, so results arrive out of zxid order: the feed stages them and publishes, sorted,
+//!   only what it knows to be complete. It learns that from the reads' answers alone:
+//!   - ZooKeeper applies transactions in zxid order, and fires a watch when it applies the
+//!     transaction to its tree, before it serves any later read; it sends a session's
+//!     notifications and responses in the order it produced them, and zookeeper-client hands
+//!     an event to its watcher's queue before it completes the response that follows it.
+//!   - So once a read's answer carrying zxid `M` is in (a node's `mzxid`, a directory's `pzxid`
+//!     or `mzxid`), transaction `M` and every one below it were applied before the read was
+//!     served: the event of every change at or below `M` is in the watchers' queues. `M` is
+//!     the highest such zxid of all the answers in so far.
+//!   - A round takes every queued event and reads what they name. What an event names is read
+//!     in the round after the event is taken, by a request served after the change. So after
+//!     a round, every change at or below the `M` known before that round has been read (its
+//!     event was queued by then, and taken then or earlier): everything staged at or below
+//!     that `M` is final and is published through it. And when taking finds no event at all,
+//!     every change at or below the latest `M` was read already: everything staged is
+//!     published through it (every staged revision came from an answer, so none is above).
+//!   - Under continuous writes each round publishes at least through the previous round's
+//!     `M`, so the feed never starves; when changes are rare a change costs one read round
+//!     trip after its event, and no ZooKeeper write (no quorum, no fsync) stands between a
+//!     change and the stream. A re-read (below) is a round like any other: its `M` is the
+//!     highest zxid it saw.
+//!   - The published revision is therefore a true resume point: every change at or below it is
+//!     in, unless a later change of the same node replaced it before the feed read the node
+//!     (that value is published in its turn, with its own revision). Published revisions only
+//!     grow.
+//! - A node read as gone is removed, dated by its directory's `pzxid` read in the same
+//!   `multiRead`: the last child created or deleted, so at or after the deletion and at or
+//!   below that request's `M`. Removals read in one request share that revision, and may
+//!   share it with the node whose creation set it.
 //! - Watches do not survive everything: events are lost while the session is disconnected,
 //!   zookeeper-client 0.11 does not set persistent watches again after a reconnect, and an
 //!   expired session is gone. So on any session event the feed drops its watches, sets them
@@ -43,7 +68,7 @@ use crate::{
     validate::validate_user,
 };
 
-/// Nodes read in one `multiRead` request.
+/// Nodes read in one `multiRead` request (besides the directories' own nodes).
 const READ_BATCH: usize = 1_000;
 /// `multiRead` requests in flight at once.
 const READS_IN_FLIGHT: usize = 4;
@@ -66,7 +91,7 @@ struct Watches {
 struct Round {
     /// Nodes created or changed: to read.
     reads: HashSet<RecordKey>,
-    /// Nodes deleted (unless a read finds them again).
+    /// Nodes deleted: to read too (a read that finds one again wins).
     deleted: HashSet<RecordKey>,
     /// A session event came: the watches must be set again and everything re-read.
     session: bool,
@@ -76,6 +101,16 @@ impl Round {
     fn is_empty(&self) -> bool {
         self.reads.is_empty() && self.deleted.is_empty() && !self.session
     }
+}
+
+/// What reading some nodes found.
+#[derive(Debug, Default)]
+struct ReadOutcome {
+    /// The nodes gone, each dated by its directory's `pzxid` read in the same request.
+    gone: Vec<(RecordKey, Revision)>,
+    /// The highest zxid the answers carried: every change at or below it has its event
+    /// queued (see the module doc).
+    seen: Revision,
 }
 
 /// Follows the directories and emits their changes; see the module doc.
@@ -88,8 +123,8 @@ pub(super) struct Feed {
     known: HashMap<RecordKey, Revision>,
     /// Changes read but not yet published.
     staged: HashMap<RecordKey, Record>,
-    /// Publish at the next barrier even with nothing staged (after a re-read).
-    want_barrier: bool,
+    /// The revision published through so far; `None` before the first publication.
+    published: Option<Revision>,
     /// Whether the feed is watching: down from a session event or an error until it has
     /// watched and caught up again.
     up: watch::Sender<bool>,
@@ -108,7 +143,7 @@ impl Feed {
             sink,
             known: HashMap::new(),
             staged: HashMap::new(),
-            want_barrier: true,
+            published: None,
             up,
         }
     }
@@ -236,8 +271,9 @@ impl Feed {
         self.up.send_if_modified(|v| std::mem::replace(v, up) != up);
     }
 
-    /// Sets the watches if needed, re-reads if needed, then takes and publishes events through
-    /// barriers until none are left.
+    /// Sets the watches if needed, re-reads if needed, then takes events and reads what they
+    /// name, round after round, publishing as far as the answers show everything is in (see
+    /// the module doc), until a round finds no event.
     async fn catch_up(
         &mut self,
         watches: &mut Option<Watches>,
@@ -245,12 +281,16 @@ impl Feed {
         round: &mut Round,
         shutdown: &CancellationToken,
     ) -> Result<(), StoreError> {
+        // The highest zxid the answers on these watches carried so far: every change at or
+        // below it has its event queued.
+        let mut seen: Option<Revision> = None;
         loop {
             if round.session || watches.is_none() {
                 // Drop the old watchers first: their removal reaches the session before the
                 // new watches.
                 *watches = None;
                 *round = Round::default();
+                seen = None;
                 *watches = Some(self.watch().await?);
                 *resync = true;
             }
@@ -258,24 +298,32 @@ impl Feed {
                 return Ok(());
             };
             if *resync {
-                self.resync(&current.client).await?;
+                let read = self.resync(&current.client).await?;
                 *resync = false;
-            }
-            if round.is_empty() && !self.want_barrier && self.staged.is_empty() {
-                return Ok(());
+                seen = Some(seen.map_or(read, |s| s.max(read)));
             }
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let barrier = self.session.write_barrier(&current.client).await?;
-            // Every event up to the barrier is queued now.
+            // Every event of a change at or below `seen` is queued now.
             self.drain(current, round);
             if round.session {
                 continue;
             }
+            if round.is_empty() {
+                // Every change at or below `seen` was read already.
+                if let Some(through) = seen {
+                    self.publish(through).await;
+                }
+                return Ok(());
+            }
             let taken = std::mem::take(round);
-            self.apply(&current.client, taken).await?;
-            self.publish(barrier).await;
+            let read = self.apply(&current.client, taken).await?;
+            // Every change at or below the earlier `seen` has been read now.
+            if let Some(through) = seen {
+                self.publish(through).await;
+            }
+            seen = Some(seen.map_or(read, |s| s.max(read)));
         }
     }
 
@@ -300,28 +348,30 @@ impl Feed {
         Ok(Watches { client, dirs })
     }
 
-    /// Reads what a round names and stages it.
-    async fn apply(&mut self, client: &zk::Client, round: Round) -> Result<(), StoreError> {
+    /// Reads what a round names and stages it; answers the highest zxid the answers carried.
+    async fn apply(&mut self, client: &zk::Client, round: Round) -> Result<Revision, StoreError> {
         let Round {
-            reads, mut deleted, ..
+            mut reads, deleted, ..
         } = round;
-        let (present, gone) = self.read_nodes(client, reads.into_iter().collect()).await?;
-        deleted.retain(|k| !present.contains(k));
-        deleted.extend(gone);
-        self.stage_removals(client, deleted).await
+        reads.extend(deleted);
+        let read = self.read_nodes(client, reads.into_iter().collect()).await?;
+        let seen = read.seen;
+        self.stage_removals(read.gone);
+        Ok(seen)
     }
 
-    /// Lists a directory: the keys present, and the known keys that are gone.
+    /// Lists a directory: the keys present, the known keys that are gone, and the highest
+    /// zxid of the directory's stat.
     async fn read_children(
         &self,
         client: &zk::Client,
         dir: Dir,
-    ) -> Result<(Vec<RecordKey>, Vec<RecordKey>), StoreError> {
+    ) -> Result<(Vec<RecordKey>, Vec<RecordKey>, Revision), StoreError> {
         let Some(prefix) = self.dir(dir) else {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok((Vec::new(), Vec::new(), 0));
         };
         let path = node_path(prefix);
-        let names = timed(self.settings.request_timeout, client.list_children(path))
+        let (names, stat) = timed(self.settings.request_timeout, client.get_children(path))
             .await
             .map_err(|e| zk_error("list", path, e))?;
         let mut present = Vec::with_capacity(names.len());
@@ -338,46 +388,73 @@ impl Feed {
             .filter(|k| Self::dir_of(k) == dir && !set.contains(k))
             .cloned()
             .collect();
-        Ok((present, missing))
+        Ok((present, missing, stat_zxid(&stat)))
     }
 
-    /// Reads nodes in `multiRead` batches and stages what changed; returns the keys whose node
-    /// exists and those whose node is gone.
+    /// Reads nodes in `multiRead` batches, each with the directories' own nodes, and stages
+    /// what changed; returns the nodes found gone and the highest zxid the answers carried.
     async fn read_nodes(
         &mut self,
         client: &zk::Client,
         keys: Vec<RecordKey>,
-    ) -> Result<(HashSet<RecordKey>, Vec<RecordKey>), StoreError> {
+    ) -> Result<ReadOutcome, StoreError> {
         let timeout = self.settings.request_timeout;
+        let dirs: Vec<(Dir, String)> = self
+            .dirs()
+            .into_iter()
+            .filter_map(|d| self.dir(d).map(|p| (d, node_path(p).to_owned())))
+            .collect();
         let keyed: Vec<(RecordKey, String)> = keys
             .into_iter()
             .filter_map(|k| self.path_of(&k).map(|p| (k, p)))
             .collect();
         let chunks: Vec<Vec<String>> = keyed
             .chunks(READ_BATCH)
-            .map(|chunk| chunk.iter().map(|(_, path)| path.clone()).collect())
+            .map(|chunk| {
+                dirs.iter()
+                    .map(|(_, path)| path.clone())
+                    .chain(chunk.iter().map(|(_, path)| path.clone()))
+                    .collect()
+            })
             .collect();
         let batches: Vec<Result<Vec<zk::MultiReadResult>, StoreError>> = stream::iter(chunks)
             .map(|paths| read_batch(client.clone(), paths, timeout))
             .buffered(READS_IN_FLIGHT)
             .collect()
             .await;
-        let mut present = HashSet::new();
-        let mut gone = Vec::new();
+        let mut outcome = ReadOutcome::default();
         let mut keys = keyed.into_iter().map(|(k, _)| k);
         for batch in batches {
-            for result in batch? {
+            let mut results = batch?.into_iter();
+            // The directories first: their pzxid dates this batch's removals.
+            let mut pzxid: HashMap<Dir, Revision> = HashMap::new();
+            for ((dir, path), result) in dirs.iter().zip(results.by_ref()) {
+                match result {
+                    zk::MultiReadResult::Data { stat, .. } => {
+                        outcome.seen = outcome.seen.max(stat_zxid(&stat));
+                        pzxid.insert(*dir, revision_of(stat.pzxid));
+                    }
+                    zk::MultiReadResult::Error { err } => return Err(zk_error("get", path, err)),
+                    other => {
+                        return Err(StoreError::Unavailable(format!(
+                            "ZooKeeper get {path}: unexpected answer {other:?}"
+                        )));
+                    }
+                }
+            }
+            for result in results {
                 let Some(key) = keys.next() else { break };
                 match result {
                     zk::MultiReadResult::Data { data, stat } => {
-                        present.insert(key.clone());
+                        let revision = revision_of(stat.mzxid);
+                        outcome.seen = outcome.seen.max(revision);
                         match parse_value(&data).filter(|v| {
                             !matches!(key, RecordKey::CaseIndex(_)) || validate_user(v).is_ok()
                         }) {
                             Some(value) => self.stage(Record {
                                 key,
                                 value: Some(value),
-                                revision: stat.mzxid as Revision,
+                                revision,
                             }),
                             None => warn!(
                                 ?key,
@@ -388,7 +465,10 @@ impl Feed {
                     }
                     zk::MultiReadResult::Error {
                         err: zk::Error::NoNode,
-                    } => gone.push(key),
+                    } => {
+                        let revision = pzxid.get(&Self::dir_of(&key)).copied().unwrap_or(0);
+                        outcome.gone.push((key, revision));
+                    }
                     zk::MultiReadResult::Error { err } => {
                         return Err(zk_error("get", &format!("{key:?}"), err));
                     }
@@ -400,41 +480,18 @@ impl Feed {
                 }
             }
         }
-        Ok((present, gone))
+        Ok(outcome)
     }
 
-    /// Stages the removal of known keys, dated by their directory's last child change.
-    async fn stage_removals(
-        &mut self,
-        client: &zk::Client,
-        keys: HashSet<RecordKey>,
-    ) -> Result<(), StoreError> {
-        let keys: Vec<RecordKey> = keys
-            .into_iter()
-            .filter(|k| self.known.contains_key(k))
-            .collect();
-        let mut pzxid: HashMap<Dir, Revision> = HashMap::new();
-        for key in keys {
-            let dir = Self::dir_of(&key);
-            let revision = match pzxid.get(&dir) {
-                Some(r) => *r,
-                None => {
-                    let path = node_path(self.dir(dir).unwrap_or("/"));
-                    let stat = timed(self.settings.request_timeout, client.check_stat(path))
-                        .await
-                        .map_err(|e| zk_error("exists", path, e))?;
-                    let r = stat.map_or(0, |s| s.pzxid as Revision);
-                    pzxid.insert(dir, r);
-                    r
-                }
-            };
+    /// Stages the removal of known keys found gone, each dated by its directory's `pzxid`.
+    fn stage_removals(&mut self, gone: Vec<(RecordKey, Revision)>) {
+        for (key, revision) in gone {
             self.stage(Record {
                 key,
                 value: None,
                 revision,
             });
         }
-        Ok(())
     }
 
     fn stage(&mut self, record: Record) {
@@ -456,40 +513,52 @@ impl Feed {
         self.staged.insert(record.key.clone(), record);
     }
 
-    /// Publishes every staged record at or below the barrier.
-    async fn publish(&mut self, barrier: Revision) {
+    /// Publishes every staged record at or below `through` (never below what was published
+    /// before: published revisions only grow).
+    async fn publish(&mut self, through: Revision) {
+        let through = self.published.map_or(through, |p| p.max(through));
         let ready: Vec<RecordKey> = self
             .staged
             .iter()
-            .filter(|(_, r)| r.revision <= barrier)
+            .filter(|(_, r)| r.revision <= through)
             .map(|(k, _)| k.clone())
             .collect();
+        if ready.is_empty() && self.published == Some(through) {
+            return;
+        }
         let records: Vec<Record> = ready.iter().filter_map(|k| self.staged.remove(k)).collect();
-        debug!(barrier, records = records.len(), "publishing");
+        debug!(through, records = records.len(), "publishing");
         // A closed stream means shutdown: nobody applies changes any more.
-        let _ = self
-            .sink
-            .send(StoreChange {
-                records,
-                through: barrier,
-            })
-            .await;
-        self.want_barrier = false;
+        let _ = self.sink.send(StoreChange { records, through }).await;
+        self.published = Some(through);
     }
 
-    /// Re-reads every directory and node and stages what changed.
-    async fn resync(&mut self, client: &zk::Client) -> Result<(), StoreError> {
-        self.want_barrier = true;
+    /// Re-reads every directory and node and stages what changed; answers the highest zxid the
+    /// answers carried.
+    async fn resync(&mut self, client: &zk::Client) -> Result<Revision, StoreError> {
+        let mut seen = 0;
         for dir in self.dirs() {
-            let (present, missing) = self.read_children(client, dir).await?;
+            let (present, missing, listed) = self.read_children(client, dir).await?;
             let count = present.len();
-            let (_, gone) = self.read_nodes(client, present).await?;
-            self.stage_removals(client, missing.into_iter().chain(gone).collect())
+            let read = self
+                .read_nodes(client, present.into_iter().chain(missing).collect())
                 .await?;
+            seen = seen.max(listed).max(read.seen);
+            self.stage_removals(read.gone);
             info!(?dir, nodes = count, "re-read a ZooKeeper directory");
         }
-        Ok(())
+        Ok(seen)
     }
+}
+
+/// A zxid from ZooKeeper as a revision (zxids are never negative).
+fn revision_of(zxid: i64) -> Revision {
+    Revision::try_from(zxid).unwrap_or(0)
+}
+
+/// The highest zxid a node's stat carries: its own last change or its children's.
+fn stat_zxid(stat: &zk::Stat) -> Revision {
+    revision_of(stat.mzxid.max(stat.pzxid))
 }
 
 /// Reads a batch of nodes in one `multiRead` request: one result per path, in order.

@@ -4,10 +4,11 @@
 //!
 //! zookeeper-client ends a session for good when it expires; [`BatchSession::client`] then opens
 //! a new one. Every replica also keeps one ephemeral node of its own on this session, its
-//! *barrier* node (`ZKSwitchyardDir/barriers/<random>`): the feed writes it to learn how far
-//! its events have come, and every batched create writes it too, inside the transaction, so
-//! that the write's response carries the transaction's zxid (ZooKeeper 3.8 answers a create
-//! inside a `multi` with an empty stat, ZOOKEEPER-4026).
+//! *barrier* node (`ZKSwitchyardDir/barriers/<random>`): every `multi` transaction of the store
+//! (batched creates, held-back switches) writes it too, so that the transaction's response
+//! carries its zxid (ZooKeeper 3.8 answers a create inside a `multi` with an empty stat,
+//! ZOOKEEPER-4026). The feed writes nothing: it orders changes by the zxids its reads answer
+//! (`feed.rs`).
 
 use std::{future::Future, time::Duration};
 
@@ -15,7 +16,6 @@ use tokio::sync::Mutex;
 use tracing::info;
 use zookeeper_client as zk;
 
-use super::Revision;
 use crate::store::StoreError;
 
 /// Why a request on the batch session failed.
@@ -127,27 +127,5 @@ impl BatchSession {
             Ok(_) | Err(zk::Error::NodeExists) => Ok(()),
             Err(e) => Err(zk_error("create", &self.barrier_path, e)),
         }
-    }
-
-    /// Writes the barrier node (creating it first if it is gone) and answers the write's zxid.
-    /// When the answer arrives, ZooKeeper has delivered every watch event of this session for
-    /// changes up to that zxid: it sends events and responses in order.
-    pub(super) async fn write_barrier(&self, client: &zk::Client) -> Result<Revision, StoreError> {
-        for _ in 0..2 {
-            match timed(
-                self.request_timeout,
-                client.set_data(&self.barrier_path, b"", None),
-            )
-            .await
-            {
-                Ok(stat) => return Ok(stat.mzxid as Revision),
-                Err(zk::Error::NoNode) => self.create_barrier(client).await?,
-                Err(e) => return Err(zk_error("set", &self.barrier_path, e)),
-            }
-        }
-        Err(StoreError::Unavailable(format!(
-            "ZooKeeper {}: the barrier node keeps vanishing",
-            self.barrier_path
-        )))
     }
 }
