@@ -414,7 +414,10 @@ impl SwitchCore {
             }
         }
         for (i, (user, _)) in switches.iter().enumerate() {
-            if last_immediate.get(user.as_str()).is_some_and(|last| *last > i) {
+            if last_immediate
+                .get(user.as_str())
+                .is_some_and(|last| *last > i)
+            {
                 hold[i] = None;
             }
         }

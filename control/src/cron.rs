@@ -264,13 +264,21 @@ impl UserCoinMapPuller {
         match self.core.marker(&self.marker_name()).await {
             Ok(Some(value)) => match value.parse::<u64>() {
                 Ok(now_date) if now_date > 0 => {
-                    info!(now_date, "resuming the user->coin map pull from its stored position");
+                    info!(
+                        now_date,
+                        "resuming the user->coin map pull from its stored position"
+                    );
                     self.now_date = Some(now_date);
                 }
-                _ => warn!(value, "ignoring a stored pull position that is not a positive integer"),
+                _ => warn!(
+                    value,
+                    "ignoring a stored pull position that is not a positive integer"
+                ),
             },
             Ok(None) => {}
-            Err(e) => warn!(error = %e, "cannot read the pull's stored position; pulling the whole map"),
+            Err(e) => {
+                warn!(error = %e, "cannot read the pull's stored position; pulling the whole map")
+            }
         }
     }
 

@@ -133,32 +133,32 @@ impl ControlPlane {
             None => None,
         };
         let mut zk_client = None;
-        let (store, leases): (Arc<dyn UserCoinStore>, Arc<dyn ServerIdLeases>) =
-            match config.store_choice()? {
-                StoreChoice::Embedded => (
-                    Arc::new(EmbeddedStore::open(&config.data_dir)?),
-                    Arc::new(LocalLeases::new(config.lease_ttl()?)),
-                ),
-                StoreChoice::ZooKeeper => {
-                    let zk_settings = config.zk_settings()?;
-                    let request_timeout = zk_settings.request_timeout;
-                    // One main session, handed to each of its users (see `zk_session`).
-                    let main =
-                        ZkSession::connect(&zk_settings.brokers, zk_settings.session_timeout)
-                            .await?;
-                    let store = ZooKeeperStore::connect(zk_settings, &main).await?;
-                    let leases = ZkLeases::start(
-                        main.client(),
-                        config.lease_dirs()?,
-                        config.lease_ttl()?,
-                        request_timeout,
-                        shutdown.clone(),
-                    )
-                    .await?;
-                    zk_client = Some(main.client());
-                    (Arc::new(store), Arc::new(leases))
-                }
-            };
+        let (store, leases): (Arc<dyn UserCoinStore>, Arc<dyn ServerIdLeases>) = match config
+            .store_choice()?
+        {
+            StoreChoice::Embedded => (
+                Arc::new(EmbeddedStore::open(&config.data_dir)?),
+                Arc::new(LocalLeases::new(config.lease_ttl()?)),
+            ),
+            StoreChoice::ZooKeeper => {
+                let zk_settings = config.zk_settings()?;
+                let request_timeout = zk_settings.request_timeout;
+                // One main session, handed to each of its users (see `zk_session`).
+                let main =
+                    ZkSession::connect(&zk_settings.brokers, zk_settings.session_timeout).await?;
+                let store = ZooKeeperStore::connect(zk_settings, &main).await?;
+                let leases = ZkLeases::start(
+                    main.client(),
+                    config.lease_dirs()?,
+                    config.lease_ttl()?,
+                    request_timeout,
+                    shutdown.clone(),
+                )
+                .await?;
+                zk_client = Some(main.client());
+                (Arc::new(store), Arc::new(leases))
+            }
+        };
         let core = Arc::new(
             SwitchCore::open(
                 Arc::clone(&store),

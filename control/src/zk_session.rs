@@ -48,7 +48,10 @@ impl std::fmt::Debug for ZkSession {
 
 impl ZkSession {
     /// Connects to the ensemble (`host:port` each) and waits until the session answers.
-    pub async fn connect(brokers: &[String], session_timeout: Duration) -> Result<Self, StoreError> {
+    pub async fn connect(
+        brokers: &[String],
+        session_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         // The main session sets no watches: the store's feed watches on the batch session.
         let watcher = |_: WatchedEvent| {};
         let connect_string = brokers.join(",");

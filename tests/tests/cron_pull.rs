@@ -28,7 +28,7 @@ use switchyard_control::{
     validate::CoinSet,
 };
 use switchyard_tests::{
-    control::{TEST_COINS, test_config},
+    control::{InProcessControl, TEST_COINS, test_config},
     wait::wait_until,
 };
 use tempfile::TempDir;
@@ -197,6 +197,7 @@ impl Core {
             max_batch,
             safety: None,
             case_index: false,
+            pending_reconcile: std::time::Duration::from_secs(300),
         };
         let shutdown = CancellationToken::new();
         let core = SwitchCore::open(store, settings, shutdown.clone())
@@ -819,4 +820,56 @@ async fn a_declared_oversized_length_is_refused_before_the_body_is_read() {
         "{error:?}"
     );
     assert_eq!(puller.last_date(), None);
+}
+
+/// The position is durable: a control service restarted on the same store (same data
+/// directory) asks for `last_date` on its first pull instead of the whole map, which would
+/// turn every pair into a switch again; another URL starts bare.
+#[tokio::test]
+async fn the_first_pull_after_a_restart_is_paged_like_the_others() {
+    let backend = Backend::start(vec![
+        ok(page(json!({"alice": "btc"}), 5_000)),
+        ok(page(json!({}), 5_100)),
+        ok(page(json!({}), 5_200)),
+    ])
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path());
+    let url = backend.url("/usercoin");
+    let control = InProcessControl::start_config(&config)
+        .await
+        .expect("control");
+    let mut first = UserCoinMapPuller::new(
+        Arc::clone(&control.core),
+        settings(url.clone(), Duration::from_secs(5), 4096),
+    )
+    .expect("valid settings");
+    first.pull_once().await.expect("first round");
+    drop(first);
+    control.shutdown().await.expect("stops");
+    let control = InProcessControl::start_config(&config)
+        .await
+        .expect("restarts");
+    let mut again = UserCoinMapPuller::new(
+        Arc::clone(&control.core),
+        settings(url.clone(), Duration::from_secs(5), 4096),
+    )
+    .expect("valid settings");
+    again.resume().await;
+    assert_eq!(
+        again.last_date(),
+        Some(4_940),
+        "resumed from the stored position"
+    );
+    again.pull_once().await.expect("paged round");
+    let mut other = UserCoinMapPuller::new(
+        Arc::clone(&control.core),
+        settings(format!("{url}?pool=2"), Duration::from_secs(5), 4096),
+    )
+    .expect("valid settings");
+    other.resume().await;
+    assert_eq!(other.last_date(), None, "another URL has no position");
+    assert_eq!(backend.queries(), vec![None, q("last_date=4940")]);
+    drop((again, other));
+    control.shutdown().await.expect("stops");
 }

@@ -18,10 +18,9 @@ use switchyard_control::{
     ControlPlane,
     core::{CoreSettings, SwitchCore},
     http::{MULTI_USER_BODY_LIMIT, SWITCH_BODY_LIMIT, SwitchApiAuth, router, serve},
-    index::UserCoinIndex,
     store::{
-        PendingSwitch, Record, RecordKey, StoreContents, StoreError, StoreWrite, UserCoinStore,
-        embedded::EmbeddedStore,
+        ChangeReceiver, HoldSwitch, KeyPresence, PendingOutcome, PendingSwitch, Record, RecordKey,
+        StoreError, StoreWrite, UserCoinStore, embedded::EmbeddedStore,
     },
     validate::CoinSet,
 };
@@ -43,8 +42,16 @@ struct FailingStore {
 
 #[async_trait]
 impl UserCoinStore for FailingStore {
-    async fn load(&self) -> Result<StoreContents, StoreError> {
-        self.inner.load().await
+    fn store_id(&self) -> &str {
+        self.inner.store_id()
+    }
+
+    fn changes(
+        &self,
+        presence: Arc<dyn KeyPresence>,
+        shutdown: CancellationToken,
+    ) -> Result<ChangeReceiver, StoreError> {
+        self.inner.changes(presence, shutdown)
     }
 
     async fn write(&self, writes: Vec<StoreWrite>) -> Vec<Result<Record, StoreError>> {
@@ -59,12 +66,12 @@ impl UserCoinStore for FailingStore {
         self.inner.read_fresh(key).await
     }
 
-    fn follow(&self, index: Arc<UserCoinIndex>, shutdown: CancellationToken) -> bool {
-        self.inner.follow(index, shutdown)
-    }
-
     fn available(&self) -> watch::Receiver<bool> {
         self.inner.available()
+    }
+
+    fn parts(&self) -> Vec<(&'static str, watch::Receiver<bool>)> {
+        self.inner.parts()
     }
 
     fn kind(&self) -> &'static str {
@@ -78,16 +85,19 @@ impl UserCoinStore for FailingStore {
         self.inner.create_if_absent(writes).await
     }
 
-    async fn put_pending(&self, pending: &PendingSwitch) -> Result<(), StoreError> {
-        self.inner.put_pending(pending).await
+    async fn put_pending(
+        &self,
+        switches: Vec<HoldSwitch>,
+    ) -> Vec<Result<PendingSwitch, StoreError>> {
+        self.inner.put_pending(switches).await
     }
 
-    async fn take_pending(
-        &self,
-        user: &str,
-        only: Option<&PendingSwitch>,
-    ) -> Result<bool, StoreError> {
-        self.inner.take_pending(user, only).await
+    async fn cancel_pending(&self, users: Vec<String>) -> Result<(), StoreError> {
+        self.inner.cancel_pending(users).await
+    }
+
+    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError> {
+        self.inner.apply_pending(pending).await
     }
 
     async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {
@@ -96,6 +106,31 @@ impl UserCoinStore for FailingStore {
 
     async fn all_pending(&self) -> Result<Vec<PendingSwitch>, StoreError> {
         self.inner.all_pending().await
+    }
+
+    async fn first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        self.inner.first_seen(coin, users).await
+    }
+
+    async fn record_first_seen(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+        seen_at: u64,
+    ) -> Result<(), StoreError> {
+        self.inner.record_first_seen(coin, users, seen_at).await
+    }
+
+    async fn get_marker(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.inner.get_marker(name).await
+    }
+
+    async fn set_marker(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.inner.set_marker(name, value).await
     }
 }
 
@@ -124,6 +159,7 @@ impl Api {
             max_batch,
             safety: None,
             case_index: false,
+            pending_reconcile: std::time::Duration::from_secs(300),
         };
         let dyn_store: Arc<dyn UserCoinStore> = store.clone();
         let shutdown = CancellationToken::new();

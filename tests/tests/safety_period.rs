@@ -101,7 +101,9 @@ async fn scenario(config: ControlConfig) {
         .expect("create");
     control
         .core
-        .record_first_seen("bch", ["carol"], (now() - 3_600) as u64);
+        .record_first_seen("bch", vec!["carol".into()], (now() - 3_600) as u64)
+        .await
+        .expect("recorded");
     let at_once = admin
         .switch_coin(switch("carol", "bch"))
         .await

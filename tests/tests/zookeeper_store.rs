@@ -14,9 +14,10 @@ use switchyard_control::{
     config::ControlConfig,
     index::UserCoinIndex,
     store::{
-        Record, RecordKey, StoreWrite, UserCoinStore,
+        Record, RecordKey, StoreContents, StoreWrite, UserCoinStore,
         zookeeper::{ZkSettings, ZooKeeperStore},
     },
+    zk_session::ZkSession,
 };
 use switchyard_proto::v1::{
     AcquireServerIdRequest, GetUserCoinRequest, ListProxiesRequest, RenewServerIdRequest,
@@ -659,6 +660,35 @@ async fn the_http_switch_api_writes_the_nodes_the_go_tools_read() {
     }
 }
 
+/// The store on a main session of its own, as the control service opens it.
+async fn connect_store(settings: ZkSettings) -> ZooKeeperStore {
+    let main = ZkSession::connect(&settings.brokers, settings.session_timeout)
+        .await
+        .expect("main session");
+    ZooKeeperStore::connect(settings, &main)
+        .await
+        .expect("store")
+}
+
+/// Applies the store's change stream to a fresh index, as the core does.
+fn follow(store: &ZooKeeperStore, shutdown: &CancellationToken) -> Arc<UserCoinIndex> {
+    let index = Arc::new(UserCoinIndex::new(StoreContents {
+        records: Vec::new(),
+        revision: 0,
+        store_id: store.store_id().to_owned(),
+    }));
+    let mut changes = store
+        .changes(Arc::clone(&index) as _, shutdown.clone())
+        .expect("changes");
+    let applying = Arc::clone(&index);
+    tokio::spawn(async move {
+        while let Some(change) = changes.recv().await {
+            applying.apply(change.records, change.through);
+        }
+    });
+    index
+}
+
 /// Store settings under `root`, without a case index.
 fn store_settings(zk: &ZooKeeperServer, root: &str) -> ZkSettings {
     ZkSettings {
@@ -666,6 +696,7 @@ fn store_settings(zk: &ZooKeeperServer, root: &str) -> ZkSettings {
         switcher_dir: format!("{root}/switcher/"),
         case_index_dir: None,
         switchyard_dir: format!("{root}/switchyard/"),
+        deployment_dir: format!("{root}/switchyard/{root}/switcher/").replace("//", "/"),
         session_timeout: SESSION,
         request_timeout: Duration::from_secs(10),
         reconcile_interval: Duration::from_secs(3600),
@@ -697,9 +728,7 @@ async fn node_stat(client: &ZooKeeper, path: &str) -> (String, u64) {
 async fn batched_creates_answer_created_or_existed_exactly() {
     let zk = ZooKeeperServer::shared().expect("ZooKeeper");
     let root = unique_root("batch");
-    let store = ZooKeeperStore::connect(store_settings(zk, &root))
-        .await
-        .expect("store");
+    let store = connect_store(store_settings(zk, &root)).await;
     let client = outside_client(zk).await;
     let path = |i: usize| format!("{root}/switcher/u{i}");
     // Five in the first transaction (more failures than it retries), one each in the others.
@@ -774,14 +803,11 @@ async fn batched_creates_answer_created_or_existed_exactly() {
 async fn the_feed_follows_batched_creates_and_outside_writers() {
     let zk = ZooKeeperServer::shared().expect("ZooKeeper");
     let root = unique_root("feed");
-    let store = ZooKeeperStore::connect(store_settings(zk, &root))
-        .await
-        .expect("store");
+    let store = connect_store(store_settings(zk, &root)).await;
     let client = outside_client(zk).await;
     outside_put(&client, &format!("{root}/switcher/before"), "ltc").await;
-    let index = Arc::new(UserCoinIndex::new(store.load().await.expect("load")));
     let shutdown = CancellationToken::new();
-    assert!(store.follow(Arc::clone(&index), shutdown.clone()));
+    let index = follow(&store, &shutdown);
 
     const USERS: usize = 3_000;
     let writes = (0..USERS)

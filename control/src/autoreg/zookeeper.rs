@@ -17,8 +17,9 @@
 //!   each name's pattern, and its proxy, from the session ID in the node (each new node is
 //!   read once per replica; at most [`VIEW_FACTOR`] × `AutoRegMaxPending` nodes are viewed).
 //! - Before processing a name, a replica claims it with the ephemeral node
-//!   `ZKSwitchyardDir/autoreg-claims/<name>` holding its replica ID; `NodeExists` means another
-//!   replica has it. After claiming, the replica reads the pending node again: a request that
+//!   `autoreg-claims/<name>` in the deployment's directory (`ZKSwitchyardDir` +
+//!   `ZKSwitcherWatchDir`, passed to [`ZkRegistrations::start`]) holding its replica ID;
+//!   `NodeExists` means another replica has it. After claiming, the replica reads the pending node again: a request that
 //!   another replica finished meanwhile is gone and is skipped. When done, the replica deletes
 //!   the pending node (whatever its version), then its claim. So each request is processed
 //!   once, across replicas, unless a replica's session expires in the middle of processing
@@ -69,7 +70,7 @@ struct Inner {
     registrar: Arc<Registrar>,
     /// `ZKAutoRegWatchDir`, with a trailing `/`.
     watch_dir: String,
-    /// `ZKSwitchyardDir` + `autoreg-claims/`.
+    /// The deployment's directory + `autoreg-claims/`.
     claim_dir: String,
     request_timeout: Duration,
     /// Identifies this replica in its claims.

@@ -630,10 +630,12 @@ impl UserCoinStore for ZooKeeperStore {
                 match self.read_pending(&user).await? {
                     // Only this deployment's records are taken.
                     None => Ok(()),
-                    Some((_, version)) => match timed(timeout, self.zk.delete(&path, Some(version))).await {
-                        Ok(()) | Err(ZkError::NoNode | ZkError::BadVersion) => Ok(()),
-                        Err(e) => Err(zk_error("delete", &path, e)),
-                    },
+                    Some((_, version)) => {
+                        match timed(timeout, self.zk.delete(&path, Some(version))).await {
+                            Ok(()) | Err(ZkError::NoNode | ZkError::BadVersion) => Ok(()),
+                            Err(e) => Err(zk_error("delete", &path, e)),
+                        }
+                    }
                 }
             })
             .buffer_unordered(MAX_IN_FLIGHT)
@@ -697,7 +699,12 @@ impl UserCoinStore for ZooKeeperStore {
 
     async fn get_marker(&self, name: &str) -> Result<Option<String>, StoreError> {
         let path = format!("{}markers/{name}", self.settings.deployment_dir);
-        match timed(self.settings.request_timeout, self.zk.get_data(&path, false)).await {
+        match timed(
+            self.settings.request_timeout,
+            self.zk.get_data(&path, false),
+        )
+        .await
+        {
             Ok((data, _)) => Ok(parse_value(&data)),
             Err(ZkError::NoNode) => Ok(None),
             Err(e) => Err(zk_error("get", &path, e)),

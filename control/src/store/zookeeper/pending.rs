@@ -25,12 +25,14 @@ use zookeeper_async::ZkError;
 use zookeeper_client as zk;
 
 use super::{
-    MAX_IN_FLIGHT, MULTI_ATTEMPTS, MULTI_OPS, MULTIS_IN_FLIGHT, ZooKeeperStore, create_path, node_path,
-    parse_value,
+    MAX_IN_FLIGHT, MULTI_ATTEMPTS, MULTI_OPS, MULTIS_IN_FLIGHT, ZooKeeperStore, create_path,
+    node_path, parse_value,
     session::{self, persistent},
     timed, zk_error,
 };
-use crate::store::{HoldSwitch, PendingOutcome, PendingSwitch, Record, RecordKey, Revision, StoreError};
+use crate::store::{
+    HoldSwitch, PendingOutcome, PendingSwitch, Record, RecordKey, Revision, StoreError,
+};
 
 /// A held-back switch's node.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -68,7 +70,12 @@ impl ZooKeeperStore {
         user: &str,
     ) -> Result<Option<(PendingSwitch, i32)>, StoreError> {
         let path = self.pending_path(user);
-        match timed(self.settings.request_timeout, self.zk.get_data(&path, false)).await {
+        match timed(
+            self.settings.request_timeout,
+            self.zk.get_data(&path, false),
+        )
+        .await
+        {
             Ok((data, stat)) => Ok(self
                 .parse_pending(&path, user, &data)
                 .map(|p| (p, stat.version))),
@@ -104,7 +111,10 @@ impl ZooKeeperStore {
                 None
             }
             Err(_) => {
-                warn!(path, "ignoring a pending switch node that is not the expected JSON");
+                warn!(
+                    path,
+                    "ignoring a pending switch node that is not the expected JSON"
+                );
                 None
             }
         }
@@ -270,16 +280,14 @@ impl ZooKeeperStore {
                 // Many exist already: one request each, pipelined, so each gets its answer.
                 let single: Vec<_> = stream::iter(nodes)
                     .map(|(a, p, d)| async move {
-                        let outcome = match session::timed(
-                            timeout,
-                            client.create(&p, &d, &persistent()),
-                        )
-                        .await
-                        {
-                            Ok(_) => Ok(true),
-                            Err(zk::Error::NodeExists) => Ok(false),
-                            Err(e) => Err(session::zk_error("create", &p, e)),
-                        };
+                        let outcome =
+                            match session::timed(timeout, client.create(&p, &d, &persistent()))
+                                .await
+                            {
+                                Ok(_) => Ok(true),
+                                Err(zk::Error::NodeExists) => Ok(false),
+                                Err(e) => Err(session::zk_error("create", &p, e)),
+                            };
                         (a, p, d, outcome)
                     })
                     .buffer_unordered(MAX_IN_FLIGHT)
@@ -345,12 +353,17 @@ impl ZooKeeperStore {
         let user_path = format!("{}{}", self.settings.switcher_dir, pending.user);
         let barrier = self.batch.barrier_path().to_owned();
         for _ in 0..APPLY_ATTEMPTS {
-            let (data, pstat) = match session::timed(timeout, client.get_data(&pending_path)).await {
+            let (data, pstat) = match session::timed(timeout, client.get_data(&pending_path)).await
+            {
                 Ok(found) => found,
                 Err(zk::Error::NoNode) => return Ok(PendingOutcome::Gone),
                 Err(e) => return Err(session::zk_error("get", &pending_path, e)),
             };
-            if self.parse_pending(&pending_path, &pending.user, &data).as_ref() != Some(pending) {
+            if self
+                .parse_pending(&pending_path, &pending.user, &data)
+                .as_ref()
+                != Some(pending)
+            {
                 return Ok(PendingOutcome::Gone);
             }
             let user = match session::timed(timeout, client.check_stat(&user_path)).await {
