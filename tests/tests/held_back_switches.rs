@@ -482,3 +482,57 @@ async fn two_deployments_on_one_zookeeper_never_take_each_others_switches() {
     a.shutdown().await.expect("stops");
     b.shutdown().await.expect("stops");
 }
+
+/// Held-back switches are not read again every second: with 500 of them pending (due in an
+/// hour), an idle replica sends ZooKeeper only its session pings over an observation window
+/// (earlier versions listed the directory and read every pending node each second, on every
+/// replica). A ZooKeeper of its own, so that other tests' requests do not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_switches_are_not_polled() {
+    let zk = ZooKeeperServer::start().expect("ZooKeeper");
+    let root = unique_root("idle");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = zk_config(&zk, &root, "sw", dir.path());
+    config.interval_seconds = 2_400;
+    let control = InProcessControl::start_config(&config)
+        .await
+        .expect("control");
+    let users: Vec<String> = (0..500).map(|i| format!("u{i}")).collect();
+    let batch = |coin: &str| SwitchCoinsRequest {
+        switches: users.iter().map(|u| switch(u, coin)).collect(),
+    };
+    control
+        .admin()
+        .switch_coins(batch("btc"))
+        .await
+        .expect("create");
+    let held = control
+        .admin()
+        .switch_coins(batch("bch"))
+        .await
+        .expect("hold")
+        .into_inner();
+    assert!(held.results.iter().all(|r| r.pending_applies_at_unix > 0));
+    let packets = || {
+        tokio::task::block_in_place(|| zk.four_letter_word("mntr"))
+            .ok()
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    l.strip_prefix("zk_packets_received")?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            })
+            .expect("mntr answers zk_packets_received")
+    };
+    let before = packets();
+    // An observation window, not a synchronisation: what the replica sends while idle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = packets() - before;
+    assert!(
+        sent < 100,
+        "an idle replica with 500 pending switches sent {sent} requests in 3 s"
+    );
+    control.shutdown().await.expect("stops");
+}
