@@ -866,6 +866,58 @@ async fn zookeeper_a_junk_flood_does_not_lock_out_real_users() {
     real_user_gets_in(&b, "carol", 4).await;
 }
 
+/// The bound per proxy counts the pending nodes a replica did not record itself (a Go proxy's,
+/// another replica's): from the session ID in each node.
+#[tokio::test]
+async fn zookeeper_the_bound_per_proxy_counts_nodes_written_elsewhere() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("autoreg-view");
+    let backend = Backend::start().await;
+    let control = InProcessControl::start_with(|c| {
+        zk_config(c, zk, &root);
+        flood_config(c, &backend);
+        // The backend never answers hang-… names: they stay pending this long.
+        c.auto_reg_timeout_seconds = 30;
+    })
+    .await
+    .expect("control on ZooKeeper");
+    let client = zk.connect(SESSION).await.expect("client");
+    // Four requests of the proxy with server ID 5, written as a Go proxy would.
+    let names: Vec<String> = (0..4).map(|i| format!("hang-go{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let data = json!({"SessionID": sid(5, 128 + i as u32), "Worker": format!("{name}.x")});
+        client
+            .create(
+                &format!("{root}/autoreg/{name}"),
+                data.to_string().into_bytes(),
+                Acl::open_unsafe().clone(),
+                CreateMode::Persistent,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
+    }
+    // Claimed: the replica has read the directory, and so the nodes' sources.
+    let claims = format!(
+        "{root}/switchyard/{}/switcher/autoreg-claims",
+        root.trim_start_matches('/')
+    );
+    wait_until(DEADLINE, "the four nodes claimed", || async {
+        match children(&client, &claims).await.len() {
+            4 => Ok(()),
+            n => Err(format!("{n} claims")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let err = ask(&control, "zzprobe", sid(5, 7))
+        .await
+        .expect_err("proxy 5 already has 4 pending");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("server ID 5"), "{err:?}");
+    // Another proxy still fits.
+    assert!(ask(&control, "zzprobe", sid(6, 7)).await.expect("proxy 6"));
+}
+
 /// A name the backend refused is answered NOT_FOUND at once, without a POST, while it is
 /// remembered; so is a pending request for it written straight into ZooKeeper (`client`).
 async fn refused_names_are_remembered(
