@@ -164,29 +164,37 @@ async fn outside_put(client: &ZooKeeper, path: &str, coin: &str) {
     }
 }
 
-async fn health(control: &InProcessControl) -> i32 {
+async fn health_of(control: &InProcessControl, service: &str) -> i32 {
     HealthClient::new(channel(control.addr))
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.into(),
         })
         .await
         .map(|r| r.into_inner().status)
         .unwrap_or(-1)
 }
 
+/// Waits until the whole server and each ZooKeeper session report `want` (each session is
+/// reported on its own, see `zk_session`).
 async fn wait_health(control: &InProcessControl, want: ServingStatus) {
-    wait_until(
-        Duration::from_secs(30),
-        &format!("health {want:?}"),
-        || async {
-            match health(control).await {
-                s if s == want as i32 => Ok(()),
-                s => Err(format!("status {s}")),
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    for service in [
+        "",
+        "switchyard.zookeeper.main",
+        "switchyard.zookeeper.batch",
+    ] {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("health of {service:?} {want:?}"),
+            || async {
+                match health_of(control, service).await {
+                    s if s == want as i32 => Ok(()),
+                    s => Err(format!("status {s}")),
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 #[tokio::test]
@@ -865,4 +873,255 @@ async fn the_feed_follows_batched_creates_and_outside_writers() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     shutdown.cancel();
+}
+
+/// Issue 14, deliver 6: an outside writer's switches reach the subscribers in revision order,
+/// and the feed puts no ZooKeeper write of its own between a change and the stream. On a
+/// private ZooKeeper, where every zxid is accounted for: 200 set_data calls of a plain client
+/// between two writes of a probe node take exactly 201 zxids, and the control's barrier node
+/// is not written meanwhile.
+#[tokio::test]
+async fn outside_writes_reach_subscribers_in_order_without_a_write_of_the_feed() {
+    let zk = ZooKeeperServer::start().expect("own ZooKeeper");
+    let root = unique_root("nowrite");
+    let control = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("control on ZooKeeper");
+    let client = outside_client(&zk).await;
+    const USERS: usize = 10;
+    const WRITES: usize = 200;
+    const COINS: [&str; 3] = ["bch", "ltc", "btc"];
+    let path = |user: &str| format!("{root}/switcher/{user}");
+    for i in 0..USERS {
+        outside_put(&client, &path(&format!("w{i}")), "btc").await;
+    }
+    let mut sub = Subscriber::connect(&control, None).await;
+    for i in 0..USERS {
+        sub.until(&format!("w{i}"), "btc").await;
+    }
+    let barriers = format!("{root}/switchyard/barriers");
+    let children = client
+        .get_children(&barriers, false)
+        .await
+        .expect("barriers");
+    assert_eq!(children.len(), 1, "the control holds one barrier node");
+    let barrier = format!("{barriers}/{}", children[0]);
+    let (_, barrier_before) = client.get_data(&barrier, false).await.expect("barrier");
+    let probe = format!("{root}/probe");
+    outside_put(&client, &probe, "start").await;
+    let first = client
+        .set_data(&probe, b"first".to_vec(), None)
+        .await
+        .expect("probe")
+        .mzxid as u64;
+    let from = sub.changes.len();
+
+    // Each user's coin differs from its previous one at every write.
+    let mut written: BTreeMap<u64, (String, String)> = BTreeMap::new();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for n in 0..WRITES {
+        let user = format!("w{}", n % USERS);
+        let coin = COINS[(n / USERS) % COINS.len()];
+        let stat = client
+            .set_data(&path(&user), coin.as_bytes().to_vec(), None)
+            .await
+            .expect("set_data");
+        written.insert(stat.mzxid as u64, (user.clone(), coin.to_owned()));
+        last.insert(user, coin.to_owned());
+    }
+    let newest = written.keys().last().copied().unwrap_or(0);
+    while sub.revision < newest || last.iter().any(|(u, c)| sub.users.get(u) != Some(c)) {
+        let msg = sub.next().await;
+        sub.apply(&msg, true);
+    }
+    let end = client
+        .set_data(&probe, b"end".to_vec(), None)
+        .await
+        .expect("probe")
+        .mzxid as u64;
+
+    assert_eq!(
+        end - first,
+        WRITES as u64 + 1,
+        "no transaction on the ensemble but the outside writer's: the feed wrote nothing"
+    );
+    let (_, barrier_after) = client.get_data(&barrier, false).await.expect("barrier");
+    assert_eq!(
+        (barrier_after.version, barrier_after.mzxid),
+        (barrier_before.version, barrier_before.mzxid),
+        "the barrier node was not written"
+    );
+    // In revision order, each change one of the writes (with its zxid), the last one of each
+    // user among them.
+    sub.assert_revision_order();
+    let changes = &sub.changes[from..];
+    for (user, coin, revision) in changes {
+        assert_eq!(
+            written.get(revision),
+            Some(&(user.clone(), coin.clone())),
+            "revision {revision} is the write that set {user} to {coin}"
+        );
+    }
+    for (user, coin) in &last {
+        let (value, mzxid) = node_stat(&client, &path(user)).await;
+        assert_eq!(&value, coin);
+        assert!(
+            changes.contains(&(user.clone(), coin.clone(), mzxid)),
+            "{user}'s last write ({mzxid}) reached the subscriber"
+        );
+    }
+    assert_eq!(
+        control
+            .admin()
+            .get_user_coin(GetUserCoinRequest { user: "w3".into() })
+            .await
+            .expect("w3")
+            .into_inner()
+            .user_coin
+            .map(|u| u.coin),
+        last.get("w3").cloned()
+    );
+}
+
+/// Many outside writers at once, on shared nodes and on nodes of their own (set, create,
+/// delete), on four sessions: a WatchSwitches subscriber receives every change in revision
+/// order (strictly increasing, except that removals read together share their directory's
+/// revision), each value with the zxid of a write that set it, and ends with ZooKeeper's state.
+#[tokio::test]
+async fn concurrent_outside_writers_reach_subscribers_in_revision_order() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("model");
+    let control = InProcessControl::start_with(|c| zk_config(c, &zk.connect_string(), &root))
+        .await
+        .expect("control on ZooKeeper");
+    let mut sub = Subscriber::connect(&control, None).await;
+    const CLIENTS: usize = 4;
+    const WRITERS: usize = 8;
+    const OPS: usize = 60;
+    const COINS: [&str; 3] = ["btc", "bch", "ltc"];
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(Arc::new(outside_client(zk).await));
+    }
+    // zxid → (user, coin) of every set_data, from its answer.
+    let written = Arc::new(std::sync::Mutex::new(
+        BTreeMap::<u64, (String, String)>::new(),
+    ));
+    let writers = (0..WRITERS).map(|w| {
+        let client = Arc::clone(&clients[w % CLIENTS]);
+        let written = Arc::clone(&written);
+        let root = root.clone();
+        tokio::spawn(async move {
+            // A small deterministic generator per writer.
+            let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (w as u64 + 1);
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            for _ in 0..OPS {
+                let r = next();
+                let coin = COINS[(r % 3) as usize];
+                let user = if r % 10 < 5 {
+                    format!("shared{}", (r >> 8) % 3)
+                } else {
+                    format!("own{w}x{}", (r >> 8) % 4)
+                };
+                let path = format!("{root}/switcher/{user}");
+                if r % 10 >= 8 {
+                    match client.delete(&path, None).await {
+                        Ok(()) | Err(zookeeper_async::ZkError::NoNode) => {}
+                        Err(e) => panic!("delete {path}: {e:?}"),
+                    }
+                    continue;
+                }
+                match client.set_data(&path, coin.as_bytes().to_vec(), None).await {
+                    Ok(stat) => {
+                        written
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(stat.mzxid as u64, (user, coin.to_owned()));
+                    }
+                    Err(zookeeper_async::ZkError::NoNode) => {
+                        match client
+                            .create(
+                                &path,
+                                coin.as_bytes().to_vec(),
+                                Acl::open_unsafe().clone(),
+                                CreateMode::Persistent,
+                            )
+                            .await
+                        {
+                            Ok(_) | Err(zookeeper_async::ZkError::NodeExists) => {}
+                            Err(e) => panic!("create {path}: {e:?}"),
+                        }
+                    }
+                    Err(e) => panic!("set {path}: {e:?}"),
+                }
+            }
+        })
+    });
+    // Read the stream while the writers run.
+    let mut all = futures::future::join_all(writers);
+    let mut entries: Vec<(String, String, u64, bool)> = Vec::new();
+    let mut live = |sub: &mut Subscriber, msg: WatchSwitchesResponse| {
+        for u in &msg.users {
+            entries.push((u.user.clone(), u.coin.clone(), u.revision, u.removed));
+        }
+        sub.apply(&msg, true);
+    };
+    let done = loop {
+        tokio::select! {
+            done = &mut all => break done,
+            msg = sub.next() => live(&mut sub, msg),
+        }
+    };
+    for result in done {
+        result.expect("a writer");
+    }
+
+    // ZooKeeper's final state, read by a plain client.
+    let client = &clients[0];
+    let dir = format!("{root}/switcher");
+    let mut truth = BTreeMap::new();
+    for name in client.get_children(&dir, false).await.expect("list") {
+        let (value, _) = node_stat(client, &format!("{dir}/{name}")).await;
+        truth.insert(name, value);
+    }
+    assert!(
+        truth.len() >= 3,
+        "the shared nodes and some own ones: {truth:?}"
+    );
+    while sub.users != truth {
+        let msg = sub.next().await;
+        live(&mut sub, msg);
+    }
+
+    let written = written.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(written.len() > WRITERS * OPS / 3, "most writes were sets");
+    for pair in entries.windows(2) {
+        let ((_, _, a, a_removed), (_, _, b, b_removed)) = (&pair[0], &pair[1]);
+        assert!(
+            a < b || (a == b && (*a_removed || *b_removed)),
+            "revisions strictly increase (removals may share one): {pair:?}"
+        );
+    }
+    for (user, coin, revision, removed) in &entries {
+        if !removed && let Some(write) = written.get(revision) {
+            assert_eq!(
+                write,
+                &(user.clone(), coin.clone()),
+                "revision {revision} is the write that set {user} to {coin}"
+            );
+        }
+    }
+    let values = entries.iter().filter(|e| !e.3).count();
+    assert!(values > 0, "changes came live");
+    eprintln!(
+        "{} writes, {} live entries ({values} values), final state of {} users",
+        written.len(),
+        entries.len(),
+        truth.len()
+    );
 }
