@@ -621,10 +621,6 @@ impl SwitchCore {
             users.iter().map(|u| self.normalize_user(u)).collect();
         let valid: Vec<&String> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
         let seen: Vec<String> = valid.iter().map(|u| (*u).clone()).collect();
-        if let Err(e) = self.record_first_seen(coin, seen, seen_at).await {
-            // Not recorded counts as never seen: that only delays a switch, never hurries one.
-            warn!(coin, error = %e, "cannot record first-seen times");
-        }
         let mut writes: Vec<StoreWrite> = valid
             .iter()
             .map(|user| StoreWrite::SetUserCoin {
@@ -640,7 +636,16 @@ impl SwitchCore {
             }));
         }
         let results = {
-            let mut results = self.store.create_if_absent(writes).await;
+            // First-seen times are recorded beside the creates, not before them.
+            let (mut results, recorded) = tokio::join!(
+                self.store.create_if_absent(writes),
+                self.record_first_seen(coin, seen, seen_at)
+            );
+            if let Err(e) = recorded {
+                // Not recorded counts as never seen: that only delays a switch, never hurries
+                // one.
+                warn!(coin, error = %e, "cannot record first-seen times");
+            }
             let created: Vec<Record> = results
                 .iter()
                 .filter_map(|r| r.as_ref().ok().and_then(|r| r.clone()))
