@@ -835,3 +835,15 @@ impl SwitchCore {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::utc_text;
+
+    #[test]
+    fn unix_times_read_as_utc() {
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_text(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_text(1_796_259_723), "2026-12-03T01:02:03Z");
+    }
+}

@@ -504,15 +504,26 @@ async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Respon
 
     match core.switch_coin(puname, coin).await {
         Ok(outcome) => {
-            info!(
-                users = 1,
-                user = %outcome.record.user,
-                coin = %outcome.record.coin,
-                previous = outcome.previous_coin.as_deref().unwrap_or(""),
-                revision = outcome.record.revision,
-                err_no = 0,
-                "HTTP switch applied"
-            );
+            match outcome.pending_until {
+                Some(due) => info!(
+                    users = 1,
+                    user = %outcome.record.user,
+                    coin,
+                    current = %outcome.record.coin,
+                    err_no = 0,
+                    "HTTP switch held until {} by the safety period",
+                    crate::core::utc_text(due)
+                ),
+                None => info!(
+                    users = 1,
+                    user = %outcome.record.user,
+                    coin = %outcome.record.coin,
+                    previous = outcome.previous_coin.as_deref().unwrap_or(""),
+                    revision = outcome.record.revision,
+                    err_no = 0,
+                    "HTTP switch applied"
+                ),
+            }
             success()
         }
         Err(e) => {

@@ -66,13 +66,23 @@ impl SwitcherAdmin for AdminService {
     ) -> Result<Response<SwitchCoinResponse>, Status> {
         let SwitchCoinRequest { user, coin } = request.into_inner();
         let outcome = self.core.switch_coin(&user, &coin).await?;
-        info!(
-            user = %outcome.record.user,
-            coin = %outcome.record.coin,
-            previous = outcome.previous_coin.as_deref().unwrap_or(""),
-            revision = outcome.record.revision,
-            "switched user"
-        );
+        match outcome.pending_until {
+            // The core logs it with its due time; the record is still the old coin.
+            Some(due) => info!(
+                user = %outcome.record.user,
+                coin = %coin,
+                current = %outcome.record.coin,
+                "switch held until {} by the safety period",
+                crate::core::utc_text(due)
+            ),
+            None => info!(
+                user = %outcome.record.user,
+                coin = %outcome.record.coin,
+                previous = outcome.previous_coin.as_deref().unwrap_or(""),
+                revision = outcome.record.revision,
+                "switched user"
+            ),
+        }
         Ok(Response::new(SwitchCoinResponse {
             pending_applies_at_unix: unix_i64(outcome.pending_until),
             previous_coin: outcome.previous_coin.unwrap_or_default(),
@@ -87,10 +97,15 @@ impl SwitcherAdmin for AdminService {
         let switches = request.into_inner().switches;
         let asked: Vec<(String, String)> = switches.into_iter().map(|s| (s.user, s.coin)).collect();
         let outcomes = self.core.switch_coins(asked.clone()).await?;
-        let applied = outcomes.iter().filter(|o| o.is_ok()).count();
+        let held_back = outcomes
+            .iter()
+            .filter(|o| o.as_ref().is_ok_and(|o| o.pending_until.is_some()))
+            .count();
+        let applied = outcomes.iter().filter(|o| o.is_ok()).count() - held_back;
         info!(
             requested = asked.len(),
             applied,
+            held_back,
             revision = self.core.index().revision(),
             "switched a batch of users"
         );
