@@ -26,7 +26,8 @@
 //! The parts (issue 6): 1. memory per idle session; 2. 2,000 handshakes at once; 3. the relay
 //! under 10,000 submits/s (also through the proxy's TLS miner listener, issue 13: the miners'
 //! TLS runs in this process, bridged to plain sockets, so the proxy's CPU is its own); 4. switch propagation (one user, 1,000 and 9,000 users at once,
-//! through gRPC, HTTP and plain ZooKeeper writes, on both stores); 5. switching under load and
+//! through gRPC, HTTP and plain ZooKeeper writes, on both stores; the one-user ZooKeeper writes
+//! also against their floor, a plain ZooKeeper watcher, issue 14); 5. switching under load and
 //! its stress variant; 6. the control plane's WatchSwitches snapshot of 1,000,000 users; 7. the
 //! hot upgrade (issue 11): 9,000 sessions, 1,000 of them submitting, new miners arriving, and
 //! SIGUSR2 in the middle. Every load is bounded in count and time, and so is every part.
@@ -118,6 +119,10 @@ mod bar {
     pub const RELAY_CPU: (&str, &str) = ("0.43 core", "<= 1.1x the plain relay");
     pub const SWITCH_ONE: (&str, &str) = ("3-5 ms", "<= 3 ms");
     pub const SWITCH_1000: (&str, &str) = ("0.58-0.64 s ZK writes, 1.1 s HTTP", "<= 0.1 s");
+    pub const SWITCH_ZK_FLOOR: (&str, &str) = (
+        "2.95 ms (Switchyard before: 3.9 ms)",
+        "<= a plain ZooKeeper watcher's p50",
+    );
     pub const MALFORMED: (&str, &str) = ("120 in 4,000 session-switches", "0");
     pub const UNANSWERED: (&str, &str) = ("134-565 per 5,000 session-switches", "0");
     pub const DUPLICATES: (&str, &str) = ("1 per session-switch", "0");
@@ -816,6 +821,8 @@ struct Control {
     http: SocketAddr,
     /// The ZooKeeper directory of the users, and a plain client for outside writes.
     zk: Option<(String, ZooKeeper)>,
+    /// The ZooKeeper connect string, for clients of the benchmark's own (the plain watcher).
+    zk_connect: Option<String>,
 }
 
 impl Control {
@@ -847,6 +854,7 @@ impl Control {
         })
         .await
         .map_err(|e| format!("starting the control plane: {e}"))?;
+        let zk_connect = connect.clone();
         let zk = match zk {
             Some(server) => {
                 let client = server
@@ -857,7 +865,12 @@ impl Control {
             }
             None => None,
         };
-        let this = Self { inner, http, zk };
+        let this = Self {
+            inner,
+            http,
+            zk,
+            zk_connect,
+        };
         // The HTTP API answers (an empty request gets its error 108).
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -2509,6 +2522,9 @@ struct SwitchCell {
     miner_from_start: Vec<f64>,
     /// Per switched user, ms from the call's start to the change on a WatchSwitches stream.
     feed_from_start: Vec<f64>,
+    /// When user 0 was switched on ZooKeeper: ms from the call's start to the plain
+    /// ZooKeeper watcher having read the new coin (the floor of the ZooKeeper-writes path).
+    watcher_from_start: Option<f64>,
     /// The proxy's CPU time over the cell.
     proxy_cpu: Option<Duration>,
     path: SwitchPath,
@@ -2583,6 +2599,54 @@ async fn collect_events(
     seen
 }
 
+/// The floor of the ZooKeeper-writes path (issue 14): a plain ZooKeeper client that watches one
+/// user's node and reads it when the watch fires, as the Go switcher's proxies do (one read
+/// that also sets the next watch, `GetW`). Reports every value it reads, with when.
+async fn plain_watcher(
+    connect: String,
+    path: String,
+    tx: mpsc::UnboundedSender<(String, Instant)>,
+) -> Result<(), String> {
+    let client = zookeeper_client::Client::connect(&connect)
+        .await
+        .map_err(|e| format!("the plain watcher's ZooKeeper session: {e}"))?;
+    loop {
+        let (data, _, watcher) = client
+            .get_and_watch_data(&path)
+            .await
+            .map_err(|e| format!("the plain watcher's read of {path}: {e}"))?;
+        let now = Instant::now();
+        if tx
+            .send((String::from_utf8_lossy(&data).into_owned(), now))
+            .is_err()
+        {
+            return Ok(());
+        }
+        let event = watcher.changed().await;
+        if event.event_type == zookeeper_client::EventType::Session {
+            return Err(format!(
+                "the plain watcher's session ended: {:?}",
+                event.session_state
+            ));
+        }
+    }
+}
+
+/// Receives the plain watcher's readings until it read `coin` or `deadline`; returns when.
+async fn watcher_reads(
+    rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+    coin: &str,
+    deadline: Instant,
+) -> Option<Instant> {
+    loop {
+        match timeout_at(deadline, rx.recv()).await {
+            Ok(Some((value, at))) if value == coin => return Some(at),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
 fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>) {
     while rx.try_recv().is_ok() {}
 }
@@ -2594,6 +2658,8 @@ struct SwitchBench {
     fleet: Fleet,
     miner_events: mpsc::UnboundedReceiver<Event>,
     feed_events: mpsc::UnboundedReceiver<Event>,
+    /// On ZooKeeper: the plain watcher's readings of user 0's node.
+    watcher_events: Option<mpsc::UnboundedReceiver<(String, Instant)>>,
     users: Vec<String>,
     /// Each user's coin in the control plane.
     coins: Vec<&'static str>,
@@ -2601,6 +2667,7 @@ struct SwitchBench {
     admin: SwitcherAdminClient<Channel>,
     _sservers: Sservers,
     _feed: JoinHandle<Result<(), String>>,
+    _watcher: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl SwitchBench {
@@ -2617,6 +2684,23 @@ impl SwitchBench {
             .await
             .map_err(|_| "the bench's WatchSwitches never synced".to_owned())?
             .map_err(|_| "the bench's WatchSwitches ended".to_owned())?;
+        let (watcher, watcher_events) = match (&control.zk, &control.zk_connect) {
+            (Some((dir, _)), Some(connect)) => {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(plain_watcher(
+                    connect.clone(),
+                    format!("{dir}/{}", users[0]),
+                    tx,
+                ));
+                // Its first reading: the watch is set.
+                timeout(Duration::from_secs(30), rx.recv())
+                    .await
+                    .map_err(|_| "the plain ZooKeeper watcher never read".to_owned())?
+                    .ok_or("the plain ZooKeeper watcher ended")?;
+                (Some(task), Some(rx))
+            }
+            _ => (None, None),
+        };
         let workers = users.iter().map(|u| format!("{u}.rig")).collect();
         let (fleet, miner_events) = Fleet::connect(proxy.addr, workers).await?;
         let admin = control.admin();
@@ -2632,6 +2716,8 @@ impl SwitchBench {
             admin,
             _sservers: sservers,
             _feed: feed,
+            watcher_events,
+            _watcher: watcher,
         })
     }
 
@@ -2649,6 +2735,9 @@ impl SwitchBench {
         }
         drain(&mut self.miner_events);
         drain(&mut self.feed_events);
+        if let Some(rx) = self.watcher_events.as_mut() {
+            drain(rx);
+        }
         let failed_before = metric_sum(
             &self.proxy,
             "switchyard_proxy_switches_total{",
@@ -2674,9 +2763,16 @@ impl SwitchBench {
             self.coins[*i] = coin;
         }
         let deadline = returned + SWITCH_WAIT;
-        let (miners, feed) = tokio::join!(
+        let watched = wanted.get(&0).copied();
+        let (miners, feed, watcher) = tokio::join!(
             collect_events(&mut self.miner_events, &wanted, deadline),
             collect_events(&mut self.feed_events, &wanted, deadline),
+            async {
+                match (self.watcher_events.as_mut(), watched) {
+                    (Some(rx), Some(coin)) => watcher_reads(rx, coin, deadline).await,
+                    _ => None,
+                }
+            },
         );
         let since = |at: &Instant| {
             if *at >= returned {
@@ -2698,6 +2794,7 @@ impl SwitchBench {
             miner_ms: sorted_f64(miners.values().map(since).collect()),
             miner_from_start: sorted_f64(miners.values().map(from_start).collect()),
             feed_from_start: sorted_f64(feed.values().map(from_start).collect()),
+            watcher_from_start: watcher.as_ref().map(from_start),
             proxy_cpu: cpu_delta(cpu_after, cpu_before),
             path,
             never: n - miners.len(),
@@ -2705,6 +2802,19 @@ impl SwitchBench {
             failed_switches: failed_after - failed_before,
         })
     }
+}
+
+/// The ZooKeeper-writes path's one-user switches against the plain watcher, in ms from each
+/// write's start (sorted).
+struct ZkFloor {
+    /// The plain ZooKeeper watcher having read the new coin.
+    watcher: Vec<f64>,
+    /// The benchmark's WatchSwitches subscriber told of it.
+    feed: Vec<f64>,
+    /// The new coin's first job at the miner.
+    miner: Vec<f64>,
+    /// Writes the watcher never read.
+    unread: usize,
 }
 
 async fn switch_propagation(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
@@ -2731,6 +2841,7 @@ async fn switch_propagation(sizes: &Sizes, report: &mut Report) -> Result<(), St
     );
     let mut one_user: Vec<(String, f64, f64)> = Vec::new();
     let mut thousand: Vec<(String, f64, f64)> = Vec::new();
+    let mut floor: Option<ZkFloor> = None;
     let zk = ZooKeeperServer::start().map_err(|e| format!("ZooKeeper: {e}"))?;
     for store in ["embedded", "ZooKeeper"] {
         let control = if store == "embedded" {
@@ -2792,6 +2903,19 @@ async fn switch_propagation(sizes: &Sizes, report: &mut Report) -> Result<(), St
             }
             let n = format!("1 (x{})", sizes.one_user_repeats);
             let (miner, feed) = row(&mut md, &n, &cells);
+            if path == SwitchPath::ZkWrites {
+                let watcher: Vec<f64> = cells.iter().filter_map(|c| c.watcher_from_start).collect();
+                let unread = cells.len() - watcher.len();
+                let pool = |f: &dyn Fn(&SwitchCell) -> &Vec<f64>| {
+                    sorted_f64(cells.iter().flat_map(|c| f(c).iter().copied()).collect())
+                };
+                floor = Some(ZkFloor {
+                    watcher: sorted_f64(watcher),
+                    feed: pool(&|c| &c.feed_from_start),
+                    miner: pool(&|c| &c.miner_from_start),
+                    unread,
+                });
+            }
             one_user.push((
                 format!("{store}, {}", path.name()),
                 quantile_f64(&miner, 0.5).unwrap_or(f64::NAN),
@@ -2829,7 +2953,74 @@ async fn switch_propagation(sizes: &Sizes, report: &mut Report) -> Result<(), St
         drop(bench);
     }
     drop(zk);
+    if let Some(ZkFloor {
+        watcher,
+        feed,
+        miner,
+        unread,
+    }) = &floor
+    {
+        let p = |v: &[f64], q: f64| fmt_ms2(quantile_f64(v, q));
+        let _ = write!(
+            md,
+            "\n**The ZooKeeper-writes path against its floor** (issue 14). The same one-user \
+             switches of the ZooKeeper store, each a set_data of the user's node by an outside \
+             client, timed from the write's start: a plain ZooKeeper watcher (a client of its \
+             own in this process that watches the node and reads it when the watch fires, with \
+             one `getData` that also sets the next watch, as the Go switcher's proxies do), the \
+             benchmark's WatchSwitches subscriber, and the new coin's first job at the miner \
+             through the proxy.{}\n\n\
+             | store | path | switches | plain watcher p50 ms | p99 ms | WatchSwitches p50 ms | p99 ms | first job at the miner p50 ms | p99 ms | miner / watcher (p50) |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n\
+             | ZooKeeper | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            if *unread > 0 {
+                format!(
+                    " The watcher missed {unread} of the writes (none read within {} s).",
+                    SWITCH_WAIT.as_secs()
+                )
+            } else {
+                String::new()
+            },
+            SwitchPath::ZkWrites.name(),
+            sizes.one_user_repeats,
+            p(watcher, 0.5),
+            p(watcher, 0.99),
+            p(feed, 0.5),
+            p(feed, 0.99),
+            p(miner, 0.5),
+            p(miner, 0.99),
+            ratio(
+                quantile_f64(miner, 0.5).unwrap_or(0.0),
+                quantile_f64(watcher, 0.5).unwrap_or(0.0)
+            ),
+        );
+    }
     report.part(md);
+    if let Some(ZkFloor {
+        watcher,
+        feed,
+        miner,
+        ..
+    }) = &floor
+    {
+        let (w50, f50, m50) = (
+            quantile_f64(watcher, 0.5).unwrap_or(f64::NAN),
+            quantile_f64(feed, 0.5).unwrap_or(f64::NAN),
+            quantile_f64(miner, 0.5).unwrap_or(f64::NAN),
+        );
+        report.verdict(
+            "switch by a ZooKeeper write, one user, p50 from the write's start",
+            bar::SWITCH_ZK_FLOOR,
+            format!("first job at the miner {m50:.2} ms (WatchSwitches {f50:.2} ms)"),
+            format!("plain ZooKeeper watcher: {w50:.2} ms"),
+            Some(m50 <= w50),
+            format!(
+                "{:.2} ms over the watcher at the miner, {:.2} ms on WatchSwitches. {WHY_SWITCH_ZK_FLOOR}",
+                m50 - w50,
+                f50 - w50
+            ),
+        );
+    }
     let worst_one = one_user.iter().map(|(_, m, _)| *m).fold(f64::NAN, f64::max);
     let listing = |v: &[(String, f64, f64)], unit: &str| {
         v.iter()
@@ -2880,6 +3071,13 @@ const WHY_SWITCH_ONE: &str = "every switch opens a new upstream (connect, subscr
 `Session::start_opening` then `upstream::open`, proxy/src/session.rs and upstream.rs) \
 before the first job of the new coin can reach the miner; on ZooKeeper the store's watch \
 adds a round trip.";
+const WHY_SWITCH_ZK_FLOOR: &str = "the watcher's figure ends with its read; the miner's \
+adds what only a switch does: the WatchSwitches message to the proxy, then the proxy opening \
+the new coin's upstream (connect, subscribe, authorize: `upstream::open`) and relaying its \
+first job, which the Go switcher's proxies also do after their read. The control plane's share \
+is the WatchSwitches column: its feed reads the node once on the event, as the watcher does, \
+and writes nothing to ZooKeeper before publishing (control/src/store/zookeeper/feed.rs). \
+What would close the rest: upstream connections to each coin's sserver opened ahead of time.";
 const WHY_SWITCH_MASS: &str = "every switched session opens a new upstream (TCP connect, subscribe, authorize, and \
 both answers awaited: `Session::start_opening` then `upstream::open`) and writes two info \
 log lines (`switching`, `relaying`); the proxy spends about 0.1 ms of CPU per switch (the \
