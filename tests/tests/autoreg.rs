@@ -918,6 +918,55 @@ async fn zookeeper_the_bound_per_proxy_counts_nodes_written_elsewhere() {
     assert!(ask(&control, "zzprobe", sid(6, 7)).await.expect("proxy 6"));
 }
 
+/// Shutdown during the `IntervalSeconds` wait leaves the request pending (the node stays); the
+/// next control service processes it again and creates the user.
+#[tokio::test]
+async fn zookeeper_shutdown_during_the_wait_leaves_the_request_pending() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let root = unique_root("autoreg-stop");
+    let backend = Backend::start().await;
+    let (root_ref, backend_ref) = (&root, &backend);
+    let start = |interval_seconds: u64| {
+        InProcessControl::start_with(move |c| {
+            zk_config(c, zk, root_ref);
+            autoreg_config(c, backend_ref);
+            c.user_auto_reg_api.interval_seconds = interval_seconds;
+        })
+    };
+    let first = start(600).await.expect("control on ZooKeeper");
+    assert!(ask(&first, "waiter", sid(1, 1)).await.expect("request"));
+    wait_until(DEADLINE, "the backend's answer", || async {
+        match backend.posts_for("waiter") {
+            1 => Ok(()),
+            n => Err(format!("{n} POSTs")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    first.shutdown().await.expect("shutdown");
+    let client = zk.connect(SESSION).await.expect("client");
+    assert_eq!(
+        children(&client, &format!("{root}/autoreg")).await,
+        ["waiter"],
+        "the interrupted request stays pending"
+    );
+    let second = start(1).await.expect("control on ZooKeeper");
+    wait_until(DEADLINE, "waiter registered", || async {
+        match second.core.user_coin("waiter").expect("valid") {
+            Some(record) if record.coin == DEFAULT_COIN => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    until_nothing_pending(&client, &root).await;
+    assert_eq!(
+        backend.posts_for("waiter"),
+        2,
+        "POSTed again after the restart"
+    );
+}
+
 /// A name the backend refused is answered NOT_FOUND at once, without a POST, while it is
 /// remembered; so is a pending request for it written straight into ZooKeeper (`client`).
 async fn refused_names_are_remembered(
