@@ -17,11 +17,11 @@ fn main() {
         })
         .filter(|c| c.chars().all(|ch| ch.is_ascii_alphanumeric()) && !c.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
-    // Rebuild when HEAD moves (a commit or a checkout), from the workspace's .git.
-    for path in ["../.git/HEAD", "../.git/refs/heads"] {
-        if std::path::Path::new(path).exists() {
-            println!("cargo:rerun-if-changed={path}");
-        }
+    // Read again after a checkout (HEAD names another branch). Not after each commit: that
+    // would rebuild every crate of the workspace at every commit; a clean build (CI, a
+    // release) always reads the current commit.
+    if std::path::Path::new("../.git/HEAD").exists() {
+        println!("cargo:rerun-if-changed=../.git/HEAD");
     }
     println!("cargo:rustc-env=SWITCHYARD_GIT_COMMIT={commit}");
 }
