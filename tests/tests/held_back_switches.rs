@@ -1,4 +1,4 @@
-//! Held-back switches (SPEC §6's safety period) where things overlap, on both stores and on
+//! Held-back switches (SPEC §6's safety period): the main path, and where things overlap, on both stores and on
 //! two replicas: a same-coin switch is never held; a held-back batch is one store batch; an
 //! older held-back coin never overwrites a newer switch (another replica's, an outside
 //! writer's); first-seen times survive a restart; another replica applies a switch held back by
@@ -536,4 +536,120 @@ async fn pending_switches_are_not_polled() {
         "an idle replica with 500 pending switches sent {sent} requests in 3 s"
     );
     control.shutdown().await.expect("stops");
+}
+
+/// The safety period's main path (moved here from safety_period.rs): a new user is created at
+/// once, a user never seen waits the whole period, one seen long ago does not, an immediate
+/// switch replaces a held-back one, and a restart before the due time loses nothing.
+async fn scenario(config: ControlConfig) {
+    let control = InProcessControl::start_config(&config)
+        .await
+        .expect("control");
+    let mut admin = control.admin();
+
+    // A new user is created at once, whatever the list says.
+    let created = admin
+        .switch_coin(switch("alice", "btc"))
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(created.pending_applies_at_unix, 0);
+
+    // Alice was never seen in bch's list: the switch waits the whole period.
+    let before = now() as i64;
+    let held = admin
+        .switch_coin(switch("alice", "bch"))
+        .await
+        .expect("switch")
+        .into_inner();
+    let due = held.pending_applies_at_unix;
+    assert!(
+        due >= before + (INTERVAL * 3 / 2) as i64 - 1,
+        "held back for the whole period: due {due}, asked at {before}"
+    );
+    assert_eq!(
+        held.user_coin.as_ref().map(|u| u.coin.as_str()),
+        Some("btc")
+    );
+    let shown = get(&control, "alice").await;
+    assert_eq!(shown.user_coin.map(|u| u.coin).as_deref(), Some("btc"));
+    assert_eq!(shown.pending_coin, "bch");
+    assert_eq!(shown.pending_applies_at_unix, due);
+
+    // Carol has been in bch's list for long enough: written at once.
+    admin
+        .switch_coin(switch("carol", "btc"))
+        .await
+        .expect("create");
+    control
+        .core
+        .record_first_seen("bch", vec!["carol".into()], now() - 3_600)
+        .await
+        .expect("recorded");
+    let at_once = admin
+        .switch_coin(switch("carol", "bch"))
+        .await
+        .expect("switch")
+        .into_inner();
+    assert_eq!(at_once.pending_applies_at_unix, 0);
+    assert_eq!(at_once.user_coin.map(|u| u.coin).as_deref(), Some("bch"));
+
+    // Dave's held-back switch is replaced by an immediate one (ltc has no list).
+    admin
+        .switch_coin(switch("dave", "btc"))
+        .await
+        .expect("create");
+    let dave = admin
+        .switch_coin(switch("dave", "bch"))
+        .await
+        .expect("switch")
+        .into_inner();
+    assert!(dave.pending_applies_at_unix > 0);
+    admin
+        .switch_coin(switch("dave", "ltc"))
+        .await
+        .expect("immediate");
+    assert!(get(&control, "dave").await.pending_coin.is_empty());
+
+    // A restart before the switch is due does not lose it.
+    control.shutdown().await.expect("stops");
+    let control = InProcessControl::start_config(&config)
+        .await
+        .expect("restarts");
+    assert_eq!(
+        get(&control, "alice").await.pending_coin,
+        "bch",
+        "still pending"
+    );
+    wait_coin(&control, "alice", "bch").await;
+    assert!(now() as i64 >= due, "not written before it was due");
+    // Dave's cancelled switch never lands.
+    assert_eq!(
+        get(&control, "dave")
+            .await
+            .user_coin
+            .map(|u| u.coin)
+            .as_deref(),
+        Some("ltc")
+    );
+    control.shutdown().await.expect("stops");
+}
+
+#[tokio::test]
+async fn held_back_switches_on_the_embedded_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    scenario(embedded_config(dir.path())).await;
+}
+
+#[tokio::test]
+async fn held_back_switches_on_zookeeper() {
+    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let dir = tempfile::tempdir().expect("tempdir");
+    scenario(zk_config(
+        zk,
+        &unique_root("safety"),
+        "switcher",
+        dir.path(),
+    ))
+    .await;
 }
