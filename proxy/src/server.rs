@@ -131,7 +131,7 @@ impl Proxy {
             settings.control_tls.as_ref(),
         )?;
         let cache = UserCoinCache::new();
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(settings.upstreams.keys());
         metrics.watch_cache(cache.clone());
         // The cache kept on disk, read before the stream starts: the stream resumes from its
         // revision.
