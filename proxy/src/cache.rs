@@ -30,6 +30,7 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::Instant,
 };
 
 use switchyard_proto::v1::WatchSwitchesResponse;
@@ -37,6 +38,14 @@ use tokio::sync::watch;
 
 /// A user's coin as a watcher sees it: `None` while the user has no record.
 type CoinCell = Option<Arc<str>>;
+
+/// What a user's channel carries: the coin, and when the cache applied the change that set
+/// it (`None` for the coin a channel began with), for the switch latency.
+#[derive(Debug, Clone, Default)]
+struct Published {
+    coin: CoinCell,
+    at: Option<Instant>,
+}
 
 /// The records of one state of the store: users, case index, and the coin names they share.
 #[derive(Debug, Default)]
@@ -118,7 +127,7 @@ pub struct UserCoinCache {
     /// A snapshot being received: swapped into `live` at its `snapshot_complete`.
     staged: Mutex<Option<Tables>>,
     /// The per-user index of live sessions: one channel per watched user.
-    watchers: Mutex<HashMap<Arc<str>, watch::Sender<CoinCell>>>,
+    watchers: Mutex<HashMap<Arc<str>, watch::Sender<Published>>>,
     /// Whether a complete snapshot (or resume) has been applied.
     synced: watch::Sender<bool>,
     feed: FeedStatus,
@@ -136,13 +145,15 @@ fn lock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
     lock.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Sets a watched user's coin; wakes the user's watchers only when it differs.
-fn publish(tx: &watch::Sender<CoinCell>, coin: Option<&Arc<str>>) {
+/// Sets a watched user's coin, applied at `at`; wakes the user's watchers only when it
+/// differs.
+fn publish(tx: &watch::Sender<Published>, coin: Option<&Arc<str>>, at: Instant) {
     tx.send_if_modified(|seen| {
-        if seen.as_ref() == coin {
+        if seen.coin.as_ref() == coin {
             false
         } else {
-            *seen = coin.cloned();
+            seen.coin = coin.cloned();
+            seen.at = Some(at);
             true
         }
     });
@@ -183,7 +194,10 @@ impl UserCoinCache {
             Some((key, tx)) => (Arc::clone(key), tx.subscribe()),
             None => {
                 let key: Arc<str> = Arc::from(user);
-                let (tx, rx) = watch::channel(coin.clone());
+                let (tx, rx) = watch::channel(Published {
+                    coin: coin.clone(),
+                    at: None,
+                });
                 watchers.insert(Arc::clone(&key), tx);
                 (key, rx)
             }
@@ -194,6 +208,7 @@ impl UserCoinCache {
             cache: Arc::clone(self),
             user,
             seen: coin,
+            seen_at: None,
             rx,
         }
     }
@@ -256,8 +271,9 @@ impl UserCoinCache {
                 live.store_id.clone_from(&message.store_id);
             }
             let watchers = lock(&self.watchers);
+            let at = Instant::now();
             for (user, tx) in watchers.iter() {
-                publish(tx, live.tables.users.get(user));
+                publish(tx, live.tables.users.get(user), at);
             }
             old
         };
@@ -282,9 +298,10 @@ impl UserCoinCache {
         if watchers.is_empty() {
             return;
         }
+        let at = Instant::now();
         for entry in &message.users {
             if let Some(tx) = watchers.get(entry.user.as_str()) {
-                publish(tx, live.tables.users.get(entry.user.as_str()));
+                publish(tx, live.tables.users.get(entry.user.as_str()), at);
             }
         }
     }
@@ -387,7 +404,9 @@ pub struct UserWatch {
     user: Arc<str>,
     /// The coin last reported by [`changed`](Self::changed) (at first: when the watch began).
     seen: CoinCell,
-    rx: watch::Receiver<CoinCell>,
+    /// When the cache applied the change [`changed`](Self::changed) last reported.
+    seen_at: Option<Instant>,
+    rx: watch::Receiver<Published>,
 }
 
 impl UserWatch {
@@ -398,7 +417,13 @@ impl UserWatch {
 
     /// The user's coin now (`None` while the user has no record).
     pub fn current(&self) -> Option<Arc<str>> {
-        self.rx.borrow().clone()
+        self.rx.borrow().coin.clone()
+    }
+
+    /// When the cache applied the change [`changed`](Self::changed) last reported (`None`
+    /// before any): where a switch's latency starts.
+    pub fn changed_at(&self) -> Option<Instant> {
+        self.seen_at
     }
 
     /// Takes `coin` as the user's coin this watch last reported: the session learned it
@@ -420,9 +445,10 @@ impl UserWatch {
                 std::future::pending::<()>().await;
             }
             let now = self.rx.borrow_and_update().clone();
-            if now != self.seen {
-                self.seen.clone_from(&now);
-                return now;
+            if now.coin != self.seen {
+                self.seen.clone_from(&now.coin);
+                self.seen_at = now.at;
+                return now.coin;
             }
         }
     }

@@ -15,7 +15,8 @@
 //!   reconnects, drains, job routing, who owes the miner which answer.
 //! - [`session`]: one task per miner session: handshake, lookup, then the relay's sockets.
 //! - [`server`]: the listener, limits, lease and shutdown: the proxy as a whole.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics (OpenMetrics text).
+//! - [`switch_log`]: the log of completed switches, summed up when they are many.
 //! - [`config`]: the Go stratumSwitcher's JSON config plus Switchyard's settings.
 //! - [`upgrade`]: the hot upgrade (SIGUSR2, SPEC §9): what a process hands its successor.
 //! - [`inherit`]: the descriptors a hot upgrade hands over, turned back into sockets: the one
@@ -36,6 +37,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod session_id;
+pub mod switch_log;
 pub mod tls_miners;
 pub mod upgrade;
 pub mod upstream;

@@ -176,7 +176,8 @@ pub enum ShareOutcome {
 }
 
 impl ShareOutcome {
-    const ALL: [ShareOutcome; 5] = [
+    /// Every outcome.
+    pub const ALL: [ShareOutcome; 5] = [
         Self::Accepted,
         Self::Rejected,
         Self::Stale,
@@ -368,6 +369,15 @@ impl CoinMetrics {
             .position(|o| *o == outcome)
             .unwrap_or(0);
         self.shares[i].inc();
+    }
+
+    /// Shares counted with `outcome` so far.
+    pub fn shares(&self, outcome: ShareOutcome) -> u64 {
+        let i = ShareOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.shares[i].get()
     }
 
     /// The sserver rejected a share with `code` (`None`: the answer carried no code).

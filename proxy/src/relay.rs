@@ -66,10 +66,21 @@
 //! at most [`MAX_JOBS`]): `mining.notify` params\[0\], and for Ethereum the header hash of ETHProxy
 //! work. A `mining.submit` or `eth_submitWork` (job: params\[1\]) goes to the upstream that
 //! announced its job, drained or not; a job nobody holds goes to the current upstream.
+//!
+//! # Shares and switches for the metrics
+//!
+//! With the proxy's metrics attached ([`Relay::attach_metrics`]; never in the model test),
+//! every submit counted in flight is also remembered with its send time
+//! ([`UpstreamState::submits`]) and counted once when it ends
+//! ([`crate::metrics::ShareOutcome`]): by the answer of its upstream (accepted; rejected or
+//! stale by the error code; `draining` when it went to a drained upstream), or unanswered
+//! when its upstream or the session ends first. After a switch or a reconnect, the new
+//! upstream's first job written to the miner is announced with [`Action::FirstJob`]: where
+//! the session's switch latency ends.
 
 #![forbid(unsafe_code)]
 
-use std::{collections::VecDeque, fmt};
+use std::{collections::VecDeque, fmt, sync::Arc};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -78,6 +89,7 @@ use serde_json::{Value, json};
 use crate::{
     handshake::{Handshake, Login, NameRules, Request, error_line, normalize_worker, result_line},
     message::{Line, job_digest},
+    metrics::{CoinMetrics, Metrics, STALE_CODE, ShareOutcome, UpstreamFailure},
     session_id::ChainType,
     upstream::suffixed_worker,
 };
@@ -257,6 +269,78 @@ pub struct Owed {
     pub count: u32,
 }
 
+/// A submit in flight (tracked only with metrics attached): its id, when the proxy read it
+/// (µs on the system's monotonic clock, which a hot upgrade's next image shares), and whether
+/// it went to a drained upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlightSubmit {
+    /// The id as JSON text.
+    pub id: IdText,
+    /// When the miner's line was read, µs on the monotonic clock ([`clock_us`]).
+    pub at_us: u64,
+    /// Routed to a drained upstream (a job of an old coin).
+    pub drained: bool,
+}
+
+/// The system's monotonic clock in µs (`CLOCK_MONOTONIC`, the same for every process of the
+/// machine: submits in flight keep their times across a hot upgrade).
+pub fn clock_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(t.tv_nsec as u64 / 1_000)
+}
+
+/// The series an upstream counts on, its coin's (not part of the relay's state: a hot
+/// upgrade's next image attaches its own). Compares equal to any other.
+#[derive(Clone, Default)]
+pub struct CoinMeter(Option<Arc<CoinMetrics>>);
+
+impl PartialEq for CoinMeter {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for CoinMeter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "metered" } else { "-" })
+    }
+}
+
+/// The proxy's metrics, for the relay to resolve its upstreams' coins with (not part of its
+/// state). Compares equal to any other.
+#[derive(Clone, Default)]
+struct Meters(Option<Arc<Metrics>>);
+
+impl PartialEq for Meters {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for Meters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "metered" } else { "-" })
+    }
+}
+
+impl Meters {
+    fn coin(&self, coin: &str) -> CoinMeter {
+        CoinMeter(self.0.as_ref().and_then(|m| m.coin(coin)))
+    }
+}
+
+/// The error code of an answer's `error` (JSON text): `[code, message, data]` or
+/// `{"code": code, ...}`.
+fn error_code(error: &str) -> Option<i64> {
+    match serde_json::from_str::<Value>(error).ok()? {
+        Value::Array(items) => items.first()?.as_i64(),
+        Value::Object(fields) => fields.get("code")?.as_i64(),
+        _ => None,
+    }
+}
+
 /// One upstream connection as data (its socket lives in the session task).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpstreamState {
@@ -276,6 +360,12 @@ pub struct UpstreamState {
     pub pending: Vec<Pending>,
     /// Digests of the jobs it announced to the miner, oldest first.
     pub jobs: VecDeque<u64>,
+    /// Submits in flight, oldest first (with metrics attached only; see the module doc).
+    #[serde(default)]
+    pub submits: Vec<InFlightSubmit>,
+    /// Its coin's series.
+    #[serde(skip)]
+    pub meter: CoinMeter,
 }
 
 impl UpstreamState {
@@ -289,12 +379,15 @@ impl UpstreamState {
             owed_total: 0,
             pending: Vec::new(),
             jobs: VecDeque::new(),
+            submits: Vec::new(),
+            meter: CoinMeter::default(),
         }
     }
 
-    fn owe(&mut self, id: &str) {
+    /// Counts a request in flight; whether it was counted (not beyond [`MAX_OWED`]).
+    fn owe(&mut self, id: &str) -> bool {
         if self.owed_total >= MAX_OWED {
-            return;
+            return false;
         }
         self.owed_total += 1;
         match self
@@ -307,6 +400,64 @@ impl UpstreamState {
                 id: IdText::new(id),
                 count: 1,
             }),
+        }
+        true
+    }
+
+    /// Remembers a submit sent to it (with metrics attached).
+    fn track_submit(&mut self, id: &str, drained: bool) {
+        if self.meter.0.is_some() {
+            self.submits.push(InFlightSubmit {
+                id: IdText::new(id),
+                at_us: clock_us(),
+                drained,
+            });
+        }
+    }
+
+    /// It answered `id`, which it owed: when that was a submit, counts the share's outcome
+    /// and round trip.
+    fn share_answered(&mut self, id: &str, read: &Line<'_>) {
+        if self.submits.is_empty() {
+            return;
+        }
+        let Some(i) = self
+            .submits
+            .iter()
+            .position(|s| s.id.as_bytes() == id.as_bytes())
+        else {
+            return;
+        };
+        let submit = self.submits.remove(i);
+        let Some(meter) = &self.meter.0 else {
+            return;
+        };
+        meter.submit_took(clock_us().saturating_sub(submit.at_us) as f64 / 1e6);
+        let outcome = if read.result == Some("true") {
+            ShareOutcome::Accepted
+        } else {
+            let code = read.error.and_then(error_code);
+            meter.reject(code);
+            if code == Some(STALE_CODE) {
+                ShareOutcome::Stale
+            } else {
+                ShareOutcome::Rejected
+            }
+        };
+        meter.share(if submit.drained {
+            ShareOutcome::Draining
+        } else {
+            outcome
+        });
+    }
+
+    /// Its submits in flight will never be answered (it is closed or lost, or the session
+    /// ends).
+    fn abandon_submits(&mut self) {
+        if let Some(meter) = &self.meter.0 {
+            for _ in self.submits.drain(..) {
+                meter.share(ShareOutcome::Unanswered);
+            }
         }
     }
 
@@ -445,6 +596,9 @@ pub enum Action {
         /// `ok`, `failed`, `no_sserver`, `closed_btcagent`, `cancelled`.
         outcome: &'static str,
     },
+    /// The first job of the upstream opened by a switch or a reconnect was just written to
+    /// the miner (with the actions before this one).
+    FirstJob,
     /// End the session.
     End(RelayEnd),
 }
@@ -476,6 +630,13 @@ pub struct Relay {
     pub next_upstream: UpstreamId,
     /// Settings.
     pub settings: RelaySettings,
+    /// An upstream opened by a switch or a reconnect serves, and none of its jobs has reached
+    /// the miner yet ([`Action::FirstJob`] when one does).
+    #[serde(default)]
+    pub awaiting_first_job: bool,
+    /// The metrics, when attached.
+    #[serde(skip)]
+    meters: Meters,
     /// Actions not yet taken by the session task.
     #[serde(skip)]
     out: Actions,
@@ -531,6 +692,8 @@ impl Relay {
             next_request: 1,
             next_upstream: 1,
             settings,
+            awaiting_first_job: false,
+            meters: Meters::default(),
             out: Actions::new(),
         };
         for line in &opened.held {
@@ -548,6 +711,29 @@ impl Relay {
             relay.on_queued_line(with_newline(line));
         }
         relay
+    }
+
+    /// Counts shares, switches and lost upstreams on `metrics` from now on (the upstreams it
+    /// has already too).
+    pub fn attach_metrics(&mut self, metrics: &Arc<Metrics>) {
+        self.meters = Meters(Some(Arc::clone(metrics)));
+        let meters = self.meters.clone();
+        if let Some(current) = self.current_mut() {
+            current.meter = meters.coin(&current.coin);
+        }
+        for drain in &mut self.draining {
+            drain.upstream.meter = meters.coin(&drain.upstream.coin);
+        }
+    }
+
+    /// The session ends: its submits in flight are counted unanswered.
+    pub fn end(&mut self) {
+        if let Some(current) = self.current_mut() {
+            current.abandon_submits();
+        }
+        for drain in &mut self.draining {
+            drain.upstream.abandon_submits();
+        }
     }
 
     /// Takes the actions to carry out, in order.
@@ -696,14 +882,16 @@ impl Relay {
                 self.send_untracked(line);
             }
             Some(method) if read.id.is_some() => {
-                let job = match method {
-                    "mining.submit" | "eth_submitWork" => read.param_str(1),
-                    _ => None,
-                };
+                let submit = matches!(method, "mining.submit" | "eth_submitWork");
+                let job = if submit { read.param_str(1) } else { None };
                 let route = self.route(job.as_deref());
+                let drained = matches!(route, Route::Drain(_));
                 let to = match self.route_target(&route) {
                     Some(upstream) => {
-                        upstream.owe(read.id.unwrap_or("null"));
+                        let id = read.id.unwrap_or("null");
+                        if upstream.owe(id) && submit {
+                            upstream.track_submit(id, drained);
+                        }
                         upstream.id
                     }
                     None => return self.queue(line),
@@ -903,6 +1091,8 @@ impl Relay {
                         if let Some(current) = self.current_mut() {
                             current.add_job(job_digest(&job), clean);
                         }
+                        self.send_miner(line);
+                        return self.first_job_sent();
                     }
                 }
             }
@@ -924,21 +1114,40 @@ impl Relay {
         };
         let owed = match read.id {
             Some(id) if !(work.is_some() && read.id_is_zero()) => {
-                self.upstream_mut(from).is_some_and(|u| u.answered(id))
+                self.upstream_mut(from).is_some_and(|u| {
+                    let owed = u.answered(id);
+                    if owed {
+                        u.share_answered(id, &read);
+                    }
+                    owed
+                })
             }
             _ => false,
         };
+        let mut new_job = false;
         if let Some(work) = &work
             && is_current
             && let Some(current) = self.current_mut()
         {
             current.add_job(job_digest(work), false);
+            new_job = true;
         }
         if owed || is_current {
             self.send_miner(line);
+            if new_job {
+                self.first_job_sent();
+            }
         }
         if drain.is_some() {
             self.close_settled_drains(now_ms);
+        }
+    }
+
+    /// A job of the current upstream was just queued for the miner.
+    fn first_job_sent(&mut self) {
+        if self.awaiting_first_job {
+            self.awaiting_first_job = false;
+            self.out.push(Action::FirstJob);
         }
     }
 
@@ -1005,6 +1214,9 @@ impl Relay {
         if self.current().is_none_or(|c| c.id != id) {
             return;
         }
+        if let Some(meter) = self.current().and_then(|c| c.meter.0.as_ref()) {
+            meter.upstream_failure(UpstreamFailure::Closed);
+        }
         let phase = self.take_phase();
         let (lost, opening) = match phase {
             Phase::Relaying { current } => {
@@ -1032,7 +1244,8 @@ impl Relay {
 
     /// Answers what `upstream` still owes with errors, keeps its miner authorizes for the
     /// next upstream, and closes it.
-    fn settle(&mut self, upstream: UpstreamState, message: &str) {
+    fn settle(&mut self, mut upstream: UpstreamState, message: &str) {
+        upstream.abandon_submits();
         for owed in &upstream.owed {
             for _ in 0..owed.count {
                 self.answer_error(owed.id.as_str(), message);
@@ -1162,9 +1375,11 @@ impl Relay {
             }
         };
         let mut current = UpstreamState::new(opening.id, opening.coin.clone(), &opened);
+        current.meter = self.meters.coin(&opening.coin);
         for line in &opened.held {
             note_held_job(self.hs.chain(), &mut current, line);
         }
+        let job_held = !current.jobs.is_empty();
         self.phase = Phase::Relaying { current };
         self.out.push(Action::Outcome {
             coin: opening.coin,
@@ -1175,6 +1390,10 @@ impl Relay {
             self.drain(old, now_ms);
         }
         self.announce(&opened);
+        self.awaiting_first_job = true;
+        if job_held {
+            self.first_job_sent();
+        }
         // Every worker authorized so far, and the suggested difficulty, on the new upstream.
         for worker in self.workers.clone() {
             self.replay(&worker.method, worker.params);

@@ -26,6 +26,7 @@ use crate::{
     metrics::{self, Metrics},
     session::{self, ProxyContext, SessionIds},
     session_id::BadServerId,
+    switch_log::SwitchLog,
     upgrade::{
         self, FREEZE_TIMEOUT, HandOver, HandedSession, Inheritance, Invocation, UpgradeError,
     },
@@ -177,7 +178,15 @@ impl Proxy {
                 (lease.server_id, Some(lease))
             }
             (None, None) => {
+                let saved_id = saved_lease
+                    .as_ref()
+                    .filter(|s| s.chain_type == lease_request.chain_type)
+                    .map(|s| s.server_id);
                 let lease = Self::lease(&endpoints, &lease_request, saved_lease).await?;
+                if saved_id.is_some_and(|id| id != lease.server_id) {
+                    // The ID this proxy held before its restart was taken meanwhile.
+                    metrics.lease_conflict();
+                }
                 (lease.server_id, Some(lease))
             }
         };
@@ -228,6 +237,8 @@ impl Proxy {
                     }
                     let id = *changes.borrow_and_update();
                     lease_to_save.send_replace(Some(saved(id, &instance)));
+                    // The lease's ID changes only when it was taken by another proxy.
+                    ctx.metrics.lease_conflict();
                     match ctx.session_ids.set_server_id(id) {
                         Ok(()) => {
                             ctx.metrics.set_server_id(id);
@@ -341,6 +352,7 @@ impl Proxy {
                 session::open_file_limit().unwrap_or(FALLBACK_OPEN_FILES),
             ),
             handover: Arc::default(),
+            switch_log: SwitchLog::new(),
         }))
     }
 
@@ -372,6 +384,7 @@ impl Proxy {
             None => None,
         };
         tasks.spawn(Arc::clone(&context.handover).keep_time());
+        tasks.spawn(Arc::clone(&context.switch_log).run(shutdown.child_token()));
         let (accept_control, orders) = mpsc::channel(1);
         tasks.spawn(accept_loop(
             listener,

@@ -49,11 +49,12 @@ use crate::{
         Dialect, Handshake, Login, NameRules, Request, Step, StratumError, error_line, result_line,
     },
     lookup::{Lookup, UserLookups},
-    metrics::{Direction, Metrics, SessionState},
+    metrics::{CloseReason, Direction, Metrics, SessionState, UpstreamFailure},
     relay::{
         Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, SessionSnapshot, UpstreamId,
     },
     session_id::{BadServerId, ChainType, SessionId, SessionIdAllocator},
+    switch_log::SwitchLog,
     upgrade::{HandedSession, HandedSocket},
     upstream::{
         self, EchoCheck, SubscribeParams, Upstream, UpstreamError, UpstreamLogin, UpstreamTarget,
@@ -212,6 +213,8 @@ pub struct ProxyContext {
     pub drains: DrainBudget,
     /// The hot upgrade's call to the relaying sessions.
     pub handover: Arc<HandOverSignal>,
+    /// The log of completed switches.
+    pub switch_log: Arc<SwitchLog>,
 }
 
 /// The hot upgrade's call to relaying sessions (SPEC §9): stop at the next turn and hand over
@@ -361,6 +364,27 @@ enum End {
     HandOverFailed(std::io::Error),
 }
 
+impl End {
+    /// The reason `switchyard_proxy_sessions_closed_total` counts; `None` for a session handed
+    /// over (it did not end).
+    fn close_reason(&self) -> Option<CloseReason> {
+        Some(match self {
+            End::HandOver => return None,
+            End::MinerClosed | End::MinerWriteFailed => CloseReason::MinerClosed,
+            End::MinerError(FrameError::Io(_)) => CloseReason::MinerClosed,
+            End::MinerTimeout(_) => CloseReason::Idle,
+            End::MinerError(FrameError::TooLong(_)) | End::FirstByteNotJson => {
+                CloseReason::ProtocolError
+            }
+            End::Upstream(UpstreamError::AuthRejected { .. }) => CloseReason::Other,
+            End::Upstream(_) | End::Relay(RelayEnd::OpenFailed) => CloseReason::UpstreamLost,
+            End::Refused(_) | End::TooManyWaiting | End::Relay(_) | End::HandOverFailed(_) => {
+                CloseReason::Other
+            }
+        })
+    }
+}
+
 /// Runs one miner session to its end.
 pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
     let Some(sid) = ctx.session_ids.allocate() else {
@@ -377,11 +401,7 @@ pub async fn run(ctx: Arc<ProxyContext>, socket: TcpStream, peer: SocketAddr) {
     let _live = budget.drains.session_started();
     let mut session = Session::new(ctx, sid, peer, peer_ip);
     let end = session.serve(socket).await;
-    let sid = session.sid.sid();
-    match &end {
-        End::MinerClosed | End::HandOver => debug!(%sid, %peer, ?end, "session ended"),
-        _ => info!(%sid, %peer, ?end, "session ended"),
-    }
+    session.ended(&end);
 }
 
 /// Runs a session handed over by a hot upgrade (from the previous image, or from this one when
@@ -396,13 +416,13 @@ pub async fn resume(ctx: Arc<ProxyContext>, handed: HandedSession, sid: SessionI
             let end = session.relay(&mut parts).await;
             session.after_relay(parts, end)
         }
-        Err(e) => End::HandOverFailed(e),
+        Err(e) => {
+            let end = End::HandOverFailed(e);
+            info!(sid = %session.sid.sid(), %peer, ?end, "session ended");
+            end
+        }
     };
-    let sid = session.sid.sid();
-    match &end {
-        End::MinerClosed | End::HandOver => debug!(%sid, %peer, ?end, "session ended"),
-        _ => info!(%sid, %peer, ?end, "session ended"),
-    }
+    session.ended(&end);
 }
 
 /// The miner's IPv4 address (what the sserver is told), or 0.0.0.0.
@@ -426,6 +446,9 @@ struct Session {
     peer: SocketAddr,
     peer_ip: Ipv4Addr,
     state: Option<(String, SessionState)>,
+    /// Its end is counted (or it was handed over): a session dropped before (its task
+    /// aborted) was closed by the proxy's shutdown.
+    ended: bool,
 }
 
 impl Drop for Session {
@@ -433,6 +456,9 @@ impl Drop for Session {
         self.ctx
             .metrics
             .session_moved(self.state.as_ref().map(|(c, s)| (c.as_str(), *s)), None);
+        if !self.ended {
+            self.ctx.metrics.session_closed(CloseReason::Shutdown);
+        }
     }
 }
 
@@ -474,6 +500,16 @@ impl Session {
             peer,
             peer_ip,
             state: Some((String::new(), SessionState::Handshake)),
+            ended: false,
+        }
+    }
+
+    /// Counts and logs the session's end (the relay's ends are logged by [`Self::after_relay`],
+    /// which knows the worker).
+    fn ended(&mut self, end: &End) {
+        self.ended = true;
+        if let Some(reason) = end.close_reason() {
+            self.ctx.metrics.session_closed(reason);
         }
     }
 
@@ -493,11 +529,18 @@ impl Session {
         // The login's log lines carry the session in a span; the relay's name it in each line
         // (a span entered on every turn of the relay would cost every line).
         let span = info_span!("session", sid = %self.sid.sid(), peer = %self.peer,
-                              worker = tracing::field::Empty);
-        let login = self.login(socket).instrument(span);
+                              user = tracing::field::Empty, worker = tracing::field::Empty,
+                              coin = tracing::field::Empty);
+        let login = self.login(socket).instrument(span.clone());
         let mut parts = match Box::pin(login).await {
             Ok(parts) => parts,
-            Err(end) => return end,
+            Err(end) => {
+                span.in_scope(|| match &end {
+                    End::MinerClosed => debug!(?end, "session ended"),
+                    _ => info!(?end, "session ended"),
+                });
+                return end;
+            }
         };
         let end = self.relay(&mut parts).await;
         self.after_relay(parts, end)
@@ -507,11 +550,29 @@ impl Session {
     fn after_relay(&mut self, mut parts: Box<RelayParts>, end: End) -> End {
         parts.links.release(&self.ctx.drains);
         if !matches!(end, End::HandOver) {
+            let relay = &mut parts.relay;
+            relay.end();
+            let (sid, peer) = (self.sid.sid(), self.peer);
+            let (user, worker, coin) =
+                (&relay.login.sub_account, relay.worker_names(), relay.coin());
+            match &end {
+                End::MinerClosed => {
+                    debug!(%sid, %peer, %user, %worker, %coin, ?end, "session ended")
+                }
+                _ => info!(%sid, %peer, %user, %worker, %coin, ?end, "session ended"),
+            }
             return end;
         }
         match self.hand_over(parts) {
-            Ok(()) => End::HandOver,
-            Err(e) => End::HandOverFailed(e),
+            Ok(()) => {
+                debug!(sid = %self.sid.sid(), peer = %self.peer, "session handed over");
+                End::HandOver
+            }
+            Err(e) => {
+                let end = End::HandOverFailed(e);
+                info!(sid = %self.sid.sid(), peer = %self.peer, ?end, "session ended");
+                end
+            }
         }
     }
 
@@ -594,22 +655,30 @@ impl Session {
             ));
         }
         links.arrange(&relay);
+        relay.attach_metrics(&self.ctx.metrics);
         relay.resume();
         let watch = self.ctx.cache.watch_user(&relay.login.sub_account);
         // A user switched while the sessions were handed over: the watch reports only later
         // changes, so the coin it starts from is checked here (a cache not synced yet knows
         // no coin; its first sync is then a change the watch reports).
+        let mut switch = None;
         if let Some(coin) = watch.current()
             && *coin != *relay.target_coin()
         {
             let has_sserver = self.ctx.settings.upstreams.contains_key(&*coin);
+            if has_sserver {
+                switch = Some(PendingSwitch::new(relay.coin(), &coin, None));
+            }
             relay.on_coin_changed(&coin, has_sserver);
         }
-        Ok(RelayParts::new(miner, relay, links, watch, &self.ctx))
+        let mut parts = RelayParts::new(miner, relay, links, watch, &self.ctx);
+        parts.switch = switch;
+        Ok(parts)
     }
 
     /// The handshake, the coin lookup and the first upstream: what the relay starts from.
     async fn login(&mut self, socket: TcpStream) -> Result<Box<RelayParts>, End> {
+        let accepted = std::time::Instant::now();
         let ctx = self.ctx.clone();
         let settings = &ctx.settings;
         let mut first = [0u8; 1];
@@ -641,12 +710,15 @@ impl Session {
                 Ok(login) => login,
                 Err(end) => return Err(self.failed_handshake(end, "miner")),
             };
-        tracing::Span::current().record("worker", login.worker().as_str());
+        let span = tracing::Span::current();
+        span.record("worker", login.worker().as_str());
+        span.record("user", login.sub_account.as_str());
         let (coin, watch) =
             match Box::pin(self.resolve_coin(&mut miner, &hs, &mut login, deadline)).await {
                 Ok(found) => found,
                 Err(end) => return Err(end),
             };
+        span.record("coin", &*coin);
         let Some(target) = settings.upstreams.get(&*coin).cloned() else {
             return Err(self
                 .refuse(
@@ -659,7 +731,8 @@ impl Session {
         };
         self.set_state(&coin, SessionState::Connecting);
         let up_login = upstream_login(&hs, &login, self.peer_ip);
-        let upstream = match Box::pin(upstream::open(
+        let upstream = match Box::pin(open_counted(
+            &self.ctx,
             &target,
             &up_login,
             &settings.upstream_limits,
@@ -676,7 +749,9 @@ impl Session {
                     error: Value::Null,
                 }));
             }
-            Err(e @ (UpstreamError::Connect(_) | UpstreamError::Timeout)) => {
+            Err(
+                e @ (UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Timeout),
+            ) => {
                 warn!(coin = %coin, error = %e, "cannot reach the sserver");
                 let end = self
                     .refuse(
@@ -711,7 +786,7 @@ impl Session {
             allowed_mask: upstream.allowed_mask,
             held: upstream.held,
         };
-        let relay = Relay::start(
+        let mut relay = Relay::start(
             hs,
             login,
             coin.to_string(),
@@ -722,6 +797,10 @@ impl Session {
                 drain_window_ms: settings.drain_window.as_millis() as u64,
             },
         );
+        relay.attach_metrics(&self.ctx.metrics);
+        self.ctx
+            .metrics
+            .handshake_took(accepted.elapsed().as_secs_f64());
         let links = Links::new(Some(UpstreamLink::new(0, upstream.reader, upstream.writer)));
         Ok(RelayParts::new(miner, relay, links, watch, &self.ctx))
     }
@@ -871,6 +950,32 @@ impl Session {
         }
     }
 
+    /// A switch ended: the new coin's first job reached the miner. Its latency goes to the
+    /// new coin's histogram and to the log, at info while switches are few
+    /// ([`crate::switch_log`]).
+    fn switched(&self, relay: &Relay, done: &PendingSwitch) {
+        let now = std::time::Instant::now();
+        let latency = now.saturating_duration_since(done.since);
+        if let Some(coin) = self.ctx.metrics.coin(&done.to) {
+            coin.switch_took(latency.as_secs_f64());
+        }
+        let latency_ms = latency.as_secs_f64() * 1e3;
+        let (sid, peer, user, worker) = (
+            self.sid.sid(),
+            self.peer,
+            &relay.login.sub_account,
+            relay.worker_names(),
+        );
+        let (from, to) = (&done.from, &done.to);
+        if self.ctx.switch_log.record(from, to, latency, now) {
+            info!(%sid, %peer, %user, %worker, coin = %to, %from, %to, latency_ms,
+                  "session switched coin");
+        } else {
+            debug!(%sid, %peer, %user, %worker, coin = %to, %from, %to, latency_ms,
+                   "session switched coin");
+        }
+    }
+
     /// The relay loop: the miner, the serving upstream, the drained ones and the one being
     /// opened, polled by hand ([`RelayParts::poll_event`]), each event handed to the [`Relay`]
     /// state machine and its actions carried out. The loop's state is on the heap
@@ -899,6 +1004,7 @@ impl Session {
                 relay,
                 links,
                 coin_change,
+                switch,
                 ..
             } = &mut *parts;
             match event {
@@ -918,8 +1024,9 @@ impl Session {
                 }
                 Event::Upstream(id, None) => {
                     if links.current.as_ref().is_some_and(|c| c.id == id) {
-                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
-                              coin = %relay.coin(), "sserver connection lost: reconnecting");
+                        warn!(sid = %self.sid.sid(), peer = %self.peer, user = %relay.login.sub_account,
+                              worker = %relay.worker_names(), coin = %relay.coin(),
+                              "sserver connection lost: reconnecting");
                     }
                     links.close(id);
                     relay.on_upstream_lost(id, now_ms());
@@ -931,15 +1038,22 @@ impl Session {
                     relay.drop_drains();
                 }
                 Event::Coin(watch, coin) => {
+                    let changed_at = watch.changed_at();
                     coin_change.inner = Box::pin(next_coin(watch));
                     let Some(coin) = coin else { continue };
                     let has_sserver = ctx.settings.upstreams.contains_key(&*coin);
                     if !has_sserver {
-                        warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
-                              coin = %coin, "the user's new coin has no sserver here: ignored");
+                        warn!(sid = %self.sid.sid(), peer = %self.peer, user = %relay.login.sub_account,
+                              worker = %relay.worker_names(), coin = %relay.coin(), to = %coin,
+                              "the user's new coin has no sserver here: ignored");
                     } else if coin.as_ref() != relay.target_coin() {
-                        info!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
-                              from = %relay.coin(), to = %coin, "switching");
+                        // The line a switch logs at info is the one at its end, with its
+                        // latency (`switch_log`): a mass switch would log this one per session.
+                        debug!(sid = %self.sid.sid(), peer = %self.peer, user = %relay.login.sub_account,
+                               worker = %relay.worker_names(), coin = %relay.coin(), to = %coin,
+                               "switching");
+                        *switch = (coin.as_ref() != relay.coin())
+                            .then(|| PendingSwitch::new(relay.coin(), &coin, changed_at));
                     }
                     relay.on_coin_changed(&coin, has_sserver);
                 }
@@ -966,8 +1080,9 @@ impl Session {
                             relay.on_opened(id, opened, now_ms());
                         }
                         Err(e) => {
-                            warn!(sid = %self.sid.sid(), peer = %self.peer, worker = %relay.worker_names(),
-                                  coin = %relay.target_coin(), error = %e, "cannot open the sserver connection");
+                            warn!(sid = %self.sid.sid(), peer = %self.peer, user = %relay.login.sub_account,
+                                  worker = %relay.worker_names(), coin = %relay.target_coin(), error = %e,
+                                  "cannot open the sserver connection");
                             relay.on_open_failed(id);
                         }
                     }
@@ -1016,6 +1131,7 @@ impl Session {
             miner,
             relay,
             links,
+            switch,
             ..
         } = parts;
         loop {
@@ -1129,9 +1245,17 @@ impl Session {
                             "reconnect" => self.ctx.metrics.reconnect(outcome),
                             _ => self.ctx.metrics.switch(&coin, outcome),
                         }
-                        if outcome == "ok" {
-                            info!(sid = %self.sid.sid(), peer = %self.peer,
+                        if outcome == "ok" && kind == "reconnect" {
+                            info!(sid = %self.sid.sid(), peer = %self.peer, user = %relay.login.sub_account,
                                   worker = %relay.worker_names(), coin = %coin, kind, "relaying");
+                        } else if outcome == "ok" {
+                            debug!(sid = %self.sid.sid(), peer = %self.peer, user = %relay.login.sub_account,
+                                   worker = %relay.worker_names(), coin = %coin, kind, "relaying");
+                        }
+                    }
+                    Action::FirstJob => {
+                        if let Some(done) = switch.take_if(|s| *s.to == *relay.coin()) {
+                            self.switched(relay, &done);
                         }
                     }
                     Action::End(end) => {
@@ -1266,6 +1390,7 @@ impl RelayParts {
             handover: Arc::clone(&ctx.handover),
             registration: None,
             active_at: 0,
+            switch: None,
         })
     }
 
@@ -1382,6 +1507,28 @@ struct RelayParts {
     /// When the miner last sent a line, on the process's coarse clock
     /// ([`HandOverSignal::now`]): a hot upgrade resumes the busy sessions first.
     active_at: u32,
+    /// A switch under way, until the new coin's first job reaches the miner.
+    switch: Option<Box<PendingSwitch>>,
+}
+
+/// A switch under way: from which coin to which, and since when (the cache applying the
+/// change), for its latency and its log line.
+struct PendingSwitch {
+    from: String,
+    to: Arc<str>,
+    since: std::time::Instant,
+}
+
+impl PendingSwitch {
+    /// A switch from `from` to `to`, the change applied by the cache at `since` (now when
+    /// not known).
+    fn new(from: &str, to: &Arc<str>, since: Option<std::time::Instant>) -> Box<Self> {
+        Box::new(Self {
+            from: from.to_string(),
+            to: Arc::clone(to),
+            since: since.unwrap_or_else(std::time::Instant::now),
+        })
+    }
 }
 
 /// The next change of a user's coin, owning the user's watch until it comes.
@@ -1755,7 +1902,7 @@ async fn open_with_retries(
     let mut wait = RETRY_FIRST;
     loop {
         attempt = attempt.saturating_add(1);
-        match upstream::open(&target, &login, &limits).await {
+        match open_counted(&ctx, &target, &login, &limits).await {
             Ok(upstream) => return Ok(upstream),
             Err(e @ (UpstreamError::SidMismatch { .. } | UpstreamError::AuthRejected { .. })) => {
                 return Err(e);
@@ -1778,6 +1925,34 @@ async fn open_with_retries(
             }
         }
     }
+}
+
+/// [`upstream::open`], timed and counted on the coin's series: the connect and login time
+/// when it opens, the reason when it does not.
+async fn open_counted(
+    ctx: &ProxyContext,
+    target: &UpstreamTarget,
+    login: &UpstreamLogin,
+    limits: &upstream::UpstreamLimits,
+) -> Result<Upstream, UpstreamError> {
+    let started = std::time::Instant::now();
+    let opened = upstream::open(target, login, limits).await;
+    if let Some(coin) = ctx.metrics.coin(&target.coin) {
+        match &opened {
+            Ok(_) => coin.connect_took(started.elapsed().as_secs_f64()),
+            Err(e) => coin.upstream_failure(match e {
+                UpstreamError::Connect(_) => UpstreamFailure::Connect,
+                UpstreamError::Tls(_) => UpstreamFailure::Tls,
+                UpstreamError::Timeout => UpstreamFailure::Timeout,
+                UpstreamError::Closed
+                | UpstreamError::Frame(_)
+                | UpstreamError::SidMismatch { .. }
+                | UpstreamError::AuthRejected { .. }
+                | UpstreamError::BadAnswer(_) => UpstreamFailure::Handshake,
+            }),
+        }
+    }
+    opened
 }
 
 /// What the session sends an sserver to log in (SPEC §2), from its handshake.

@@ -193,6 +193,9 @@ pub enum UpstreamError {
     /// The TCP connect failed or timed out.
     #[error("connect failed: {0}")]
     Connect(#[source] io::Error),
+    /// The TLS handshake with the sserver failed or timed out.
+    #[error("TLS with the sserver failed: {0}")]
+    Tls(#[source] io::Error),
     /// The answers did not all come within the handshake timeout.
     #[error("sserver handshake timed out")]
     Timeout,
@@ -224,11 +227,12 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// A short stable label for metrics: `connect`, `timeout`, `closed`, `io`, `sid_mismatch`,
-    /// `auth_rejected` or `bad_answer`.
+    /// A short stable label for metrics: `connect`, `tls`, `timeout`, `closed`, `io`,
+    /// `sid_mismatch`, `auth_rejected` or `bad_answer`.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
+            Self::Tls(_) => "tls",
             Self::Timeout => "timeout",
             Self::Closed => "closed",
             Self::Frame(_) => "io",
@@ -308,7 +312,9 @@ pub async fn open(
                         "no TLS handshake with the sserver in time",
                     ))
                 })
-                .map_err(UpstreamError::Connect)?;
+                .map_err(UpstreamError::Tls)?;
+            // The bridge is a local socket pair: its failure is this process's (out of
+            // descriptors), counted as the connect's.
             switchyard_tls::bridge(secured)
                 .await
                 .map_err(UpstreamError::Connect)?

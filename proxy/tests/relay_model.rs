@@ -11,18 +11,25 @@
 //! - every authorized worker is authorized on the current upstream;
 //! - one sserver never held two connections of the session (one SID) at once;
 //! - every submit reached the sserver that announced its job while that connection still held
-//!   it (a job nobody holds any more goes to the current upstream).
+//!   it (a job nobody holds any more goes to the current upstream);
+//! - with the metrics attached, every submit that reached an upstream was counted once by
+//!   outcome (`switchyard_proxy_shares_total`), and after a switch or a reconnect the first
+//!   job at the miner was announced once ([`Action::FirstJob`]).
 //!
 //! `SWITCHYARD_MODEL_CASES=N` runs N cases (default 300); `SWITCHYARD_MODEL_SEED=S` runs the
 //! one case with seed S. A failure prints its seed.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 use switchyard_proxy::{
     handshake::{Handshake, NameRules, Step},
+    metrics::{Metrics, ShareOutcome},
     relay::{Action, MAX_JOBS, Opened, Relay, RelaySettings, SessionSnapshot, UpstreamId},
     session_id::{ChainType, SessionId},
 };
@@ -76,6 +83,16 @@ struct World {
     authorizing: HashMap<String, Vec<String>>,
     next_worker: u32,
     ended: bool,
+    /// Jobs the miner received so far.
+    jobs_received: u64,
+    /// An upstream opened by a switch or a reconnect serves since the miner had received this
+    /// many jobs, and its first job has not been announced ([`Action::FirstJob`]).
+    first_job_due: Option<u64>,
+    /// First jobs announced.
+    first_jobs: u64,
+    /// Submits the miner sent.
+    submits_sent: u64,
+    metrics: Arc<Metrics>,
     log: Vec<String>,
 }
 
@@ -114,7 +131,7 @@ impl World {
             allowed_mask: None,
             held: vec![notify_line(&first_job, true)],
         };
-        let relay = Relay::start(
+        let mut relay = Relay::start(
             hs,
             login,
             "btc".into(),
@@ -125,6 +142,8 @@ impl World {
                 drain_window_ms: DRAIN_WINDOW_MS,
             },
         );
+        let metrics = Metrics::new(COINS);
+        relay.attach_metrics(&metrics);
         let mut world = Self {
             rng,
             now: 1_000_000,
@@ -138,6 +157,11 @@ impl World {
             authorizing: HashMap::new(),
             next_worker: 1,
             ended: false,
+            jobs_received: 0,
+            first_job_due: None,
+            first_jobs: 0,
+            submits_sent: 0,
+            metrics,
             log: Vec::new(),
         };
         world.take_actions();
@@ -185,8 +209,25 @@ impl World {
                     coin,
                     outcome: "ok",
                     ..
-                } => self.miner_coin = coin,
+                } => {
+                    self.miner_coin = coin;
+                    self.first_job_due = Some(self.jobs_received);
+                }
                 Action::Outcome { .. } => {}
+                Action::FirstJob => {
+                    // Once per opened upstream, right after its first job reached the miner.
+                    let since = self
+                        .first_job_due
+                        .take()
+                        .expect("a first job announced twice, or with no upstream opened");
+                    assert!(
+                        self.jobs_received > since,
+                        "a first job announced before any job reached the miner"
+                    );
+                    let last = self.miner_jobs.last().expect("a job");
+                    assert_eq!(job_coin(last), self.miner_coin, "the first job's coin");
+                    self.first_jobs += 1;
+                }
                 Action::End(_) => self.ended = true,
             }
         }
@@ -227,6 +268,7 @@ impl World {
                         self.miner_jobs.remove(0);
                     }
                     self.miner_jobs.push(job);
+                    self.jobs_received += 1;
                 }
                 Some("mining.set_difficulty") => {
                     let difficulty = line["params"][0].as_u64().expect("difficulty");
@@ -313,6 +355,7 @@ impl World {
                 .cloned()
                 .unwrap_or_else(|| "alice.w0".into());
             *self.sent.entry(id.to_string()).or_default() += 1;
+            self.submits_sent += 1;
             json!({"id": id, "method": "mining.submit", "params": [worker, job, "00", "01", "02"]})
         } else if kind < 82 {
             let worker = format!("alice.w{}", self.next_worker);
@@ -534,10 +577,33 @@ impl World {
         panic!("the session did not settle");
     }
 
-    fn check_end(&self) {
+    /// Shares counted so far, every coin and outcome.
+    fn shares_counted(&self) -> u64 {
+        COINS
+            .iter()
+            .filter_map(|c| self.metrics.coin(c))
+            .map(|c| ShareOutcome::ALL.iter().map(|o| c.shares(*o)).sum::<u64>())
+            .sum()
+    }
+
+    fn check_end(&mut self) {
         if self.ended {
-            return; // the miner was closed: nothing more is owed to it
+            // The miner was closed: nothing more is owed to it. Submits still queued for an
+            // upstream that never opened were never sent anywhere: not counted.
+            self.relay.end();
+            assert!(
+                self.shares_counted() <= self.submits_sent,
+                "{} shares counted, {} sent",
+                self.shares_counted(),
+                self.submits_sent
+            );
+            return;
         }
+        assert_eq!(
+            self.shares_counted(),
+            self.submits_sent,
+            "every submit counted once by outcome"
+        );
         let ids: HashSet<&String> = self.sent.keys().chain(self.answers.keys()).collect();
         for id in ids {
             let sent = self.sent.get(id).copied().unwrap_or(0);
