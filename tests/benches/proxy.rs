@@ -40,6 +40,10 @@
 //!   (all by default). A report of some parts only goes to `target/bench-proxy/partial/`.
 //! - `SWITCHYARD_BENCH_OUT=FILE`: where to write the report (plots in `DIR/benchmarks/`).
 //! - `SWITCHYARD_BENCH_NO_BUILD=1`: do not run `cargo build --release` for the binaries.
+//! - `SWITCHYARD_BENCH_BASELINE_PROXY=FILE`: another `switchyard-proxy` binary (an older
+//!   build, e.g. before issue 15's metrics) that part 3 runs as one more path, side by side
+//!   with the proxy under test in every repetition, to report the proxy's CPU against it.
+//! - `SWITCHYARD_BENCH_RELAY_REPS=N`: part 3's repetitions (default 3, 1 when quick).
 //!
 //! Without `--bench` on the command line (as under `cargo test --benches`) it does nothing.
 
@@ -94,6 +98,10 @@ const JOB_MS_ENV: &str = "SWITCHYARD_BENCH_JOB_MS";
 const RELAY_TARGET_ENV: &str = "SWITCHYARD_BENCH_RELAY_TARGET";
 /// The relay child's listen backlog (tokio's default, 1,024, unless set).
 const RELAY_BACKLOG_ENV: &str = "SWITCHYARD_BENCH_RELAY_BACKLOG";
+/// Another proxy binary part 3 compares the proxy's CPU with (see the module doc).
+const BASELINE_PROXY_ENV: &str = "SWITCHYARD_BENCH_BASELINE_PROXY";
+/// Part 3's repetitions, when set.
+const RELAY_REPS_ENV: &str = "SWITCHYARD_BENCH_RELAY_REPS";
 
 /// How long a miner's login may take.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,6 +125,7 @@ mod bar {
     );
     pub const RELAY_P99: (&str, &str) = ("4.4-8.5 ms (straight 2.4-3.4 ms)", "<= straight + 1 ms");
     pub const RELAY_CPU: (&str, &str) = ("0.43 core", "<= 1.1x the plain relay");
+    pub const RELAY_CPU_BASELINE: (&str, &str) = ("-", "<= 1.03x the baseline proxy");
     pub const SWITCH_ONE: (&str, &str) = ("3-5 ms", "<= 3 ms");
     pub const SWITCH_1000: (&str, &str) = ("0.58-0.64 s ZK writes, 1.1 s HTTP", "<= 0.1 s");
     pub const SWITCH_ZK_FLOOR: (&str, &str) = (
@@ -1026,6 +1035,31 @@ async fn start_proxy_with(
     ProxyProcess::start(&config)
         .await
         .map_err(|e| format!("starting the proxy: {e}"))
+}
+
+/// The proxy binary `binary` (another build than the workspace's) on the control plane and
+/// the sserver child's two coins, as [`start_proxy`] starts the workspace's.
+async fn start_proxy_binary(
+    control: SocketAddr,
+    sservers: &Sservers,
+    binary: PathBuf,
+) -> Result<ProxyProcess, String> {
+    let port = |_: ()| free_port().map_err(|e| e.to_string());
+    let config = json!({
+        "ServerID": 1,
+        "ChainType": "bitcoin",
+        "ListenAddr": format!("127.0.0.1:{}", port(())?),
+        "MetricsListenAddr": format!("127.0.0.1:{}", port(())?),
+        "StratumServerMap": {
+            "btc": {"URL": sservers.btc.to_string(), "UserSuffix": "btc"},
+            "bch": {"URL": sservers.bch.to_string(), "UserSuffix": "bch"},
+        },
+        "ControlEndpoints": [format!("http://{control}")],
+        "HandshakeTimeoutSeconds": 20,
+    });
+    ProxyProcess::start_binary(&config, binary)
+        .await
+        .map_err(|e| format!("starting the baseline proxy: {e}"))
 }
 
 /// The sum of the proxy's metric samples whose line starts with `prefix` and contains every
@@ -2007,6 +2041,8 @@ enum Path3 {
     Relay,
     /// A plain relay listening with the proxy's backlog of 128 (handshakes only).
     RelayBig,
+    /// Through the baseline proxy binary (`SWITCHYARD_BENCH_BASELINE_PROXY`, relay only).
+    Baseline,
 }
 
 impl Path3 {
@@ -2017,17 +2053,22 @@ impl Path3 {
             Path3::Straight => "straight to the sserver",
             Path3::Relay => "through a plain TCP relay",
             Path3::RelayBig => "plain TCP relay, backlog 128",
+            Path3::Baseline => "through the baseline proxy",
         }
     }
 
-    /// The relay part's order in repetition `rep`: the three paths and the proxy over TLS,
-    /// alternating, so that noise hits every path.
-    fn order_relay(rep: usize) -> [Path3; 4] {
-        if rep.is_multiple_of(2) {
-            [Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay]
-        } else {
-            [Path3::Relay, Path3::Straight, Path3::ProxyTls, Path3::Proxy]
+    /// The relay part's order in repetition `rep`: the three paths and the proxy over TLS
+    /// (and the baseline proxy, next to the proxy), alternating, so that noise hits every
+    /// path.
+    fn order_relay(rep: usize, baseline: bool) -> Vec<Path3> {
+        let mut order = vec![Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay];
+        if baseline {
+            order.insert(1, Path3::Baseline);
         }
+        if !rep.is_multiple_of(2) {
+            order.reverse();
+        }
+        order
     }
 
     /// The same with the small-backlog relay too (handshakes).
@@ -2070,7 +2111,7 @@ async fn handshakes(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     for rep in 0..sizes.handshake_reps {
         for path in Path3::order4(rep) {
             let addr = match path {
-                Path3::Proxy | Path3::ProxyTls => proxy.addr,
+                Path3::Proxy | Path3::ProxyTls | Path3::Baseline => proxy.addr,
                 Path3::Straight => sservers.btc,
                 Path3::Relay => relay.addr,
                 Path3::RelayBig => relay_big.addr,
@@ -2250,7 +2291,21 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     let n = sizes.relay_miners;
     let count = (sizes.relay_window.as_millis() / sizes.relay_period.as_millis().max(1)) as u64;
     let rate = n as f64 * 1e3 / sizes.relay_period.as_millis() as f64;
+    let baseline = std::env::var_os(BASELINE_PROXY_ENV).map(PathBuf::from);
+    if let Some(path) = &baseline
+        && !path.is_file()
+    {
+        return Err(format!("{BASELINE_PROXY_ENV}: no file {}", path.display()));
+    }
+    let reps = std::env::var(RELAY_REPS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(sizes.relay_reps);
     let mut runs: Vec<(Path3, RelayRun)> = Vec::new();
+    // Per repetition, the proxy's CPU over the baseline proxy's (the two run next to each
+    // other in every repetition).
+    let mut baseline_ratios: Vec<f64> = Vec::new();
     // The TLS run's certificate: a throwaway CA, and the miners' client trusting it.
     let pki = TestPki::new("bench").map_err(|e| e.to_string())?;
     let cert = pki.server("proxy").map_err(|e| e.to_string())?;
@@ -2258,8 +2313,9 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
         switchyard_tls::StratumTlsClient::new(&pki.ca_path(), "localhost")
             .map_err(|e| e.to_string())?,
     );
-    for rep in 0..sizes.relay_reps {
-        for path in Path3::order_relay(rep) {
+    for rep in 0..reps {
+        let mut rep_cores: HashMap<&str, f64> = HashMap::new();
+        for path in Path3::order_relay(rep, baseline.is_some()) {
             // Fresh processes for every run: the simulated sserver keeps a record of every
             // submit, which must not grow from one run to the next.
             let sservers = Sservers::start(Some(Duration::from_secs(5))).await?;
@@ -2269,6 +2325,13 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
                     Some(start_proxy_with(control.addr(), &sservers, Some(&cert)).await?),
                     None,
                 ),
+                Path3::Baseline => {
+                    let binary = baseline.clone().ok_or("no baseline proxy")?;
+                    (
+                        Some(start_proxy_binary(control.addr(), &sservers, binary).await?),
+                        None,
+                    )
+                }
                 Path3::Relay | Path3::RelayBig => (None, Some(Relay::start(sservers.btc).await?)),
                 Path3::Straight => (None, None),
             };
@@ -2330,8 +2393,23 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
                 ms_of_us(quantile(&run.totals.latencies_us, 0.99)),
                 secs(run.middle_cpu)
             );
+            if let Some(cpu) = run.middle_cpu {
+                rep_cores.insert(path.name(), cpu.as_secs_f64() / run.window.as_secs_f64());
+            }
             drop(fleet);
             runs.push((path, run));
+        }
+        if let (Some(p), Some(b)) = (
+            rep_cores.get(Path3::Proxy.name()),
+            rep_cores.get(Path3::Baseline.name()),
+        ) && *b > 0.0
+        {
+            eprintln!(
+                "proxy: relay rep {} proxy CPU / baseline proxy CPU {:.3}",
+                rep + 1,
+                p / b
+            );
+            baseline_ratios.push(p / b);
         }
     }
     let of = |path: Path3| runs.iter().filter(move |(p, _)| *p == path).map(|(_, r)| r);
@@ -2348,13 +2426,17 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         sizes.relay_period.as_millis(),
         sizes.relay_window.as_secs(),
-        sizes.relay_reps,
+        reps,
         nproc(),
     );
     let mut pooled: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     let mut cores: HashMap<&str, f64> = HashMap::new();
     let mut p99: HashMap<&str, f64> = HashMap::new();
-    for path in [Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay] {
+    let mut paths = vec![Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay];
+    if baseline.is_some() {
+        paths.insert(1, Path3::Baseline);
+    }
+    for path in paths {
         let mut lat: Vec<u32> = of(path)
             .flat_map(|r| r.totals.latencies_us.iter().copied())
             .collect();
@@ -2431,9 +2513,48 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
         ),
         ratio(p99[Path3::ProxyTls.name()], pp),
     );
+    if let Some(binary) = &baseline {
+        let ratios = baseline_ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            md,
+            "Baseline proxy (`{}`, the same load in the same repetitions): proxy CPU / baseline              proxy CPU, pooled {}, per repetition {ratios} (median {}); p99 through the proxy /              through the baseline {}.\n",
+            binary.display(),
+            ratio(
+                cores.get(Path3::Proxy.name()).copied().unwrap_or(0.0),
+                cores.get(Path3::Baseline.name()).copied().unwrap_or(0.0)
+            ),
+            median_f64(&baseline_ratios).map_or("-".into(), |m| format!("{m:.3}")),
+            ratio(pp, p99[Path3::Baseline.name()]),
+        );
+    }
     report.part(md);
     for (name, lat) in pooled {
         report.relay_latencies.push((name.to_owned(), lat));
+    }
+    if baseline.is_some() {
+        let median = median_f64(&baseline_ratios);
+        report.verdict(
+            format!("relay CPU against the baseline proxy at {rate:.0} submits/s"),
+            bar::RELAY_CPU_BASELINE,
+            median.map_or("-".into(), |m| {
+                format!("{m:.3} of the baseline (median of repetitions)")
+            }),
+            format!(
+                "pooled {}",
+                ratio(
+                    cores.get(Path3::Proxy.name()).copied().unwrap_or(0.0),
+                    cores.get(Path3::Baseline.name()).copied().unwrap_or(0.0)
+                )
+            ),
+            median.map(|m| m <= 1.03),
+            "issue 15: the metrics' cost on the relay (shares by outcome, the submit histogram) \
+             against the build before them"
+                .into(),
+        );
     }
     let proxy_cores = cores.get(Path3::Proxy.name()).copied();
     report.verdict(

@@ -143,6 +143,8 @@ pub struct ProxyProcess {
     child: Option<Child>,
     config_path: PathBuf,
     log_path: PathBuf,
+    /// Another binary than the workspace's (a benchmark's baseline).
+    binary: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -150,10 +152,26 @@ impl ProxyProcess {
     /// Starts the binary on `config` (see [`proxy_config`]) and waits until its metrics say
     /// the cache is synced with the control plane (`switchyard_proxy_control_connected 1`).
     pub async fn start(config: &Value) -> Result<Self, ControlFixtureError> {
-        on_fresh_ports(config, |c| async move { Self::start_once(&c).await }).await
+        on_fresh_ports(config, |c| async move { Self::start_once(&c, None).await }).await
     }
 
-    async fn start_once(config: &Value) -> Result<Self, ControlFixtureError> {
+    /// [`Self::start`] with another proxy binary than the workspace's (a benchmark comparing
+    /// with an older build).
+    pub async fn start_binary(
+        config: &Value,
+        binary: PathBuf,
+    ) -> Result<Self, ControlFixtureError> {
+        on_fresh_ports(config, |c| {
+            let binary = binary.clone();
+            async move { Self::start_once(&c, Some(binary)).await }
+        })
+        .await
+    }
+
+    async fn start_once(
+        config: &Value,
+        binary: Option<PathBuf>,
+    ) -> Result<Self, ControlFixtureError> {
         let dir = tempfile::tempdir().map_err(|e| ControlFixtureError::Io("tempdir", e))?;
         let addr: SocketAddr = config["ListenAddr"]
             .as_str()
@@ -177,6 +195,7 @@ impl ProxyProcess {
             child: None,
             log_path: dir.path().join("proxy.log"),
             config_path,
+            binary,
             _dir: dir,
         };
         this.spawn(true).await?;
@@ -216,7 +235,10 @@ impl ProxyProcess {
     }
 
     async fn spawn(&mut self, wait_control: bool) -> Result<(), ControlFixtureError> {
-        let binary = workspace_binary("switchyard-proxy")?;
+        let binary = match &self.binary {
+            Some(binary) => binary.clone(),
+            None => workspace_binary("switchyard-proxy")?,
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

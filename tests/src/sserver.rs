@@ -13,7 +13,8 @@
 //! - sends every authorized connection a `mining.notify` per job (a new job every job
 //!   interval), with a job ID naming the coin (`btc-42`);
 //! - answers `mining.submit` under the miner's id, `true` for a worker authorized on that
-//!   connection and `false` otherwise;
+//!   connection and `false` otherwise (error 24), or, when so configured
+//!   ([`SserverConfig::reject_stale`]), error 21 for a job it did not announce lately;
 //! - records what it saw ([`Records`]) so tests can wait for conditions, and can be stopped,
 //!   restarted on the same port, or made to drop every connection.
 //!
@@ -64,6 +65,13 @@ pub const ERR_UNAUTHORIZED_WORKER: (i64, &str) = (24, "Unauthorized worker");
 
 /// Error 25, answered to an authorize before subscribe on bitcoin-like chains.
 pub const ERR_NOT_SUBSCRIBED: (i64, &str) = (25, "Not subscribed");
+
+/// Error 21 of btcpool's sservers, answered to a share of a job it no longer has (stale).
+pub const ERR_JOB_NOT_FOUND: (i64, &str) = (21, "Job not found (=stale)");
+
+/// How many of its latest jobs a bitcoin-like sserver with [`SserverConfig::reject_stale`]
+/// takes shares of.
+pub const JOBS_REMEMBERED: u64 = 4;
 
 /// Error 20, answered to a request the simulation does not know or cannot read.
 pub const ERR_OTHER: (i64, &str) = (20, "Other/Unknown");
@@ -120,6 +128,9 @@ pub struct SserverConfig {
     pub difficulty: f64,
     /// The longest line accepted, in bytes.
     pub max_line: usize,
+    /// Reject a bitcoin-like share whose job is not one of the last [`JOBS_REMEMBERED`] it
+    /// announced, with error 21 (off by default: every job is taken).
+    pub reject_stale: bool,
 }
 
 impl SserverConfig {
@@ -138,7 +149,14 @@ impl SserverConfig {
             job_interval: Some(Duration::from_secs(5)),
             difficulty: 1024.0,
             max_line: DEFAULT_MAX_LINE,
+            reject_stale: false,
         }
+    }
+
+    /// Rejects shares of jobs it did not announce lately (error 21).
+    pub fn reject_stale(mut self, reject: bool) -> Self {
+        self.reject_stale = reject;
+        self
     }
 
     /// Sets the dialect.
@@ -958,8 +976,15 @@ impl Session {
     }
 
     fn submit(&mut self, id: &Value, v2: bool, worker: String, job_id: String, out: &mut String) {
-        let accepted = self.is_authorized(&worker);
-        if accepted {
+        let stale = self.config().reject_stale && !self.is_recent_job(&job_id);
+        let accepted = !stale && self.is_authorized(&worker);
+        if stale {
+            let (code, message) = ERR_JOB_NOT_FOUND;
+            push(
+                out,
+                &json!({"id": id, "result": false, "error": [code, message, null]}),
+            );
+        } else if accepted {
             reply(out, id, v2, json!(true));
         } else {
             let (code, message) = ERR_UNAUTHORIZED_WORKER;
@@ -976,6 +1001,16 @@ impl Session {
             accepted,
         };
         self.shared.update(|r| r.submits.push(record));
+    }
+
+    /// Whether `job_id` is one of the last [`JOBS_REMEMBERED`] jobs announced.
+    fn is_recent_job(&self, job_id: &str) -> bool {
+        let latest = self.shared.jobs.borrow().seq;
+        job_id
+            .strip_prefix(self.config().coin.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|seq| seq.parse::<u64>().ok())
+            .is_some_and(|seq| seq <= latest && latest - seq < JOBS_REMEMBERED)
     }
 
     /// Whether `worker` (as the miner names it in a submit) was authorized here: exactly, or
