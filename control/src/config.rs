@@ -59,6 +59,9 @@ Switchyard's own settings:
                       Default 30.
   MaxSwitchBatch      The most entries one SwitchCoins call may carry. Default 10000.
   LogFormat           \"text\" or \"json\". Default \"text\".
+  MetricsListenAddr   Prometheus endpoint (GET /metrics, OpenMetrics text), e.g.
+                      \"0.0.0.0:9101\". No credentials on any address: metrics move no
+                      hashrate and name no user. Default: none (not served).
   ZKServerIDAssignDirs
                       Server-ID lease directories by chain type, e.g.
                       {\"bitcoin\": \"/stratumSwitcher/bitcoin_swid/\"}. Default
@@ -236,6 +239,8 @@ pub struct ControlConfig {
     pub max_switch_batch: usize,
     #[serde(rename = "LogFormat")]
     pub log_format: String,
+    #[serde(rename = "MetricsListenAddr")]
+    pub metrics_listen_addr: String,
     #[serde(rename = "ZKSwitchyardDir")]
     pub zk_switchyard_dir: String,
     #[serde(rename = "UserListTimeoutSeconds")]
@@ -342,6 +347,7 @@ impl Default for ControlConfig {
             lease_ttl_seconds: 30,
             max_switch_batch: 10_000,
             log_format: "text".into(),
+            metrics_listen_addr: String::new(),
             zk_switchyard_dir: "/switchyard/".into(),
             user_list_timeout_seconds: 60,
             zk_server_id_assign_dir: String::new(),
@@ -468,6 +474,7 @@ const KNOWN_KEYS: &[&str] = &[
     "LeaseTTLSeconds",
     "MaxSwitchBatch",
     "LogFormat",
+    "MetricsListenAddr",
     "ZKSwitchyardDir",
     "UserListTimeoutSeconds",
     "ZKServerIDAssignDir",
@@ -814,6 +821,22 @@ impl ControlConfig {
         Ok(pull)
     }
 
+    /// Where the metrics are served (`MetricsListenAddr`); `None` when not set.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics_listen_addr.is_empty() {
+            return Ok(None);
+        }
+        self.metrics_listen_addr.parse().map(Some).map_err(|e| {
+            invalid(
+                "MetricsListenAddr",
+                format!(
+                    "{:?} is not an IP:port address: {e}",
+                    self.metrics_listen_addr
+                ),
+            )
+        })
+    }
+
     /// The HTTP switch API's address and credentials, when `EnableAPIServer` is set. The
     /// switch API moves hashrate: it is never served without both `APIUser` and
     /// `APIPassword`, whatever the address (the user-list API beside it is read-only and has
@@ -1071,6 +1094,7 @@ impl ControlConfig {
             self.lease_dirs()?;
         }
         self.log_format()?;
+        self.metrics_addr()?;
         self.http_api()?;
         self.sub_pool()?;
         if self.enable_user_auto_reg {
@@ -1090,6 +1114,27 @@ impl ControlConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_set() {
+        let mut config = ControlConfig::default();
+        assert_eq!(config.metrics_addr().expect("unset is fine"), None);
+        let (parsed, unknown) = ControlConfig::from_json(
+            r#"{"MetricsListenAddr":"0.0.0.0:9101","AvailableCoins":["btc"]}"#,
+        )
+        .expect("json");
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(
+            parsed.metrics_addr().expect("valid"),
+            "0.0.0.0:9101".parse().ok()
+        );
+        assert!(parsed.validate().is_ok(), "no credentials needed");
+        config.available_coins = vec!["btc".into()];
+        config.metrics_listen_addr = "nine".into();
+        let err = config.validate().expect_err("not an address");
+        assert!(err.to_string().contains("MetricsListenAddr"), "{err}");
+        assert!(SETTINGS_HELP.contains("MetricsListenAddr"));
+    }
 
     #[test]
     fn sub_pool_settings_are_checked() {

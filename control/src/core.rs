@@ -16,20 +16,30 @@
 //! replica reads the store's pending switches to learn those held back elsewhere (or before a
 //! restart). First-seen times are in the store, so a restart does not hold back every switch
 //! again.
+//!
+//! # Metrics
+//!
+//! Every entry point that switches takes the [`SwitchSource`] it serves and counts each asked
+//! switch once by outcome (`switchyard_control_switches_total`); store writes are timed by
+//! operation; the change stream's user changes this replica did not write are counted as
+//! `zookeeper` switches ([`crate::own_writes`]).
 
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{Arc, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use crate::metrics::SwitchSource;
 use crate::{
     held_back::HeldBackSchedule,
     index::UserCoinIndex,
+    metrics::{ControlMetrics, StoreOp, SwitchCount},
+    own_writes::OwnWrites,
     store::{
         ChangeReceiver, HoldSwitch, PendingOutcome, PendingSwitch, Record, RecordKey, Revision,
         StoreContents, StoreError, StoreWrite, UserCoinStore,
@@ -116,6 +126,16 @@ pub struct CoreSettings {
     pub pending_reconcile: Duration,
 }
 
+/// Who creates users through [`SwitchCore::create_users_if_absent`]: what is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Creator {
+    /// User-list ingestion (in-process pullers, `IngestUserList`): counted as ingested users
+    /// by coin and result.
+    Ingestion,
+    /// Auto-registration: a created user counts as a switch from `autoreg`.
+    AutoReg,
+}
+
 /// What ingestion did with one listed user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listed {
@@ -153,6 +173,9 @@ pub struct SwitchCore {
     first_seen: RwLock<HashMap<String, HashMap<String, u64>>>,
     /// The held-back switches this replica knows of, by due time.
     held_back: HeldBackSchedule,
+    metrics: ControlMetrics,
+    /// Which user changes on the store's stream this replica wrote.
+    own: Arc<OwnWrites>,
 }
 
 impl std::fmt::Debug for SwitchCore {
@@ -164,11 +187,41 @@ impl std::fmt::Debug for SwitchCore {
     }
 }
 
-/// Applies the store's change stream to the index until the stream ends (shutdown).
-async fn apply_changes(index: Arc<UserCoinIndex>, mut changes: ChangeReceiver) {
+/// Applies the store's change stream to the index until the stream ends (shutdown), counting
+/// the user changes this replica did not write.
+async fn apply_changes(
+    index: Arc<UserCoinIndex>,
+    own: Arc<OwnWrites>,
+    mut changes: ChangeReceiver,
+) {
     while let Some(change) = changes.recv().await {
+        for record in &change.records {
+            if let RecordKey::User(user) = &record.key {
+                own.seen(user, record.revision, record.value.is_none());
+            }
+        }
         index.apply(change.records, change.through);
     }
+}
+
+/// The outcome counted for one switch's result.
+fn counted<T>(result: &Result<T, SwitchError>, held_back: impl Fn(&T) -> bool) -> SwitchCount {
+    match result {
+        Ok(done) if held_back(done) => SwitchCount::HeldBack,
+        Ok(_) => SwitchCount::Written,
+        Err(SwitchError::Invalid(_)) => SwitchCount::Invalid,
+        Err(SwitchError::Store(_)) => SwitchCount::Failed,
+    }
+}
+
+fn user_revisions(records: &[Record]) -> Vec<(String, Revision)> {
+    records
+        .iter()
+        .filter_map(|r| match &r.key {
+            RecordKey::User(user) => Some((user.clone(), r.revision)),
+            RecordKey::CaseIndex(_) => None,
+        })
+        .collect()
 }
 
 fn unix_time_of(seconds: u64) -> std::time::SystemTime {
@@ -199,10 +252,21 @@ pub fn utc_text(seconds: u64) -> String {
 
 impl SwitchCore {
     /// Builds the core over `store`: starts its change stream, waits for the whole state, and
-    /// keeps applying the stream to a fresh index until `shutdown`.
+    /// keeps applying the stream to a fresh index until `shutdown`. It counts on metrics of
+    /// its own; see [`SwitchCore::open_with_metrics`].
     pub async fn open(
         store: Arc<dyn UserCoinStore>,
         settings: CoreSettings,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StoreError> {
+        Self::open_with_metrics(store, settings, ControlMetrics::new(), shutdown).await
+    }
+
+    /// [`SwitchCore::open`], counting on `metrics`.
+    pub async fn open_with_metrics(
+        store: Arc<dyn UserCoinStore>,
+        settings: CoreSettings,
+        metrics: ControlMetrics,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let index = Arc::new(UserCoinIndex::new(StoreContents {
@@ -226,14 +290,29 @@ impl SwitchCore {
                 ))
             })?;
         index.apply(first.records, first.through);
-        tokio::spawn(apply_changes(Arc::clone(&index), changes));
+        let own = Arc::new(OwnWrites::new(
+            metrics.switch_counter(SwitchSource::ZooKeeper, SwitchCount::Written),
+        ));
+        tokio::spawn(apply_changes(Arc::clone(&index), Arc::clone(&own), changes));
         Ok(Self {
             store,
             index,
             settings,
             first_seen: RwLock::new(HashMap::new()),
             held_back: HeldBackSchedule::default(),
+            metrics,
+            own,
         })
+    }
+
+    /// The metrics the core counts on, for the adapters' own counts.
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.metrics
+    }
+
+    /// How many held-back switches this replica's schedule knows.
+    pub fn held_back_count(&self) -> usize {
+        self.held_back.len()
     }
 
     /// The index that feeds watchers.
@@ -256,11 +335,35 @@ impl SwitchCore {
         })
     }
 
-    /// Switches one user; see [`SwitchCore::switch_coins`].
-    pub async fn switch_coin(&self, user: &str, coin: &str) -> Result<SwitchOutcome, SwitchError> {
+    /// Counts one switch from `source` by its result.
+    fn count(&self, source: SwitchSource, result: &Result<SwitchOutcome, SwitchError>) {
+        let outcome = counted(result, |o: &SwitchOutcome| o.pending_until.is_some());
+        self.metrics.count_switches(source, outcome, 1);
+    }
+
+    /// Switches one user for `source`; see [`SwitchCore::switch_coins`].
+    pub async fn switch_coin(
+        &self,
+        source: SwitchSource,
+        user: &str,
+        coin: &str,
+    ) -> Result<SwitchOutcome, SwitchError> {
+        let result = self.switch_one(source, user, coin).await;
+        self.count(source, &result);
+        result
+    }
+
+    async fn switch_one(
+        &self,
+        source: SwitchSource,
+        user: &str,
+        coin: &str,
+    ) -> Result<SwitchOutcome, SwitchError> {
         let user = self.normalize_user(user)?;
         self.settings.coins.check(coin)?;
-        let mut outcomes = self.apply_valid(vec![(user, coin.to_owned())]).await;
+        let mut outcomes = self
+            .apply_valid(source, vec![(user, coin.to_owned())])
+            .await;
         outcomes
             .pop()
             .unwrap_or_else(|| {
@@ -271,16 +374,21 @@ impl SwitchCore {
             .map_err(Into::into)
     }
 
-    /// Switches many users. Every entry is validated on its own; the valid ones are written in
-    /// one store write, in request order. The answer has one result per entry, in order.
+    /// Switches many users for `source`. Every entry is validated on its own; the valid ones
+    /// are written in one store write, in request order. The answer has one result per entry,
+    /// in order. Each entry is counted once by its outcome; a batch over `max_batch` counts
+    /// every entry as invalid.
     pub async fn switch_coins(
         &self,
+        source: SwitchSource,
         switches: Vec<(String, String)>,
     ) -> Result<Vec<Result<SwitchOutcome, SwitchError>>, BatchError> {
         if switches.is_empty() {
             return Err(BatchError::Empty);
         }
         if switches.len() > self.settings.max_batch {
+            self.metrics
+                .count_switches(source, SwitchCount::Invalid, switches.len() as u64);
             return Err(BatchError::TooLarge {
                 len: switches.len(),
                 max: self.settings.max_batch,
@@ -298,8 +406,8 @@ impl SwitchCore {
             .iter()
             .filter_map(|c| c.as_ref().ok().cloned())
             .collect();
-        let mut written = self.apply_valid(valid).await.into_iter();
-        Ok(checked
+        let mut written = self.apply_valid(source, valid).await.into_iter();
+        let results: Vec<Result<SwitchOutcome, SwitchError>> = checked
             .into_iter()
             .map(|c| match c {
                 Err(invalid) => Err(SwitchError::Invalid(invalid)),
@@ -312,7 +420,24 @@ impl SwitchCore {
                     })
                     .map_err(SwitchError::Store),
             })
-            .collect())
+            .collect();
+        let mut counts = [0u64; 4];
+        for result in &results {
+            let outcome = counted(result, |o: &SwitchOutcome| o.pending_until.is_some());
+            counts[outcome as usize] += 1;
+        }
+        for (outcome, n) in [
+            SwitchCount::Written,
+            SwitchCount::HeldBack,
+            SwitchCount::Invalid,
+            SwitchCount::Failed,
+        ]
+        .into_iter()
+        .zip(counts)
+        {
+            self.metrics.count_switches(source, outcome, n);
+        }
+        Ok(results)
     }
 
     /// Records, durably, when `users` were first seen in `coin`'s user list (the earliest time
@@ -401,6 +526,7 @@ impl SwitchCore {
     /// written at once (replacing the user's pending switch). One result per switch.
     async fn apply_valid(
         &self,
+        source: SwitchSource,
         switches: Vec<(String, String)>,
     ) -> Vec<Result<SwitchOutcome, StoreError>> {
         let now = unix_now();
@@ -464,16 +590,22 @@ impl SwitchCore {
         }
         if !held.is_empty() {
             let count = held.len();
+            let started = Instant::now();
             let put = self.store.put_pending(held).await;
+            self.metrics
+                .store_write(StoreOp::PutPending)
+                .observe(started.elapsed().as_secs_f64());
             for (n, (i, outcome)) in held_at.into_iter().zip(put).enumerate() {
                 results[i] = Some(outcome.map(|pending| {
                     if n < LOGGED_HELD_BACK {
                         info!(
+                            source = %source,
+                            outcome = %SwitchCount::HeldBack,
                             user = %pending.user,
                             coin = %pending.coin,
                             apply_at = pending.apply_at,
-                            "switch held until {} by the safety period",
-                            utc_text(pending.apply_at)
+                            held_until = %utc_text(pending.apply_at),
+                            "switch held back by the safety period"
                         );
                     }
                     let (current, revision) =
@@ -493,8 +625,11 @@ impl SwitchCore {
             }
             if count > LOGGED_HELD_BACK {
                 info!(
+                    source = %source,
+                    outcome = %SwitchCount::HeldBack,
                     switches = count,
-                    "switches held back by the safety period ({LOGGED_HELD_BACK} logged one by one)"
+                    logged = LOGGED_HELD_BACK,
+                    "switches held back by the safety period (the first ones logged one by one)"
                 );
             }
         }
@@ -567,11 +702,27 @@ impl SwitchCore {
             warn!(user = %pending.user, coin = %pending.coin, "a pending switch names an invalid user or a coin not available here; left alone");
             return;
         }
-        match self.store.apply_pending(&pending).await {
+        let source = SwitchSource::HeldBack;
+        let writing = self.own.begin(vec![pending.user.clone()]);
+        let started = Instant::now();
+        let applied = self.store.apply_pending(&pending).await;
+        self.metrics
+            .store_write(StoreOp::ApplyPending)
+            .observe(started.elapsed().as_secs_f64());
+        match &applied {
+            Ok(PendingOutcome::Applied(record)) => {
+                writing.finish(&user_revisions(std::slice::from_ref(record)))
+            }
+            _ => writing.finish(&[]),
+        }
+        match applied {
             Ok(PendingOutcome::Applied(record)) => {
                 let revision = record.revision;
                 self.publish(&[record]).await;
+                self.metrics.count_switches(source, SwitchCount::Written, 1);
                 info!(
+                    source = %source,
+                    outcome = %SwitchCount::Written,
                     user = %pending.user,
                     coin = %pending.coin,
                     revision,
@@ -579,13 +730,15 @@ impl SwitchCore {
                 );
             }
             Ok(PendingOutcome::Superseded) => info!(
+                source = %source,
                 user = %pending.user,
                 coin = %pending.coin,
                 "dropped a held-back switch: the user switched again since"
             ),
             Ok(PendingOutcome::Gone) => {}
             Err(e) => {
-                warn!(user = %pending.user, error = %e, "cannot apply a due held-back switch; will retry");
+                self.metrics.count_switches(source, SwitchCount::Failed, 1);
+                warn!(source = %source, outcome = %SwitchCount::Failed, user = %pending.user, coin = %pending.coin, error = %e, "cannot apply a due held-back switch; will retry");
                 self.held_back
                     .insert_at(pending, unix_now() + PENDING_RETRY_SECONDS);
             }
@@ -609,14 +762,54 @@ impl SwitchCore {
     /// `coin` (an existing user keeps its coin: its later switches survive re-reads), writes
     /// its case-index entry when one is kept, and records when it was first seen in the list
     /// (`seen_at`, Unix seconds) for the safety period. One result per user, in order; a coin
-    /// that is not available fails the whole call.
+    /// that is not available fails the whole call. `creator` says how the results are counted.
     pub async fn create_users_if_absent(
         &self,
         coin: &str,
         users: Vec<String>,
         seen_at: u64,
+        creator: Creator,
     ) -> Result<Vec<Result<Listed, SwitchError>>, InvalidInput> {
         self.settings.coins.check(coin)?;
+        let results = self.create_checked(coin, users, seen_at).await;
+        match creator {
+            Creator::Ingestion => {
+                let (mut created, mut existed, mut invalid) = (0, 0, 0);
+                for result in &results {
+                    match result {
+                        Ok(Listed::Created(_)) => created += 1,
+                        Ok(Listed::Existed) => existed += 1,
+                        Err(SwitchError::Invalid(_)) => invalid += 1,
+                        Err(SwitchError::Store(_)) => {}
+                    }
+                }
+                self.metrics
+                    .count_ingest_users(coin, created, existed, invalid);
+            }
+            Creator::AutoReg => {
+                let source = SwitchSource::AutoReg;
+                for result in &results {
+                    match result {
+                        // Nothing written: no switch.
+                        Ok(Listed::Existed) => {}
+                        other => {
+                            let outcome = counted(other, |_| false);
+                            self.metrics.count_switches(source, outcome, 1);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// [`SwitchCore::create_users_if_absent`] for an available coin.
+    async fn create_checked(
+        &self,
+        coin: &str,
+        users: Vec<String>,
+        seen_at: u64,
+    ) -> Vec<Result<Listed, SwitchError>> {
         let checked: Vec<Result<String, InvalidInput>> =
             users.iter().map(|u| self.normalize_user(u)).collect();
         let valid: Vec<&String> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
@@ -636,11 +829,18 @@ impl SwitchCore {
             }));
         }
         let results = {
+            let writing = self.own.begin(seen.clone());
+            let create = async {
+                let started = Instant::now();
+                let results = self.store.create_if_absent(writes).await;
+                self.metrics
+                    .store_write(StoreOp::CreateIfAbsent)
+                    .observe(started.elapsed().as_secs_f64());
+                results
+            };
             // First-seen times are recorded beside the creates, not before them.
-            let (mut results, recorded) = tokio::join!(
-                self.store.create_if_absent(writes),
-                self.record_first_seen(coin, seen, seen_at)
-            );
+            let (mut results, recorded) =
+                tokio::join!(create, self.record_first_seen(coin, seen, seen_at));
             if let Err(e) = recorded {
                 // Not recorded counts as never seen: that only delays a switch, never hurries
                 // one.
@@ -650,12 +850,13 @@ impl SwitchCore {
                 .iter()
                 .filter_map(|r| r.as_ref().ok().and_then(|r| r.clone()))
                 .collect();
+            writing.finish(&user_revisions(&created));
             self.publish(&created).await;
             results.truncate(users_written);
             results
         };
         let mut results = results.into_iter();
-        Ok(checked
+        checked
             .into_iter()
             .map(|c| {
                 c?;
@@ -679,7 +880,7 @@ impl SwitchCore {
                     ))),
                 }
             })
-            .collect())
+            .collect()
     }
 
     /// Writes validated switches and gets them into the index; one result per switch.
@@ -709,7 +910,14 @@ impl SwitchCore {
                 coin: coin.clone(),
             })
             .collect();
+        let writing = self
+            .own
+            .begin(switches.iter().map(|(user, _)| user.clone()).collect());
+        let started = Instant::now();
         let mut results = self.store.write(writes).await;
+        self.metrics
+            .store_write(StoreOp::Write)
+            .observe(started.elapsed().as_secs_f64());
         if results.len() != switches.len() {
             let e = StoreError::Unavailable(format!(
                 "the store acknowledged {} of {} writes",
@@ -722,6 +930,7 @@ impl SwitchCore {
             .iter()
             .filter_map(|r| r.as_ref().ok().cloned())
             .collect();
+        writing.finish(&user_revisions(&written));
         self.publish(&written).await;
         results
             .into_iter()

@@ -73,7 +73,10 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::core::{SwitchCore, SwitchError};
+use crate::{
+    core::{SwitchCore, SwitchError, SwitchSource},
+    metrics::SwitchCount,
+};
 
 /// The default bound on one exchange with `UserCoinMapURL`, body included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,7 +165,7 @@ pub enum SettingsError {
 pub struct PullSummary {
     /// The `user_coin` entries in the answer, valid or not.
     pub entries: usize,
-    /// The switches written.
+    /// The switches applied: written, or held back by the safety period.
     pub applied: usize,
     /// The entries skipped as invalid.
     pub invalid: usize,
@@ -372,6 +375,12 @@ impl UserCoinMapPuller {
             .map_err(|e| PullError::Internal(format!("the parsing task failed: {e}")))??;
         let entries = page.entries;
         let mut invalid = page.invalid;
+        // Refused before the core: counted here as the core counts the ones it refuses.
+        self.core.metrics().count_switches(
+            SwitchSource::Cron,
+            SwitchCount::Invalid,
+            page.invalid as u64,
+        );
         let mut applied = 0usize;
         let chunk_size = self.core.settings().max_batch.max(1);
         let mut pairs = page.valid.into_iter();
@@ -382,7 +391,7 @@ impl UserCoinMapPuller {
             }
             let results = self
                 .core
-                .switch_coins(chunk)
+                .switch_coins(SwitchSource::Cron, chunk)
                 .await
                 .map_err(|e| PullError::Internal(format!("the core refused a chunk: {e}")))?;
             let mut failed = 0usize;
@@ -477,6 +486,7 @@ pub async fn run(
 fn log_outcome(url: &Url, result: &Result<PullSummary, PullError>) {
     match result {
         Ok(summary) => info!(
+            source = %SwitchSource::Cron,
             url = %redacted(url),
             entries = summary.entries,
             applied = summary.applied,

@@ -97,7 +97,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    core::{SwitchCore, SwitchError},
+    core::{SwitchCore, SwitchError, SwitchSource},
+    metrics::SwitchCount,
     subpool::{SUB_POOL_BODY_LIMIT, SubPoolApi, SubPoolError},
     validate::InvalidInput,
 };
@@ -502,19 +503,25 @@ async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Respon
     let puname = param(&body, &query, "puname").unwrap_or_default();
     let coin = param(&body, &query, "coin").unwrap_or_default();
 
-    match core.switch_coin(puname, coin).await {
+    let source = SwitchSource::Http;
+    match core.switch_coin(source, puname, coin).await {
         Ok(outcome) => {
             match outcome.pending_until {
                 Some(due) => info!(
+                    source = %source,
+                    outcome = %SwitchCount::HeldBack,
                     users = 1,
                     user = %outcome.record.user,
                     coin,
                     current = %outcome.record.coin,
+                    apply_at = due,
+                    held_until = %crate::core::utc_text(due),
                     err_no = 0,
-                    "HTTP switch held until {} by the safety period",
-                    crate::core::utc_text(due)
+                    "HTTP switch held back by the safety period"
                 ),
                 None => info!(
+                    source = %source,
+                    outcome = %SwitchCount::Written,
                     users = 1,
                     user = %outcome.record.user,
                     coin = %outcome.record.coin,
@@ -530,6 +537,8 @@ async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Respon
             let api = ApiError::from(&e);
             match &e {
                 SwitchError::Store(store) => error!(
+                    source = %source,
+                    outcome = %SwitchCount::Failed,
                     users = 1,
                     coin = %bounded(coin),
                     err_no = api.err_no(),
@@ -537,6 +546,8 @@ async fn switch(State(core): State<Arc<SwitchCore>>, request: Request) -> Respon
                     "HTTP switch not written"
                 ),
                 SwitchError::Invalid(invalid) => warn!(
+                    source = %source,
+                    outcome = %SwitchCount::Invalid,
                     users = 1,
                     coin = %bounded(coin),
                     err_no = api.err_no(),
@@ -619,8 +630,9 @@ impl<'de> Deserialize<'de> for UserCoins {
 enum MultiUserCheck {
     /// The body is not a multi-user request.
     Unreadable(String),
-    /// An entry is invalid: its error, and why.
-    Invalid(ApiError, InvalidInput),
+    /// An entry is invalid: its error, why, and how many pairs the request carried (none is
+    /// written).
+    Invalid(ApiError, InvalidInput, usize),
     /// No pair to switch.
     Empty,
     /// Every pair is valid.
@@ -634,6 +646,10 @@ fn check_multi_user(core: &SwitchCore, body: &[u8]) -> MultiUserCheck {
         Err(e) => return MultiUserCheck::Unreadable(bounded(e)),
     };
     let entries = request.usercoins.unwrap_or_default();
+    let total: usize = entries
+        .iter()
+        .map(|e| e.punames.as_ref().map_or(0, Vec::len))
+        .sum();
     let mut pairs = 0usize;
     for entry in &entries {
         let coin = entry.coin.as_deref().unwrap_or_default();
@@ -643,7 +659,7 @@ fn check_multi_user(core: &SwitchCore, body: &[u8]) -> MultiUserCheck {
                 .normalize_user(puname)
                 .and_then(|_| core.settings().coins.check(coin))
             {
-                return MultiUserCheck::Invalid(ApiError::from(&invalid), invalid);
+                return MultiUserCheck::Invalid(ApiError::from(&invalid), invalid, total);
             }
         }
     }
@@ -705,8 +721,15 @@ async fn multi_user(
             );
             return api.into_response();
         }
-        MultiUserCheck::Invalid(api, reason) => {
+        MultiUserCheck::Invalid(api, reason, pairs) => {
+            // Every asked switch is refused: counted as invalid, as the core counts its own.
+            let source = SwitchSource::Http;
+            core.metrics()
+                .count_switches(source, SwitchCount::Invalid, pairs as u64);
             warn!(
+                source = %source,
+                outcome = %SwitchCount::Invalid,
+                users = pairs,
                 err_no = api.err_no(),
                 reason = %reason,
                 "multi-user switch refused; nothing written"
@@ -735,24 +758,34 @@ async fn write_multi_user(core: &SwitchCore, entries: Vec<UserCoins>) -> Respons
             .map(move |puname| (puname, coin.clone()))
     });
     let chunk_size = core.settings().max_batch.max(1);
-    let mut written = 0usize;
+    let source = SwitchSource::Http;
+    // Switches done, of which held back by the safety period.
+    let (mut done, mut held_back) = (0usize, 0usize);
     loop {
         let chunk: Vec<(String, String)> = pairs.by_ref().take(chunk_size).collect();
         if chunk.is_empty() {
             break;
         }
         let len = chunk.len();
-        let failure = match core.switch_coins(chunk).await {
-            Ok(results) => results.into_iter().find_map(Result::err).map(|e| {
-                let api = ApiError::from(&e);
-                (api, e.to_string())
-            }),
+        let failure = match core.switch_coins(source, chunk).await {
+            Ok(results) => {
+                held_back += results
+                    .iter()
+                    .filter(|r| r.as_ref().is_ok_and(|o| o.pending_until.is_some()))
+                    .count();
+                results.into_iter().find_map(Result::err).map(|e| {
+                    let api = ApiError::from(&e);
+                    (api, e.to_string())
+                })
+            }
             // Cannot happen (every chunk is non-empty and within max_batch); a refused write.
             Err(e) => Some((ApiError::WriteRecordFailed, e.to_string())),
         };
         if let Some((api, reason)) = failure {
             error!(
-                users_written = written,
+                source = %source,
+                outcome = %SwitchCount::Failed,
+                users_written = done,
                 users_failed = len,
                 coins = %coins,
                 err_no = api.err_no(),
@@ -761,10 +794,14 @@ async fn write_multi_user(core: &SwitchCore, entries: Vec<UserCoins>) -> Respons
             );
             return api.into_response();
         }
-        written += len;
+        done += len;
     }
+    // One line for the whole request, whatever its size.
     info!(
-        users = written,
+        source = %source,
+        users = done,
+        written = done - held_back,
+        held_back,
         coins = %coins,
         revision = core.index().revision(),
         err_no = 0,

@@ -194,6 +194,12 @@ impl UserCoinIndex {
         self.read().revision
     }
 
+    /// The revision of the latest record in the index (0 when empty): what a watcher that has
+    /// been sent every change has reached, even when the index revision is above it.
+    pub fn latest_change(&self) -> Revision {
+        self.read().by_revision.last().map_or(0, |(r, _)| *r)
+    }
+
     /// How many users exist.
     pub fn user_count(&self) -> usize {
         self.read().live_users

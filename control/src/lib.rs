@@ -21,6 +21,8 @@
 //!   the store, and why a second one (the store's batch session) exists beside it.
 //! - [`config`] and [`server`]: the configuration file and the assembly of the service;
 //!   [`limits`]: the bounds of its servers.
+//! - [`metrics`]: the service's Prometheus metrics and their endpoint (`MetricsListenAddr`);
+//!   [`own_writes`] tells this replica's changes on the store's stream from everyone else's.
 
 #![warn(clippy::unwrap_used)]
 
@@ -35,6 +37,8 @@ pub mod index;
 pub mod ingest;
 pub mod leases;
 pub mod limits;
+pub mod metrics;
+pub mod own_writes;
 pub mod server;
 pub mod store;
 pub mod subpool;

@@ -1,6 +1,8 @@
 //! Assembly of the control service: opens the store, builds the core, and serves the gRPC
 //! services (SwitcherAdmin, ProxyControl, `grpc.health.v1.Health`, reflection v1 and v1alpha)
-//! until shutdown, when the health status turns NOT_SERVING and every stream ends.
+//! until shutdown, when the health status turns NOT_SERVING and every stream ends. The one
+//! [`ControlMetrics`] of the service is created here and handed to whoever counts; it is
+//! served on `MetricsListenAddr` when set.
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,9 +34,13 @@ use crate::{
         proxy_control::{ProxyControlService, UserLookups},
     },
     http::{self, SwitchApiAuth},
-    ingest::CoreSink,
+    ingest::{self, CoreSink},
     leases::{LeaseError, LocalLeases, ServerIdLeases, zookeeper::ZkLeases},
     limits::ServerLimits,
+    metrics::{
+        ControlMetrics,
+        endpoint::{self, ScrapeSources},
+    },
     store::{StoreError, UserCoinStore, embedded::EmbeddedStore, zookeeper::ZooKeeperStore},
     subpool::SubPoolApi,
     zk_session::ZkSession,
@@ -111,6 +117,10 @@ pub struct ControlPlane {
     grpc_tls: Option<Arc<ServerTls>>,
     /// The HTTP listener's TLS, when configured.
     http_tls: Option<Arc<ServerTls>>,
+    /// The service's metrics.
+    metrics: ControlMetrics,
+    /// Where they are served (`MetricsListenAddr`), when set.
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl ControlPlane {
@@ -132,13 +142,17 @@ impl ControlPlane {
             Some(files) => Some(ServerTls::load("HTTP", files, &[b"http/1.1"])?),
             None => None,
         };
+        let metrics = ControlMetrics::new();
         let mut zk_client = None;
         let (store, leases): (Arc<dyn UserCoinStore>, Arc<dyn ServerIdLeases>) = match config
             .store_choice()?
         {
             StoreChoice::Embedded => (
                 Arc::new(EmbeddedStore::open(&config.data_dir)?),
-                Arc::new(LocalLeases::new(config.lease_ttl()?)),
+                Arc::new(
+                    LocalLeases::new(config.lease_ttl()?)
+                        .with_conflict_counter(metrics.lease_conflicts()),
+                ),
             ),
             StoreChoice::ZooKeeper => {
                 let zk_settings = config.zk_settings()?;
@@ -146,12 +160,15 @@ impl ControlPlane {
                 // One main session, handed to each of its users (see `zk_session`).
                 let main =
                     ZkSession::connect(&zk_settings.brokers, zk_settings.session_timeout).await?;
-                let store = ZooKeeperStore::connect(zk_settings, &main).await?;
+                let store = ZooKeeperStore::connect(zk_settings, &main)
+                    .await?
+                    .with_reconcile_counter(metrics.store_reconciles());
                 let leases = ZkLeases::start(
                     main.client(),
                     config.lease_dirs()?,
                     config.lease_ttl()?,
                     request_timeout,
+                    metrics.lease_conflicts(),
                     shutdown.clone(),
                 )
                 .await?;
@@ -160,9 +177,10 @@ impl ControlPlane {
             }
         };
         let core = Arc::new(
-            SwitchCore::open(
+            SwitchCore::open_with_metrics(
                 Arc::clone(&store),
                 config.core_settings()?,
+                metrics.clone(),
                 shutdown.clone(),
             )
             .await?,
@@ -212,9 +230,15 @@ impl ControlPlane {
         let listed = Arc::new(ListedUsers::new());
         let sink: Arc<dyn ListedUserSink> = Arc::new(CoreSink::new(Arc::clone(&core)));
         for settings in config.user_list_pullers()? {
+            let coin = settings.coin.clone();
             let puller = UserListPuller::new(settings, Arc::clone(&sink), Arc::clone(&listed))
                 .map_err(|e| ControlError::Ingestion(e.to_string()))?;
-            tokio::spawn(puller.run(shutdown.clone()));
+            tokio::spawn(ingest::run_puller(
+                puller,
+                coin,
+                metrics.clone(),
+                shutdown.clone(),
+            ));
         }
         if config.enable_cron_job {
             let pull = config.user_coin_map_pull()?;
@@ -250,6 +274,8 @@ impl ControlPlane {
             proxy_token: config.proxy_token(),
             grpc_tls,
             http_tls,
+            metrics,
+            metrics_addr: config.metrics_addr()?,
         })
     }
 
@@ -258,14 +284,46 @@ impl ControlPlane {
         &self.core
     }
 
-    /// Serves gRPC on `listener`, and the HTTP switch API on `ListenAddr` when enabled, until
-    /// `shutdown` is cancelled. On shutdown the health status turns NOT_SERVING, WatchSwitches
-    /// streams end, and in-flight calls finish.
+    /// The service's metrics.
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.metrics
+    }
+
+    /// Serves gRPC on `listener`, the HTTP switch API on `ListenAddr` when enabled, and the
+    /// metrics on `MetricsListenAddr` when set, until `shutdown` is cancelled. On shutdown the
+    /// health status turns NOT_SERVING, WatchSwitches streams end, and in-flight calls finish.
     pub async fn serve(
         mut self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ControlError> {
+        let metrics_task = match self.metrics_addr {
+            Some(addr) => {
+                let metrics_listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ControlError::Listen {
+                            what: "MetricsListenAddr",
+                            addr,
+                            source,
+                        })?;
+                let router = endpoint::router(
+                    self.metrics.clone(),
+                    ScrapeSources::new(
+                        Arc::clone(&self.core),
+                        self.available.clone(),
+                        self.store_parts.clone(),
+                    ),
+                );
+                Some(tokio::spawn(endpoint::serve(
+                    metrics_listener,
+                    router,
+                    self.limits.http,
+                    shutdown.clone(),
+                )))
+            }
+            None => None,
+        };
         let http_task = match self.http_api.take() {
             Some((addr, auth)) => {
                 let http_listener =
@@ -334,7 +392,8 @@ impl ControlPlane {
                 self.limits.watch_buffer_bytes,
             )
             .with_registrations(self.registrations.clone())
-            .with_lookups(UserLookups::new(Arc::clone(&self.core))),
+            .with_lookups(UserLookups::new(Arc::clone(&self.core)))
+            .with_metrics(self.metrics.clone()),
             BearerAuth::new(self.proxy_token.clone()),
         );
 
@@ -419,9 +478,15 @@ impl ControlPlane {
         let router = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(limits.grpc_max_concurrent_requests_per_connection)
             .timeout(limits.grpc_request_timeout)
-            .layer(tower::ServiceBuilder::new().load_shed().layer(
-                GlobalConcurrencyLimitLayer::new(limits.grpc_max_concurrent_requests),
-            ))
+            // Outermost: every call is counted, those the load shedder refuses too.
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(self.metrics.grpc_layer())
+                    .load_shed()
+                    .layer(GlobalConcurrencyLimitLayer::new(
+                        limits.grpc_max_concurrent_requests,
+                    )),
+            )
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -453,6 +518,13 @@ impl ControlPlane {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = %e, "the HTTP switch API failed"),
                 Err(e) => warn!(error = %e, "the HTTP switch API task failed"),
+            }
+        }
+        if let Some(task) = metrics_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "the metrics endpoint failed"),
+                Err(e) => warn!(error = %e, "the metrics endpoint task failed"),
             }
         }
         info!("gRPC server stopped");

@@ -319,7 +319,17 @@ impl UserListPuller {
     }
 
     /// Pulls until `shutdown`: at once, then every interval, with a backoff after failures.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.run_observed(shutdown, |_| {}).await;
+    }
+
+    /// [`UserListPuller::run`], handing each round's result to `observe` (e.g. to count
+    /// pages) before it is logged.
+    pub async fn run_observed(
+        mut self,
+        shutdown: CancellationToken,
+        mut observe: impl FnMut(&Result<PullSummary, PullError>) + Send,
+    ) {
         let coin = self.settings.coin.clone();
         let mut backoff = Duration::from_secs(1);
         loop {
@@ -327,6 +337,7 @@ impl UserListPuller {
                 _ = shutdown.cancelled() => return,
                 round = self.pull_once() => round,
             };
+            observe(&round);
             let wait = match round {
                 Ok(summary) => {
                     backoff = Duration::from_secs(1);

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use switchyard_control::config::ControlConfig;
+use switchyard_control::{config::ControlConfig, core::Creator};
 use switchyard_proto::v1::{
     GetUserCoinRequest, GetUserCoinResponse, SwitchCoinRequest, SwitchCoinsRequest,
 };
@@ -186,7 +186,12 @@ async fn first_seen_scenario(config: ControlConfig) {
     create(&control, "fred", "btc").await;
     control
         .core
-        .create_users_if_absent("bch", vec!["erin".into()], now() - 3_600)
+        .create_users_if_absent(
+            "bch",
+            vec!["erin".into()],
+            now() - 3_600,
+            Creator::Ingestion,
+        )
         .await
         .expect("bch is a coin");
     control.shutdown().await.expect("stops");

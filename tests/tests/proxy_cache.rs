@@ -19,7 +19,7 @@ use futures::FutureExt;
 use switchyard_control::{
     ControlError, ControlPlane,
     config::{AutoRegApiConfig, ControlConfig},
-    core::SwitchCore,
+    core::{SwitchCore, SwitchSource},
 };
 use switchyard_proto::v1::{
     ListProxiesRequest, ProxyInfo, SwitchCoinRequest, SwitchCoinsRequest,
@@ -363,8 +363,10 @@ async fn the_feed_resumes_after_a_control_restart_and_the_cache_answers_meanwhil
     // Switches made while the proxy cannot reach the control.
     control
         .restart(|core| async move {
-            core.switch_coin("bob", "ltc").await.expect("switch bob");
-            core.switch_coin("carol", "bch")
+            core.switch_coin(SwitchSource::Grpc, "bob", "ltc")
+                .await
+                .expect("switch bob");
+            core.switch_coin(SwitchSource::Grpc, "carol", "bch")
                 .await
                 .expect("create carol");
         })

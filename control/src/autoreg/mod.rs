@@ -135,7 +135,8 @@ use self::{
     waits::{Waiting, Waits},
 };
 use crate::{
-    core::{Listed, SwitchCore},
+    core::{Creator, Listed, SwitchCore},
+    metrics::AutoRegCount,
     validate::excerpt,
 };
 
@@ -320,6 +321,17 @@ pub enum AutoRegError {
 }
 
 impl AutoRegError {
+    /// How a request refused with this error is counted.
+    pub fn counted(&self) -> AutoRegCount {
+        match self {
+            Self::Invalid(_) | Self::RecentlyRefused { .. } => AutoRegCount::Refused,
+            Self::TooManyPending { .. }
+            | Self::TooManyFromProxy { .. }
+            | Self::TooManyLikeName { .. } => AutoRegCount::Limited,
+            Self::Unavailable(_) | Self::Settings(_) => AutoRegCount::Failed,
+        }
+    }
+
     /// Whether this refuses a request by a bound or from the memory of refused names (a flood
     /// makes many of these).
     fn is_flood_refusal(&self) -> bool {
@@ -472,6 +484,21 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// How it is counted; `None` for an interrupted request (it stays pending).
+    pub fn counted(&self) -> Option<AutoRegCount> {
+        match self {
+            Self::Registered { created: true, .. } => Some(AutoRegCount::Created),
+            Self::Registered { created: false, .. } | Self::AlreadyHasCoin { .. } => {
+                Some(AutoRegCount::Existed)
+            }
+            Self::Refused { .. } | Self::RecentlyRefused { .. } => Some(AutoRegCount::Refused),
+            Self::Failed { .. } => Some(AutoRegCount::Failed),
+            Self::Interrupted { .. } => None,
+        }
+    }
+}
+
 /// What the backend answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Answer {
@@ -589,6 +616,7 @@ impl Registrar {
             .map_err(|e| AutoRegError::Invalid(e.to_string()))?;
         check_worker(worker)?;
         if self.core.index().user_coin(&user).is_some() {
+            self.count(AutoRegCount::Existed);
             return Ok(None);
         }
         if let Some(left) = self.refused_for(&user) {
@@ -614,8 +642,15 @@ impl Registrar {
         )
     }
 
-    /// Logs a refused request: a warning at most every 10 s (a flood makes many), else debug.
+    /// Counts one request's outcome.
+    pub fn count(&self, outcome: AutoRegCount) {
+        self.core.metrics().count_autoreg(outcome);
+    }
+
+    /// Counts and logs a refused request: a warning at most every 10 s (a flood makes many),
+    /// else debug.
     pub fn log_refusal(&self, user: &str, session_id: u32, error: &AutoRegError) {
+        self.count(error.counted());
         let shown = excerpt(user, MAX_EXCERPT_BYTES);
         if !error.is_flood_refusal() {
             debug!(user = %shown, session_id, error = %error, "registration request refused");
@@ -647,6 +682,9 @@ impl Registrar {
     ) -> Outcome {
         let outcome = self.run(name, request, exchange, shutdown).await;
         log_outcome(name, request, &outcome, &self.settings.default_coin);
+        if let Some(counted) = outcome.counted() {
+            self.count(counted);
+        }
         outcome
     }
 
@@ -763,7 +801,10 @@ impl Registrar {
             .map_or(0, |d| d.as_secs());
         let users: Vec<String> = due.iter().map(|w| w.user.clone()).collect();
         let count = users.len();
-        let results = self.core.create_users_if_absent(&coin, users, now).await;
+        let results = self
+            .core
+            .create_users_if_absent(&coin, users, now, Creator::AutoReg)
+            .await;
         debug!(
             count,
             "created the auto-registered users whose wait is over"

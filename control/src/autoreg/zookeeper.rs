@@ -458,6 +458,29 @@ impl UserRegistrations for ZkRegistrations {
         worker: &str,
         session_id: u32,
     ) -> Result<bool, AutoRegError> {
+        let result = self.record_request(user, worker, session_id).await;
+        if let Err(e @ AutoRegError::Unavailable(_)) = &result {
+            // Refusals are counted where they are logged; ZooKeeper failures here.
+            self.inner.registrar.count(e.counted());
+        }
+        result
+    }
+
+    async fn pending(&self) -> Result<Vec<String>, AutoRegError> {
+        let mut names = self.inner.list(&self.inner.watch_dir).await?;
+        names.sort();
+        Ok(names)
+    }
+}
+
+impl ZkRegistrations {
+    /// Records a request as a pending node; see [`UserRegistrations::request`].
+    async fn record_request(
+        &self,
+        user: &str,
+        worker: &str,
+        session_id: u32,
+    ) -> Result<bool, AutoRegError> {
         let inner = &self.inner;
         let registrar = &inner.registrar;
         let admitted = registrar
@@ -525,11 +548,5 @@ impl UserRegistrations for ZkRegistrations {
         Err(AutoRegError::Unavailable(format!(
             "{dir} keeps disappearing"
         )))
-    }
-
-    async fn pending(&self) -> Result<Vec<String>, AutoRegError> {
-        let mut names = self.inner.list(&self.inner.watch_dir).await?;
-        names.sort();
-        Ok(names)
     }
 }

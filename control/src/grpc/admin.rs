@@ -12,8 +12,10 @@ use switchyard_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::metrics::SwitchCount;
+
 use crate::{
-    core::{Listed, SwitchCore, SwitchError, UserCoinRecord},
+    core::{Creator, Listed, SwitchCore, SwitchError, SwitchSource, UserCoinRecord},
     leases::ServerIdLeases,
     validate::validate_user,
 };
@@ -65,17 +67,23 @@ impl SwitcherAdmin for AdminService {
         request: Request<SwitchCoinRequest>,
     ) -> Result<Response<SwitchCoinResponse>, Status> {
         let SwitchCoinRequest { user, coin } = request.into_inner();
-        let outcome = self.core.switch_coin(&user, &coin).await?;
+        let source = SwitchSource::Grpc;
+        let outcome = self.core.switch_coin(source, &user, &coin).await?;
         match outcome.pending_until {
-            // The core logs it with its due time; the record is still the old coin.
+            // The record is still the old coin.
             Some(due) => info!(
+                source = %source,
+                outcome = %SwitchCount::HeldBack,
                 user = %outcome.record.user,
                 coin = %coin,
                 current = %outcome.record.coin,
-                "switch held until {} by the safety period",
-                crate::core::utc_text(due)
+                apply_at = due,
+                held_until = %crate::core::utc_text(due),
+                "switch held back by the safety period"
             ),
             None => info!(
+                source = %source,
+                outcome = %SwitchCount::Written,
                 user = %outcome.record.user,
                 coin = %outcome.record.coin,
                 previous = outcome.previous_coin.as_deref().unwrap_or(""),
@@ -96,16 +104,26 @@ impl SwitcherAdmin for AdminService {
     ) -> Result<Response<SwitchCoinsResponse>, Status> {
         let switches = request.into_inner().switches;
         let asked: Vec<(String, String)> = switches.into_iter().map(|s| (s.user, s.coin)).collect();
-        let outcomes = self.core.switch_coins(asked.clone()).await?;
-        let held_back = outcomes
-            .iter()
-            .filter(|o| o.as_ref().is_ok_and(|o| o.pending_until.is_some()))
-            .count();
-        let applied = outcomes.iter().filter(|o| o.is_ok()).count() - held_back;
+        let source = SwitchSource::Grpc;
+        let outcomes = self.core.switch_coins(source, asked.clone()).await?;
+        let (mut written, mut held_back, mut invalid, mut failed) =
+            (0usize, 0usize, 0usize, 0usize);
+        for outcome in &outcomes {
+            match outcome {
+                Ok(o) if o.pending_until.is_some() => held_back += 1,
+                Ok(_) => written += 1,
+                Err(SwitchError::Invalid(_)) => invalid += 1,
+                Err(SwitchError::Store(_)) => failed += 1,
+            }
+        }
+        // One line for the whole batch, whatever its size, with a count per outcome.
         info!(
+            source = %source,
             requested = asked.len(),
-            applied,
+            written,
             held_back,
+            invalid,
+            failed,
             revision = self.core.index().revision(),
             "switched a batch of users"
         );
@@ -209,8 +227,13 @@ impl SwitcherAdmin for AdminService {
             .map_or(0, |d| d.as_secs());
         let outcomes = self
             .core
-            .create_users_if_absent(&coin, users.clone(), now)
+            .create_users_if_absent(&coin, users.clone(), now, Creator::Ingestion)
             .await?;
+        // A call is one page of a remote initializer's list (the coin is known by now).
+        let ok = outcomes
+            .iter()
+            .all(|o| !matches!(o, Err(SwitchError::Store(_))));
+        self.core.metrics().count_ingest_page(&coin, ok);
         let results = users
             .into_iter()
             .zip(outcomes)

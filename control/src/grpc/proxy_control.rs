@@ -39,6 +39,7 @@ use crate::{
     core::SwitchCore,
     index::{ChangeBatch, ChangeCursor, UserCoinIndex, WatchStart},
     leases::{ProxyDescription, ServerIdLeases},
+    metrics::{ControlMetrics, SentPosition},
     store::{Record, RecordKey, Revision},
 };
 
@@ -94,6 +95,8 @@ pub struct ProxyControlService {
     max_streams: usize,
     /// The byte budget of each watcher's buffer.
     buffer_bytes: u32,
+    /// Where open streams and their progress are recorded.
+    metrics: ControlMetrics,
 }
 
 impl ProxyControlService {
@@ -112,7 +115,15 @@ impl ProxyControlService {
             streams: Arc::new(Semaphore::new(DEFAULT_MAX_WATCH_STREAMS)),
             max_streams: DEFAULT_MAX_WATCH_STREAMS,
             buffer_bytes: budget(DEFAULT_WATCH_BUFFER_BYTES),
+            metrics: ControlMetrics::new(),
         }
+    }
+
+    /// The service recording its WatchSwitches streams (how many, how far each is behind) in
+    /// `metrics`.
+    pub fn with_metrics(mut self, metrics: ControlMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The service with at most `max_streams` WatchSwitches streams at once, each buffering
@@ -157,12 +168,21 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// A buffer of `budget` bytes, and the stream the client reads it from.
-    fn new(budget: u32) -> (Self, WatchStream) {
+    /// A buffer of `budget` bytes, and the stream the client reads it from; `position` records
+    /// the resume point of each message as it leaves the buffer.
+    fn new(budget: u32, position: Option<SentPosition>) -> (Self, WatchStream) {
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let bytes = Arc::new(Semaphore::new(budget as usize));
         // The permit is dropped, and its bytes given back, as the message leaves the buffer.
-        let stream = ReceiverStream::new(rx).map(|(msg, _permit)| msg);
+        let stream = ReceiverStream::new(rx).map(move |(msg, _permit): Queued| {
+            if let (Some(position), Ok(msg)) = (&position, &msg) {
+                // 0: a snapshot page, not a resume point.
+                if msg.revision > 0 {
+                    position.reached(msg.revision);
+                }
+            }
+            msg
+        });
         (Self { tx, bytes, budget }, Box::pin(stream))
     }
 }
@@ -429,13 +449,15 @@ impl ProxyControl for ProxyControlService {
             WatchStart::Resume { .. } => "resume",
         };
         info!(?peer, resume_revision, start = kind, "watcher connected");
-        let (out, stream) = Outbox::new(self.buffer_bytes);
+        let subscriber = self.metrics.watch_subscriber();
+        let (out, stream) = Outbox::new(self.buffer_bytes, Some(subscriber.position()));
         let watcher = Watcher::new(Arc::clone(&self.index), out, self.shutdown.clone());
         tokio::spawn(async move {
             match watcher.run(start, changes).await {
                 Ok(()) | Err(Stop::Shutdown) => info!(?peer, "watch stream ended by shutdown"),
                 Err(Stop::ClientGone) => info!(?peer, "watcher disconnected"),
             }
+            drop(subscriber);
             drop(stream_permit);
         });
         Ok(Response::new(stream))
@@ -607,7 +629,7 @@ mod tests {
             ..Default::default()
         }));
         let (start, changes) = index.watch(None);
-        let (out, mut rx) = Outbox::new(budget(DEFAULT_WATCH_BUFFER_BYTES));
+        let (out, mut rx) = Outbox::new(budget(DEFAULT_WATCH_BUFFER_BYTES), None);
         let shutdown = CancellationToken::new();
         let watcher = Watcher::new(Arc::clone(&index), out, shutdown.clone());
         let task = tokio::spawn(watcher.run(start, changes));

@@ -18,6 +18,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 
 /// The chain types a proxy may run (SPEC §1).
@@ -159,6 +160,8 @@ struct Held {
 pub struct LocalLeases {
     ttl: Duration,
     by_chain: Mutex<HashMap<String, BTreeMap<u8, Held>>>,
+    /// Counts requests and renewals refused because another proxy holds the ID.
+    conflicts: Counter,
 }
 
 fn check_text(what: &str, value: &str, required: bool) -> Result<(), LeaseError> {
@@ -205,7 +208,15 @@ impl LocalLeases {
         Self {
             ttl,
             by_chain: Mutex::new(HashMap::new()),
+            conflicts: Counter::default(),
         }
+    }
+
+    /// Counts lease conflicts (a preferred ID or a renewed one held by another proxy) on
+    /// `conflicts`.
+    pub fn with_conflict_counter(mut self, conflicts: Counter) -> Self {
+        self.conflicts = conflicts;
+        self
     }
 
     /// The time to live of a lease.
@@ -232,6 +243,10 @@ impl LocalLeases {
         held.retain(|_, h| h.deadline > now);
         let own = |h: &Held| h.lease.proxy.instance_id == proxy.instance_id;
         let preferred = u8::try_from(preferred).ok().filter(|&id| id != 0);
+        if preferred.is_some_and(|id| held.get(&id).is_some_and(|h| !own(h))) {
+            // The proxy asked for an ID another proxy holds: it gets another one.
+            self.conflicts.inc();
+        }
         let server_id = preferred
             .filter(|id| held.get(id).is_none_or(own))
             .or_else(|| held.iter().find(|(_, h)| own(h)).map(|(id, _)| *id))
@@ -276,7 +291,16 @@ impl LocalLeases {
         let held = by_chain
             .get_mut(chain_type)
             .and_then(|held| held.get_mut(&id))
-            .filter(|h| h.deadline > now && h.lease.proxy.instance_id == instance_id)
+            .filter(|h| h.deadline > now);
+        if held
+            .as_ref()
+            .is_some_and(|h| h.lease.proxy.instance_id != instance_id)
+        {
+            // Held by another proxy since this one's lease ended.
+            self.conflicts.inc();
+        }
+        let held = held
+            .filter(|h| h.lease.proxy.instance_id == instance_id)
             .ok_or_else(not_found)?;
         let wall = SystemTime::now();
         held.deadline = now + self.ttl;

@@ -23,6 +23,7 @@ use std::{
 
 use async_trait::async_trait;
 use futures::{StreamExt, stream};
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
@@ -91,6 +92,8 @@ struct Inner {
     replica_id: String,
     /// The leases this replica created, by (chain type, server ID).
     held: Mutex<BTreeMap<(String, u8), Held>>,
+    /// Counts requests and renewals refused because another proxy holds the ID.
+    conflicts: Counter,
 }
 
 impl std::fmt::Debug for Inner {
@@ -111,12 +114,14 @@ impl ZkLeases {
     /// Leases in `dirs` (chain type → directory with a trailing `/`, one for each of
     /// [`CHAIN_TYPES`]) on the session of `zk`, which must be connected. Creates the directories,
     /// and keeps sweeping expired leases and re-creating nodes after reconnects until
-    /// `shutdown`.
+    /// `shutdown`. Counts lease conflicts (a preferred ID, a renewed one or one re-created
+    /// after a session loss found held by another proxy) on `conflicts`.
     pub async fn start(
         zk: Arc<ZooKeeper>,
         dirs: HashMap<String, String>,
         ttl: Duration,
         request_timeout: Duration,
+        conflicts: Counter,
         shutdown: CancellationToken,
     ) -> Result<Self, LeaseError> {
         for chain in CHAIN_TYPES {
@@ -134,6 +139,7 @@ impl ZkLeases {
             request_timeout,
             replica_id: format!("{:016x}", rand::random::<u64>()),
             held: Mutex::new(BTreeMap::new()),
+            conflicts,
         });
         let reconnected = Arc::new(Notify::new());
         {
@@ -254,6 +260,10 @@ impl Inner {
         }
         // The preferred ID if free; else the one this instance holds; else the lowest free.
         let preferred_free = preferred.filter(|id| !taken.contains(id));
+        if preferred.is_some() && preferred_free.is_none() {
+            // Another proxy holds the ID this one asked for: it gets another one.
+            self.conflicts.inc();
+        }
         if preferred_free.is_none()
             && let Some(&id) = own.first()
         {
@@ -357,6 +367,7 @@ impl Inner {
                 if self.create_node(&path, data).await? || self.is_ours(&path, instance_id).await? {
                     Ok(())
                 } else {
+                    self.conflicts.inc();
                     error!(
                         chain_type,
                         server_id,
@@ -519,6 +530,7 @@ impl Inner {
             match outcome {
                 Ok(true) => {}
                 Ok(false) => {
+                    self.conflicts.inc();
                     error!(
                         chain_type = %chain,
                         server_id = id,

@@ -138,6 +138,8 @@ pub struct ZooKeeperStore {
     presence: std::sync::OnceLock<Arc<dyn KeyPresence>>,
     /// Coins whose first-seen directory is known to exist.
     seen_dirs: std::sync::Mutex<HashSet<String>>,
+    /// Counts the feed's re-reads of the whole state after its first.
+    reconciles: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for ZooKeeperStore {
@@ -260,7 +262,18 @@ impl ZooKeeperStore {
             followed: AtomicBool::new(false),
             presence: std::sync::OnceLock::new(),
             seen_dirs: std::sync::Mutex::new(HashSet::new()),
+            reconciles: Default::default(),
         })
+    }
+
+    /// Counts the feed's re-reads of the whole state (after a reconnect, an error, or every
+    /// `ZKReconcileSeconds`; not its first read) on `reconciles`.
+    pub fn with_reconcile_counter(
+        mut self,
+        reconciles: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        self.reconciles = reconciles;
+        self
     }
 
     fn pending_path(&self, user: &str) -> String {
@@ -595,7 +608,8 @@ impl UserCoinStore for ZooKeeperStore {
             Arc::clone(&self.settings),
             tx,
             self.feed_up.clone(),
-        );
+        )
+        .counting_reconciles(self.reconciles.clone());
         tokio::spawn(feed.run(shutdown));
         Ok(rx)
     }

@@ -15,7 +15,7 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::json;
-use switchyard_control::{ControlPlane, config::ControlConfig};
+use switchyard_control::{ControlPlane, config::ControlConfig, core::SwitchSource};
 use switchyard_proxy::{config::ProxyConfig, server::Proxy};
 use switchyard_tests::{
     control::wait_serving,
@@ -169,7 +169,8 @@ impl Node {
                 (coin, false)
             }
             None => {
-                core.switch_coin(&args.user, COINS[0])
+                // An admin's switch, counted as one from gRPC.
+                core.switch_coin(SwitchSource::Grpc, &args.user, COINS[0])
                     .await
                     .with_context(|| format!("seeding the demo user {:?}", args.user))?;
                 info!(user = %args.user, coin = COINS[0], "demo user seeded");

@@ -54,6 +54,7 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt, stream};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -128,6 +129,10 @@ pub(super) struct Feed {
     /// Whether the feed is watching: down from a session event or an error until it has
     /// watched and caught up again.
     up: watch::Sender<bool>,
+    /// Whole re-reads done so far (the first loads the state).
+    resyncs: u64,
+    /// Counts the re-reads after the first.
+    reconciles: Counter,
 }
 
 impl Feed {
@@ -145,7 +150,15 @@ impl Feed {
             staged: HashMap::new(),
             published: None,
             up,
+            resyncs: 0,
+            reconciles: Counter::default(),
         }
+    }
+
+    /// Counts the re-reads after the first on `reconciles`.
+    pub(super) fn counting_reconciles(mut self, reconciles: Counter) -> Self {
+        self.reconciles = reconciles;
+        self
     }
 
     fn dir(&self, dir: Dir) -> Option<&str> {
@@ -536,6 +549,10 @@ impl Feed {
     /// Re-reads every directory and node and stages what changed; answers the highest zxid the
     /// answers carried.
     async fn resync(&mut self, client: &zk::Client) -> Result<Revision, StoreError> {
+        if self.resyncs > 0 {
+            self.reconciles.inc();
+        }
+        self.resyncs += 1;
         let mut seen = 0;
         for dir in self.dirs() {
             let (present, missing, listed) = self.read_children(client, dir).await?;
