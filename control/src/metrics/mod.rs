@@ -80,6 +80,18 @@ impl SwitchSource {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// Whether a switch from this source can end as `outcome`: an auto-registration is never
+    /// held back; a held-back switch when due is written or fails; a change seen on the stream
+    /// was written.
+    pub fn can_end_as(self, outcome: SwitchCount) -> bool {
+        match self {
+            Self::Grpc | Self::Http | Self::Cron => true,
+            Self::AutoReg => outcome != SwitchCount::HeldBack,
+            Self::HeldBack => matches!(outcome, SwitchCount::Written | SwitchCount::Failed),
+            Self::ZooKeeper => outcome == SwitchCount::Written,
+        }
+    }
 }
 
 impl fmt::Display for SwitchSource {
@@ -329,10 +341,10 @@ impl ControlMetrics {
         );
 
         let switch_family = Family::<SwitchLabels, Counter>::default();
+        // Only the pairs that can happen are series (from 0 at start).
         let switches = SwitchSource::ALL.map(|source| {
             SwitchCount::ALL.map(|outcome| {
-                // A change seen on the stream is only ever "written": no other series for it.
-                if source == SwitchSource::ZooKeeper && outcome != SwitchCount::Written {
+                if !source.can_end_as(outcome) {
                     return Counter::default();
                 }
                 switch_family.get_or_create_owned(&SwitchLabels {
@@ -459,8 +471,10 @@ impl ControlMetrics {
         }
     }
 
-    /// Counts `n` switches from `source` that ended as `outcome`.
+    /// Counts `n` switches from `source` that ended as `outcome` (a pair that cannot happen,
+    /// see [`SwitchSource::can_end_as`], is not exposed).
     pub fn count_switches(&self, source: SwitchSource, outcome: SwitchCount, n: u64) {
+        debug_assert!(source.can_end_as(outcome), "{source} cannot end {outcome}");
         if n > 0 {
             self.inner.switches[source.index()][outcome.index()].inc_by(n);
         }
@@ -704,10 +718,17 @@ mod tests {
             "{build}"
         );
         assert!(build.ends_with(" 1"), "{build}");
-        assert!(
-            !text.contains("source=\"zookeeper\",outcome=\"failed\""),
-            "zookeeper is only ever written"
-        );
+        for (source, outcome) in [
+            ("zookeeper", "failed"),
+            ("held_back", "held_back"),
+            ("held_back", "invalid"),
+            ("autoreg", "held_back"),
+        ] {
+            assert!(
+                !text.contains(&format!("source=\"{source}\",outcome=\"{outcome}\"")),
+                "{source} never ends {outcome}"
+            );
+        }
         assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with EOF");
     }
 
