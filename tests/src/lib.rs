@@ -11,11 +11,14 @@
 //! - [`scripted`]: an sserver whose every answer the test scripts, to drive interleavings.
 //! - [`proxy`]: the Stratum proxy, in-process or as its real binary.
 //! - [`miner`]: a simulated miner that checks every line it receives.
+//! - [`prometheus`]: a real Prometheus from Debian's `prometheus` package, its HTTP API, and a
+//!   small PromQL reader for checking what dashboards and rules query.
 
 pub mod bench;
 pub mod control;
 pub mod miner;
 pub mod pki;
+pub mod prometheus;
 pub mod proxy;
 pub mod relay;
 pub mod scripted;
