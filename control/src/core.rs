@@ -204,6 +204,21 @@ async fn apply_changes(
     }
 }
 
+/// What became of a due held-back switch on this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DueOutcome {
+    /// Written.
+    Written = 0,
+    /// Dropped: the user switched again since.
+    Superseded = 1,
+    /// Applied or replaced elsewhere; nothing to do.
+    Gone = 2,
+    /// The store failed; retried soon.
+    Failed = 3,
+    /// It names a user or coin this service does not accept: left in the store.
+    LeftAlone = 4,
+}
+
 /// The outcome counted for one switch's result.
 fn counted<T>(result: &Result<T, SwitchError>, held_back: impl Fn(&T) -> bool) -> SwitchCount {
     match result {
@@ -662,8 +677,26 @@ impl SwitchCore {
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = unix_now();
-            for pending in self.held_back.take_due(now) {
-                self.apply_pending(pending).await;
+            let due = self.held_back.take_due(now);
+            let count = due.len();
+            // Held-back switches due together (a batch held back at once) log like the batch
+            // did: the first ones one by one, then one line with the counts.
+            let mut tally = [0usize; 5];
+            for (n, pending) in due.into_iter().enumerate() {
+                let done = self.apply_pending(pending, n < LOGGED_HELD_BACK).await;
+                tally[done as usize] += 1;
+            }
+            if count > LOGGED_HELD_BACK {
+                info!(
+                    source = %SwitchSource::HeldBack,
+                    due = count,
+                    written = tally[DueOutcome::Written as usize],
+                    superseded = tally[DueOutcome::Superseded as usize],
+                    failed = tally[DueOutcome::Failed as usize],
+                    left_alone = tally[DueOutcome::LeftAlone as usize],
+                    logged = LOGGED_HELD_BACK,
+                    "held-back switches due (the first ones logged one by one)"
+                );
             }
             let wait = match self.held_back.next_due() {
                 Some(at) => unix_time_of(at)
@@ -694,13 +727,16 @@ impl SwitchCore {
         }
     }
 
-    async fn apply_pending(&self, pending: PendingSwitch) {
+    /// Applies a due held-back switch; logs it when `log` (else only counts it).
+    async fn apply_pending(&self, pending: PendingSwitch, log: bool) -> DueOutcome {
         let valid = validate_user(&pending.user).is_ok()
             && self.settings.coins.check(&pending.coin).is_ok();
         if !valid {
             // Left in the store: another service of this deployment may know the coin.
-            warn!(user = %pending.user, coin = %pending.coin, "a pending switch names an invalid user or a coin not available here; left alone");
-            return;
+            if log {
+                warn!(user = %pending.user, coin = %pending.coin, "a pending switch names an invalid user or a coin not available here; left alone");
+            }
+            return DueOutcome::LeftAlone;
         }
         let source = SwitchSource::HeldBack;
         let writing = self.own.begin(vec![pending.user.clone()]);
@@ -720,27 +756,38 @@ impl SwitchCore {
                 let revision = record.revision;
                 self.publish(&[record]).await;
                 self.metrics.count_switches(source, SwitchCount::Written, 1);
-                info!(
-                    source = %source,
-                    outcome = %SwitchCount::Written,
-                    user = %pending.user,
-                    coin = %pending.coin,
-                    revision,
-                    "wrote a switch held back by the safety period"
-                );
+                if log {
+                    info!(
+                        source = %source,
+                        outcome = %SwitchCount::Written,
+                        user = %pending.user,
+                        coin = %pending.coin,
+                        revision,
+                        "wrote a switch held back by the safety period"
+                    );
+                }
+                DueOutcome::Written
             }
-            Ok(PendingOutcome::Superseded) => info!(
-                source = %source,
-                user = %pending.user,
-                coin = %pending.coin,
-                "dropped a held-back switch: the user switched again since"
-            ),
-            Ok(PendingOutcome::Gone) => {}
+            Ok(PendingOutcome::Superseded) => {
+                if log {
+                    info!(
+                        source = %source,
+                        user = %pending.user,
+                        coin = %pending.coin,
+                        "dropped a held-back switch: the user switched again since"
+                    );
+                }
+                DueOutcome::Superseded
+            }
+            Ok(PendingOutcome::Gone) => DueOutcome::Gone,
             Err(e) => {
                 self.metrics.count_switches(source, SwitchCount::Failed, 1);
-                warn!(source = %source, outcome = %SwitchCount::Failed, user = %pending.user, coin = %pending.coin, error = %e, "cannot apply a due held-back switch; will retry");
+                if log {
+                    warn!(source = %source, outcome = %SwitchCount::Failed, user = %pending.user, coin = %pending.coin, error = %e, "cannot apply a due held-back switch; will retry");
+                }
                 self.held_back
                     .insert_at(pending, unix_now() + PENDING_RETRY_SECONDS);
+                DueOutcome::Failed
             }
         }
     }

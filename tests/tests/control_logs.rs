@@ -151,6 +151,83 @@ async fn json_switch_lines_carry_user_coin_source_and_outcome_as_fields() {
     assert!(status.success(), "{status}");
 }
 
+/// A 2,000-user switch held back by the safety period, then written when due: a handful of
+/// info lines and counts, never a line per user.
+#[tokio::test]
+async fn a_mass_held_back_switch_logs_a_few_lines_with_counts() {
+    const USERS: usize = 2_000;
+    let mut control = ControlProcess::start_with(
+        |c| {
+            c["LogFormat"] = json!("json");
+            c["UserListAPI"] = json!({"bch": "http://127.0.0.1:9/unused"});
+            // The safety period: 1.5 s.
+            c["IntervalSeconds"] = json!(1);
+        },
+        Vec::new(),
+    )
+    .await
+    .expect("control");
+    let batch = |coin: &str| SwitchCoinsRequest {
+        switches: (0..USERS)
+            .map(|i| switch(&format!("mass{i:05}"), coin))
+            .collect(),
+    };
+    let mut admin = control.admin();
+    // Created at once (new users), then all held back (bch's list never listed them).
+    admin.switch_coins(batch("btc")).await.expect("create");
+    let held = admin.switch_coins(batch("bch")).await.expect("hold");
+    assert!(
+        held.get_ref()
+            .results
+            .iter()
+            .all(|r| r.pending_applies_at_unix > 0),
+        "every switch held back"
+    );
+    let lines = wait_until(
+        Duration::from_secs(120),
+        "the held-back switches written",
+        || async {
+            let lines = parse_json_lines(&control.log());
+            let written: u64 = lines_with(
+                &lines,
+                "held-back switches due (the first ones logged one by one)",
+            )
+            .iter()
+            .filter_map(|l| l["fields"]["written"].as_u64())
+            .sum();
+            if written == USERS as u64 {
+                Ok(lines)
+            } else {
+                Err(format!("{written} written"))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let count = |message: &str| lines_with(&lines, message).len();
+    assert_eq!(count("switched a batch of users"), 2);
+    let held_batch = lines_with(&lines, "switched a batch of users")
+        .into_iter()
+        .find(|l| l["fields"]["held_back"] == USERS)
+        .unwrap_or_else(|| panic!("the held-back batch's line:\n{}", control.log()));
+    assert_eq!(held_batch["fields"]["written"], 0);
+    assert_eq!(count("switch held back by the safety period"), 10);
+    let summary = lines_with(
+        &lines,
+        "switches held back by the safety period (the first ones logged one by one)",
+    );
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0]["fields"]["switches"], USERS);
+    assert_eq!(summary[0]["fields"]["source"], "grpc");
+    assert_eq!(count("wrote a switch held back by the safety period"), 10);
+    assert!(
+        lines.len() < 100,
+        "{} lines for a 2,000-user switch",
+        lines.len()
+    );
+    control.terminate().await.expect("stops");
+}
+
 fn assert_no_ansi(what: &str, text: &str) {
     assert!(
         !text.contains('\u{1b}'),
