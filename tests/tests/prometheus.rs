@@ -29,7 +29,7 @@ use std::{
 
 use axum::{Json, Router, routing::post};
 use serde_json::{Value, json};
-use switchyard_proto::v1::{SwitchCoinRequest, SwitchCoinsRequest};
+use switchyard_proto::v1::{GetUserCoinRequest, SwitchCoinRequest, SwitchCoinsRequest};
 use switchyard_tests::{
     control::{ControlProcess, free_port},
     miner::Miner,
@@ -63,11 +63,16 @@ const ROWS: [&str; 5] = [
 
 /// Label values the rules or the dashboard match that this test's load does not produce,
 /// each with the reason. Every other matched value must be seen in the scraped series.
-const NOT_PRODUCED: [(&str, &str, &str, &str); 0] = [];
+const NOT_PRODUCED: [(&str, &str, &str, &str); 1] = [(
+    "switchyard_proxy_handshakes_total",
+    "reason",
+    "too_many_waiting",
+    "needs AutoRegMaxWaitUsers sessions waiting for registrations at once",
+)];
 
 /// What the live test's load does, as the metric contract counts it: (series, at least,
 /// the event).
-const EVENTS: [(&str, f64, &str); 27] = [
+const EVENTS: [(&str, f64, &str); 30] = [
     (
         r#"switchyard_build_info{component="proxy"}"#,
         1.0,
@@ -202,6 +207,21 @@ const EVENTS: [(&str, f64, &str); 27] = [
         "switchyard_control_watch_subscribers",
         1.0,
         "the proxy's stream",
+    ),
+    (
+        r#"switchyard_control_autoreg_total{outcome="refused"}"#,
+        1.0,
+        "nobody refused",
+    ),
+    (
+        r#"switchyard_proxy_handshakes_total{reason="unknown_user"}"#,
+        1.0,
+        "nobody got 201",
+    ),
+    (
+        r#"switchyard_control_grpc_requests_total{method="GetUserCoin",code="NotFound"}"#,
+        1.0,
+        "nobody looked up",
     ),
 ];
 
@@ -483,19 +503,21 @@ struct Use {
     parts: ExprParts,
 }
 
-/// A registration backend that gives every name a new puid.
+/// A registration backend that gives every name a new puid, but refuses names with "nobody".
 async fn registration_backend() -> String {
     let next = Arc::new(AtomicU64::new(5000));
     let app = Router::new().route(
         "/register",
-        post(move || {
+        post(move |body: String| {
             let next = next.clone();
             async move {
-                Json(json!({
-                    "data": {"puid": next.fetch_add(1, Ordering::Relaxed)},
-                    "status": "success",
-                    "message": ""
-                }))
+                // A refusal is a puid of 0.
+                let puid = if body.contains("nobody") {
+                    0
+                } else {
+                    next.fetch_add(1, Ordering::Relaxed)
+                };
+                Json(json!({"data": {"puid": puid}, "status": "success", "message": ""}))
             }
         }),
     );
@@ -620,6 +642,8 @@ async fn start_fleet() -> Fleet {
     config["EnableUserAutoReg"] = json!(true);
     config["ReconnectWindowSeconds"] = json!(2);
     config["UpstreamTimeoutSeconds"] = json!(2);
+    // A refused registration's miner gets its 201 when this runs out.
+    config["HandshakeTimeoutSeconds"] = json!(8);
     let proxy = ProxyProcess::start(&config).await.expect("proxy");
     Fleet {
         control,
@@ -638,6 +662,17 @@ async fn load(fleet: &mut Fleet) {
     let proxy = &fleet.proxy;
     // A connection that closes before its first byte (a health check): a failed handshake.
     drop(TcpStream::connect(proxy.addr).await.expect("connect"));
+
+    // A name the registration backend refuses: the miner waits out its handshake timeout
+    // (HandshakeTimeoutSeconds, 8 s) and gets error 201, while the rest goes on.
+    let mut nobody = Miner::connect(proxy.addr).await.expect("connect");
+    let refused = tokio::spawn(async move {
+        let (_, auth) = nobody
+            .bitcoin_login("nobody.rig1", 2 * T)
+            .await
+            .expect("login");
+        auth
+    });
 
     let (mut alice, btc_job) = mining(proxy, "alice.rig1", "btc").await;
     for _ in 0..5 {
@@ -697,8 +732,21 @@ async fn load(fleet: &mut Fleet) {
         "carol's miner is closed once her switch to the dead ltc sserver fails"
     );
 
-    // An auto-registration.
+    // An auto-registration (the one the backend refuses runs since the start).
     let (mut newbie, _) = mining(proxy, "newbie.rig1", "btc").await;
+    // A gRPC call that does not end OK: NotFound.
+    let unknown = fleet
+        .control
+        .admin()
+        .get_user_coin(GetUserCoinRequest {
+            user: "nobody".into(),
+        })
+        .await;
+    assert_eq!(
+        unknown.map(|_| ()).map_err(|s| s.code()),
+        Err(tonic::Code::NotFound),
+        "nobody is unknown"
+    );
 
     // btc drops every connection: frank's session reconnects and keeps mining.
     let franks = |r: &switchyard_tests::sserver::Records| {
@@ -743,6 +791,8 @@ async fn load(fleet: &mut Fleet) {
         alice.malformed.is_empty() && bob.malformed.is_empty(),
         "every line parses"
     );
+    let auth = refused.await.expect("the refused login");
+    assert_eq!(auth["error"][0], json!(201), "refused: {auth}");
 }
 
 /// The value alternatives a matcher names (`=`: its value; `=~`: each branch of a top-level
