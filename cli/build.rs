@@ -10,7 +10,10 @@ fn main() {
         .ok()
         .filter(|c| !c.trim().is_empty())
         .or_else(|| {
-            let out = Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
+            let out = Command::new("git")
+                .args(["rev-parse", "HEAD"])
+                .output()
+                .ok()?;
             out.status
                 .success()
                 .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
