@@ -615,6 +615,16 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_binary_names_the_package() {
+        let error = binary("switchyard-no-such-binary").expect_err("not installed");
+        let message = error.to_string();
+        assert!(
+            message.contains("Debian's `prometheus` package"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn anchors_follow_github() {
         assert_eq!(
             heading_anchor(" 6. Alerts and runbooks"),

@@ -856,6 +856,8 @@ async fn a_real_prometheus_has_data_for_every_series_the_dashboard_and_the_rules
     };
     let (proxy_job, control_job) = (job("proxy"), job("control"));
 
+    // Without the package, fail now, naming it, rather than after starting the fleet.
+    switchyard_tests::prometheus::binary("prometheus").unwrap_or_else(|e| panic!("{e}"));
     let started = now_unix() - 1.0;
     let mut fleet = start_fleet().await;
     let prometheus = PrometheusServer::start(&json!({
