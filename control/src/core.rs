@@ -104,6 +104,8 @@ const STATE_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const WRITE_VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a held-back switch whose apply failed (store unavailable) waits before another try.
 const PENDING_RETRY_SECONDS: u64 = 2;
+/// Due held-back switches applied in one store batch, at most.
+const APPLY_CHUNK: usize = 1_000;
 /// Held-back switches of one call logged one by one; beyond, one line says how many.
 const LOGGED_HELD_BACK: usize = 10;
 
@@ -682,9 +684,18 @@ impl SwitchCore {
             // Held-back switches due together (a batch held back at once) log like the batch
             // did: the first ones one by one, then one line with the counts.
             let mut tally = [0usize; 5];
-            for (n, pending) in due.into_iter().enumerate() {
-                let done = self.apply_pending(pending, n < LOGGED_HELD_BACK).await;
-                tally[done as usize] += 1;
+            let mut due = due.into_iter();
+            let mut logged = 0;
+            loop {
+                let chunk: Vec<PendingSwitch> = due.by_ref().take(APPLY_CHUNK).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                let len = chunk.len();
+                for done in self.apply_due(chunk, logged).await {
+                    tally[done as usize] += 1;
+                }
+                logged += len;
             }
             if count > LOGGED_HELD_BACK {
                 info!(
@@ -727,69 +738,97 @@ impl SwitchCore {
         }
     }
 
-    /// Applies a due held-back switch; logs it when `log` (else only counts it).
-    async fn apply_pending(&self, pending: PendingSwitch, log: bool) -> DueOutcome {
-        let valid = validate_user(&pending.user).is_ok()
-            && self.settings.coins.check(&pending.coin).is_ok();
-        if !valid {
-            // Left in the store: another service of this deployment may know the coin.
-            if log {
-                warn!(user = %pending.user, coin = %pending.coin, "a pending switch names an invalid user or a coin not available here; left alone");
+    /// Applies due held-back switches in one store batch (one transaction on redb, requests in
+    /// flight together on ZooKeeper); logs the ones before [`LOGGED_HELD_BACK`] counting from
+    /// `logged_before` (the others are only counted). One outcome per switch, in order.
+    async fn apply_due(&self, due: Vec<PendingSwitch>, logged_before: usize) -> Vec<DueOutcome> {
+        let mut outcomes = Vec::with_capacity(due.len());
+        let mut valid = Vec::with_capacity(due.len());
+        for (n, pending) in due.into_iter().enumerate() {
+            let log = logged_before + n < LOGGED_HELD_BACK;
+            if validate_user(&pending.user).is_ok()
+                && self.settings.coins.check(&pending.coin).is_ok()
+            {
+                valid.push((pending, log));
+                outcomes.push(None);
+            } else {
+                // Left in the store: another service of this deployment may know the coin.
+                if log {
+                    warn!(user = %pending.user, coin = %pending.coin, "a pending switch names an invalid user or a coin not available here; left alone");
+                }
+                outcomes.push(Some(DueOutcome::LeftAlone));
             }
-            return DueOutcome::LeftAlone;
         }
         let source = SwitchSource::HeldBack;
-        let writing = self.own.begin(vec![pending.user.clone()]);
+        let writing = self
+            .own
+            .begin(valid.iter().map(|(p, _)| p.user.clone()).collect());
         let started = Instant::now();
-        let applied = self.store.apply_pending(&pending).await;
+        let batch: Vec<PendingSwitch> = valid.iter().map(|(p, _)| p.clone()).collect();
+        let mut applied = self.store.apply_pending(batch).await;
         self.metrics
             .store_write(StoreOp::ApplyPending)
             .observe(started.elapsed().as_secs_f64());
-        match &applied {
-            Ok(PendingOutcome::Applied(record)) => {
-                writing.finish(&user_revisions(std::slice::from_ref(record)))
-            }
-            _ => writing.finish(&[]),
+        if applied.len() != valid.len() {
+            let e = StoreError::Unavailable(format!(
+                "the store answered {} of {} held-back switches",
+                applied.len(),
+                valid.len()
+            ));
+            applied = vec![Err(e); valid.len()];
         }
-        match applied {
-            Ok(PendingOutcome::Applied(record)) => {
-                let revision = record.revision;
-                self.publish(&[record]).await;
-                self.metrics.count_switches(source, SwitchCount::Written, 1);
-                if log {
-                    info!(
-                        source = %source,
-                        outcome = %SwitchCount::Written,
-                        user = %pending.user,
-                        coin = %pending.coin,
-                        revision,
-                        "wrote a switch held back by the safety period"
-                    );
+        let records: Vec<Record> = applied
+            .iter()
+            .filter_map(|a| match a {
+                Ok(PendingOutcome::Applied(record)) => Some(record.clone()),
+                _ => None,
+            })
+            .collect();
+        writing.finish(&user_revisions(&records));
+        self.publish(&records).await;
+        let mut results = valid.into_iter().zip(applied).map(|((pending, log), applied)| {
+            match applied {
+                Ok(PendingOutcome::Applied(record)) => {
+                    self.metrics.count_switches(source, SwitchCount::Written, 1);
+                    if log {
+                        info!(
+                            source = %source,
+                            outcome = %SwitchCount::Written,
+                            user = %pending.user,
+                            coin = %pending.coin,
+                            revision = record.revision,
+                            "wrote a switch held back by the safety period"
+                        );
+                    }
+                    DueOutcome::Written
                 }
-                DueOutcome::Written
-            }
-            Ok(PendingOutcome::Superseded) => {
-                if log {
-                    info!(
-                        source = %source,
-                        user = %pending.user,
-                        coin = %pending.coin,
-                        "dropped a held-back switch: the user switched again since"
-                    );
+                Ok(PendingOutcome::Superseded) => {
+                    if log {
+                        info!(
+                            source = %source,
+                            user = %pending.user,
+                            coin = %pending.coin,
+                            "dropped a held-back switch: the user switched again since"
+                        );
+                    }
+                    DueOutcome::Superseded
                 }
-                DueOutcome::Superseded
-            }
-            Ok(PendingOutcome::Gone) => DueOutcome::Gone,
-            Err(e) => {
-                self.metrics.count_switches(source, SwitchCount::Failed, 1);
-                if log {
-                    warn!(source = %source, outcome = %SwitchCount::Failed, user = %pending.user, coin = %pending.coin, error = %e, "cannot apply a due held-back switch; will retry");
+                Ok(PendingOutcome::Gone) => DueOutcome::Gone,
+                Err(e) => {
+                    self.metrics.count_switches(source, SwitchCount::Failed, 1);
+                    if log {
+                        warn!(source = %source, outcome = %SwitchCount::Failed, user = %pending.user, coin = %pending.coin, error = %e, "cannot apply a due held-back switch; will retry");
+                    }
+                    self.held_back
+                        .insert_at(pending, unix_now() + PENDING_RETRY_SECONDS);
+                    DueOutcome::Failed
                 }
-                self.held_back
-                    .insert_at(pending, unix_now() + PENDING_RETRY_SECONDS);
-                DueOutcome::Failed
             }
-        }
+        });
+        outcomes
+            .into_iter()
+            .map(|o| o.or_else(|| results.next()).unwrap_or(DueOutcome::Failed))
+            .collect()
     }
 
     /// Waits until written records are in the index (the store's change stream brings them).

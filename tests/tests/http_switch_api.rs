@@ -96,7 +96,10 @@ impl UserCoinStore for FailingStore {
         self.inner.cancel_pending(users).await
     }
 
-    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError> {
+    async fn apply_pending(
+        &self,
+        pending: Vec<PendingSwitch>,
+    ) -> Vec<Result<PendingOutcome, StoreError>> {
         self.inner.apply_pending(pending).await
     }
 

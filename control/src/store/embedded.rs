@@ -427,52 +427,69 @@ impl UserCoinStore for EmbeddedStore {
         .await
     }
 
-    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError> {
+    async fn apply_pending(
+        &self,
+        pending: Vec<PendingSwitch>,
+    ) -> Vec<Result<PendingOutcome, StoreError>> {
+        let count = pending.len();
+        if count == 0 {
+            return Vec::new();
+        }
         let this = self.clone();
-        let p = pending.clone();
-        tokio::task::spawn_blocking(move || {
+        // One transaction for the whole batch: each switch checked and applied in order.
+        let result = tokio::task::spawn_blocking(move || {
             let mut sink = this.sink();
             let txn = this.db.begin_write().map_err(unavailable)?;
-            let (outcome, records) = {
+            let mut outcomes = Vec::with_capacity(pending.len());
+            let mut records = Vec::new();
+            {
                 let mut held = txn.open_table(HELD).map_err(unavailable)?;
-                let current = held.get(p.user.as_str()).map_err(unavailable)?.map(|v| {
-                    let (at, coin, after) = v.value();
-                    (at, coin.to_owned(), after)
-                });
-                if current != Some((p.apply_at, p.coin.clone(), p.after)) {
-                    (PendingOutcome::Gone, Vec::new())
-                } else {
-                    held.remove(p.user.as_str()).map_err(unavailable)?;
-                    let mut users = txn.open_table(USERS).map_err(unavailable)?;
-                    if user_revision(&users, &p.user)? != p.after {
-                        (PendingOutcome::Superseded, Vec::new())
-                    } else {
-                        let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
-                        let revision = counters
-                            .get(REVISION_KEY)
-                            .map_err(unavailable)?
-                            .map_or(0, |v| v.value())
-                            + 1;
-                        users
-                            .insert(p.user.as_str(), (revision, p.coin.as_str()))
-                            .map_err(unavailable)?;
-                        counters
-                            .insert(REVISION_KEY, revision)
-                            .map_err(unavailable)?;
-                        let record = Record {
-                            key: RecordKey::User(p.user.clone()),
-                            value: Some(p.coin.clone()),
-                            revision,
-                        };
-                        (PendingOutcome::Applied(record.clone()), vec![record])
+                let mut users = txn.open_table(USERS).map_err(unavailable)?;
+                let mut counters = txn.open_table(COUNTERS).map_err(unavailable)?;
+                let mut revision = counters
+                    .get(REVISION_KEY)
+                    .map_err(unavailable)?
+                    .map_or(0, |v| v.value());
+                for p in pending {
+                    let current = held.get(p.user.as_str()).map_err(unavailable)?.map(|v| {
+                        let (at, coin, after) = v.value();
+                        (at, coin.to_owned(), after)
+                    });
+                    if current != Some((p.apply_at, p.coin.clone(), p.after)) {
+                        outcomes.push(PendingOutcome::Gone);
+                        continue;
                     }
+                    held.remove(p.user.as_str()).map_err(unavailable)?;
+                    if user_revision(&users, &p.user)? != p.after {
+                        outcomes.push(PendingOutcome::Superseded);
+                        continue;
+                    }
+                    revision += 1;
+                    users
+                        .insert(p.user.as_str(), (revision, p.coin.as_str()))
+                        .map_err(unavailable)?;
+                    let record = Record {
+                        key: RecordKey::User(p.user),
+                        value: Some(p.coin),
+                        revision,
+                    };
+                    records.push(record.clone());
+                    outcomes.push(PendingOutcome::Applied(record));
                 }
-            };
+                counters
+                    .insert(REVISION_KEY, revision)
+                    .map_err(unavailable)?;
+            }
             this.commit_and_announce(&mut sink, txn, records)?;
-            Ok(outcome)
+            Ok::<_, StoreError>(outcomes)
         })
         .await
-        .map_err(unavailable)?
+        .map_err(unavailable)
+        .and_then(|r| r);
+        match result {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); count],
+        }
     }
 
     async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {

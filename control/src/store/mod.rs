@@ -214,11 +214,16 @@ pub trait UserCoinStore: Send + Sync + 'static {
     /// replaces them).
     async fn cancel_pending(&self, users: Vec<String>) -> Result<(), StoreError>;
 
-    /// Applies a due pending switch, atomically: when its record is still exactly `pending`
-    /// and the user's record is still at `pending.after`, writes the coin and removes the
-    /// pending record; when the user changed since, removes the pending record without
-    /// writing. Safe to call from every replica at once: at most one writes.
-    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError>;
+    /// Applies due pending switches, each atomically: when its record is still exactly the
+    /// one given and the user's record is still at its [`PendingSwitch::after`], writes the coin
+    /// and removes the pending record; when the user changed since, removes the pending record
+    /// without writing. Safe to call from every replica at once: at most one writes each. In
+    /// one batch where the store has them (one redb transaction); one result per switch, in
+    /// order.
+    async fn apply_pending(
+        &self,
+        pending: Vec<PendingSwitch>,
+    ) -> Vec<Result<PendingOutcome, StoreError>>;
 
     /// The user's pending switch, if any.
     async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError>;

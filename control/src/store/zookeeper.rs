@@ -67,6 +67,8 @@ const MULTI_OPS: usize = 1_000;
 /// Bytes of node paths and values in one `multi` transaction, about, at most: ZooKeeper drops
 /// the connection of a request over its `jute.maxbuffer` (1 MiB by default).
 const MULTI_BYTES: usize = 256 * 1024;
+/// Held-back switches applied at once (each a `multi` of its own).
+const APPLY_IN_FLIGHT: usize = 256;
 /// `multi` transactions in flight at once.
 const MULTIS_IN_FLIGHT: usize = 4;
 /// Transactions tried for one batch of creates before the rest is created node by node.
@@ -658,8 +660,16 @@ impl UserCoinStore for ZooKeeperStore {
         results.into_iter().collect()
     }
 
-    async fn apply_pending(&self, pending: &PendingSwitch) -> Result<PendingOutcome, StoreError> {
-        self.apply_pending_once(pending).await
+    async fn apply_pending(
+        &self,
+        pending: Vec<PendingSwitch>,
+    ) -> Vec<Result<PendingOutcome, StoreError>> {
+        // Each is its own `multi` (conditional on its user's node); in flight together.
+        stream::iter(pending)
+            .map(|p| async move { self.apply_pending_once(&p).await })
+            .buffered(APPLY_IN_FLIGHT)
+            .collect()
+            .await
     }
 
     async fn pending(&self, user: &str) -> Result<Option<PendingSwitch>, StoreError> {
