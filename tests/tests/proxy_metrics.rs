@@ -10,7 +10,9 @@
 //! - a coin name with a quote and a backslash (the config accepts it) is escaped in its labels;
 //! - sessions closed count by reason;
 //! - 100 users switched at once log at most 20 per-session lines a second at info, and a
-//!   summary line instead of the rest.
+//!   summary line instead of the rest;
+//! - in JSON logs, the switch line carries `user`, `worker`, `coin`, `sid` and the latency as
+//!   fields, and the login's lines carry them in their span.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -500,5 +502,69 @@ async fn a_mass_switch_logs_a_summary_instead_of_a_line_per_session() {
     assert!(
         summarized as usize >= USERS - per_session && summarized as usize <= USERS,
         "{summarized} switches summed up, {per_session} logged one by one\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_sessions_fields() {
+    let control = InProcessControl::start().await.expect("control");
+    control
+        .admin()
+        .switch_coin(switch("alice", "btc"))
+        .await
+        .expect("alice on btc");
+    let btc = Sserver::start(SserverConfig::new("btc").job_interval(None))
+        .await
+        .expect("btc");
+    let bch = Sserver::start(SserverConfig::new("bch").job_interval(None))
+        .await
+        .expect("bch");
+    let mut config = proxy_config(&[control.addr], &[&btc, &bch]).expect("config");
+    config["LogFormat"] = json!("json");
+    let proxy = ProxyProcess::start(&config).await.expect("proxy");
+    let mut miner = Miner::connect(proxy.addr).await.expect("connect");
+    miner.bitcoin_login("alice.rig1", T).await.expect("login");
+    miner.wait_job_of("btc", T).await.expect("a btc job");
+    control
+        .admin()
+        .switch_coin(switch("alice", "bch"))
+        .await
+        .expect("switch");
+    miner.wait_job_of("bch", T).await.expect("a bch job");
+    proxy
+        .wait_log("session switched coin", 1, T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = proxy.log();
+    let line: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"] == json!("session switched coin"))
+        .unwrap_or_else(|| panic!("no JSON switch line:\n{log}"));
+    let fields = &line["fields"];
+    assert_eq!(line["level"], json!("INFO"), "{line}");
+    assert_eq!(fields["user"], json!("alice"), "{line}");
+    assert_eq!(fields["worker"], json!("alice.rig1"), "{line}");
+    assert_eq!(fields["coin"], json!("bch"), "{line}");
+    assert_eq!(
+        (&fields["from"], &fields["to"]),
+        (&json!("btc"), &json!("bch"))
+    );
+    assert!(
+        fields["sid"].as_str().is_some_and(|s| !s.is_empty()),
+        "{line}"
+    );
+    assert!(fields["latency_ms"].as_f64().is_some(), "{line}");
+    // The login's lines carry them in their span.
+    let relaying = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"] == json!("relaying"))
+        .unwrap_or_else(|| panic!("no JSON login line:\n{log}"));
+    let span = &relaying["span"];
+    assert_eq!(
+        (&span["user"], &span["worker"], &span["coin"]),
+        (&json!("alice"), &json!("alice.rig1"), &json!("btc")),
+        "{relaying}"
     );
 }
