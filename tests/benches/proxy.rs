@@ -2521,7 +2521,9 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
             .join(", ");
         let _ = writeln!(
             md,
-            "Baseline proxy (`{}`, the same load in the same repetitions): proxy CPU / baseline              proxy CPU, pooled {}, per repetition {ratios} (median {}); p99 through the proxy /              through the baseline {}.\n",
+            "Baseline proxy (`{}`, the same load in the same repetitions): proxy CPU / baseline \
+             proxy CPU, pooled {}, per repetition {ratios} (median {}); p99 through the proxy / \
+             through the baseline {}.\n",
             binary.display(),
             ratio(
                 cores.get(Path3::Proxy.name()).copied().unwrap_or(0.0),
