@@ -30,6 +30,7 @@ use std::{
 use clap::ArgAction;
 
 pub mod build;
+pub mod metrics;
 pub mod secret;
 
 pub use secret::{Secret, SecretError, read_secret_file, resolve_secret};

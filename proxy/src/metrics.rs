@@ -35,7 +35,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::{self, Write as _},
+    fmt,
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
@@ -46,9 +46,7 @@ use std::{
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
     collector::Collector,
-    encoding::{
-        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
-    },
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
         MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
         gauge::Gauge, histogram::Histogram,
@@ -99,26 +97,7 @@ const REJECT_CODE_LABELS: [&str; 17] = [
 /// The sserver's "job not found" code: the share was stale.
 pub const STALE_CODE: i64 = 21;
 
-/// A label value from outside the proxy's own code (a coin name, from the config file or the
-/// control plane), escaped as the OpenMetrics text format requires (`\\`, `\"`, `\n`).
-#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Escaped<T>(pub T);
-
-impl<T: AsRef<str>> EncodeLabelValue for Escaped<T> {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-        let mut rest = self.0.as_ref();
-        while let Some(i) = rest.find(['\\', '"', '\n']) {
-            encoder.write_str(&rest[..i])?;
-            encoder.write_str(match rest.as_bytes()[i] {
-                b'\\' => "\\\\",
-                b'"' => "\\\"",
-                _ => "\\n",
-            })?;
-            rest = &rest[i + 1..];
-        }
-        encoder.write_str(rest)
-    }
-}
+pub use switchyard_cli::metrics::Escaped;
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

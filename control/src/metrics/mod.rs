@@ -35,6 +35,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use switchyard_cli::metrics::Escaped;
+
 use crate::store::Revision;
 
 /// Where a switch came from (the `source` label of `switchyard_control_switches_total`).
@@ -215,13 +217,13 @@ struct SwitchLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CoinOutcomeLabels {
-    coin: String,
+    coin: Escaped<String>,
     outcome: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CoinResultLabels {
-    coin: String,
+    coin: Escaped<String>,
     result: &'static str,
 }
 
@@ -501,7 +503,7 @@ impl ControlMetrics {
         self.inner
             .ingest_pages
             .get_or_create(&CoinOutcomeLabels {
-                coin: coin.to_owned(),
+                coin: Escaped(coin.to_owned()),
                 outcome: if ok { "ok" } else { "error" },
             })
             .inc();
@@ -515,7 +517,7 @@ impl ControlMetrics {
             ("invalid", invalid),
         ] {
             let counter = self.inner.ingest_users.get_or_create(&CoinResultLabels {
-                coin: coin.to_owned(),
+                coin: Escaped(coin.to_owned()),
                 result,
             });
             counter.inc_by(n);
@@ -730,6 +732,28 @@ mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with EOF");
+    }
+
+    #[test]
+    fn a_coin_label_is_escaped() {
+        let metrics = ControlMetrics::new();
+        metrics.count_ingest_page("we\"ird\\coin", true);
+        let text = metrics
+            .render(&ScrapeState {
+                held_back: 0,
+                index_revision: 0,
+                latest_change: 0,
+                users: 0,
+                store_up: true,
+                parts: Vec::new(),
+            })
+            .expect("encodes");
+        assert!(
+            text.contains(
+                r#"switchyard_control_ingest_pages_total{coin="we\"ird\\coin",outcome="ok"} 1"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]
