@@ -3,8 +3,9 @@
 //! - **The main session** ([`ZkSession`], the design card's `zookeeper-async` client): single
 //!   requests. Server-ID leases (their ephemeral nodes live and die with it), auto-registration
 //!   (the pending-request directory shared with the Go proxies, and its claims), the sub-pool
-//!   coinbase API, and the store's single writes (switches, markers, cancelled held-back switches). It is opened
-//!   first and handed to each of them as this handle, not through the store.
+//!   coinbase API, and the store's single writes (switches, markers, cancelled held-back
+//!   switches). It is opened first and handed to each of them as this handle, not through the
+//!   store.
 //! - **The batch session** (`zookeeper-client`, in `store/zookeeper/session.rs`, owned by the
 //!   ZooKeeper store): what zookeeper-async cannot do: `multi` transactions (batched creates,
 //!   held-back switches, their conditional apply), `multiRead` (batched reads) and persistent
