@@ -309,10 +309,12 @@ async fn an_older_held_back_switch_never_overwrites_a_newer_one_on_two_replicas(
 }
 
 /// 2,000 held-back switches of one call go to ZooKeeper as a few transactions, not one
-/// write each (counted in zxids between two probe writes), and all land when due.
+/// write each (counted in zxids between two probe writes), and all land when due. A ZooKeeper
+/// of its own: other tests' writes on a shared one would take zxids in between.
 #[tokio::test]
 async fn a_held_back_batch_is_a_few_zookeeper_transactions() {
-    let zk = ZooKeeperServer::shared().expect("ZooKeeper");
+    let own = ZooKeeperServer::start().expect("ZooKeeper");
+    let zk = &own;
     let root = unique_root("batch");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = zk_config(zk, &root, "sw", dir.path());
