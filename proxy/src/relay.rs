@@ -757,6 +757,17 @@ impl Relay {
         }
     }
 
+    /// What [`coin`](Self::coin) and the phase's kind are, told apart without comparing
+    /// text: the number of the upstream whose coin `coin` is (each upstream's coin is fixed
+    /// and numbers are never reused in a session) and whether the session is relaying.
+    pub fn state_key(&self) -> (UpstreamId, bool) {
+        match &self.phase {
+            Phase::Relaying { current } => (current.id, true),
+            Phase::Switching { current, .. } => (current.id, false),
+            Phase::Reconnecting { opening, .. } => (opening.id, false),
+        }
+    }
+
     /// The coin the session is on or moving to.
     pub fn target_coin(&self) -> &str {
         match &self.phase {

@@ -446,6 +446,9 @@ struct Session {
     peer: SocketAddr,
     peer_ip: Ipv4Addr,
     state: Option<(String, SessionState)>,
+    /// The relay's [`Relay::state_key`] when `state` was last set: the relay loop checks it
+    /// after every line, and comparing two numbers there costs less than comparing the coin.
+    state_key: Option<(UpstreamId, bool)>,
     /// Its end is counted (or it was handed over): a session dropped before (its task
     /// aborted) was closed by the proxy's shutdown.
     ended: bool,
@@ -500,6 +503,7 @@ impl Session {
             peer,
             peer_ip,
             state: Some((String::new(), SessionState::Handshake)),
+            state_key: None,
             ended: false,
         }
     }
@@ -520,6 +524,7 @@ impl Session {
             Some((coin, state)),
         );
         self.state = Some((coin.to_string(), state));
+        self.state_key = None;
     }
 
     /// The session: its login, then the relay until it ends.
@@ -1292,17 +1297,21 @@ impl Session {
             relay.drop_drains();
             return self.carry_out_now(parts, Actions::new());
         }
-        let state = match relay.phase {
-            Phase::Relaying { .. } => SessionState::Relaying,
-            _ => SessionState::Switching,
-        };
-        if self
-            .state
-            .as_ref()
-            .is_none_or(|(c, s)| c.as_str() != relay.coin() || *s != state)
-        {
-            let coin = relay.coin().to_string();
-            self.set_state(&coin, state);
+        let key = relay.state_key();
+        if self.state_key != Some(key) {
+            let state = match relay.phase {
+                Phase::Relaying { .. } => SessionState::Relaying,
+                _ => SessionState::Switching,
+            };
+            if self
+                .state
+                .as_ref()
+                .is_none_or(|(c, s)| c.as_str() != relay.coin() || *s != state)
+            {
+                let coin = relay.coin().to_string();
+                self.set_state(&coin, state);
+            }
+            self.state_key = Some(key);
         }
         Ok(None)
     }
