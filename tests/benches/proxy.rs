@@ -1008,14 +1008,11 @@ async fn start_proxy(control: SocketAddr, sservers: &Sservers) -> Result<ProxyPr
     start_proxy_with(control, sservers, None).await
 }
 
-/// [`start_proxy`], with a TLS miner listener on `tls`'s certificate when given.
-async fn start_proxy_with(
-    control: SocketAddr,
-    sservers: &Sservers,
-    tls: Option<&CertFiles>,
-) -> Result<ProxyProcess, String> {
+/// The benchmark's proxy configuration: server ID 1, the sserver child's two coins, the
+/// control plane at `control`, miner and metrics listeners on free ports.
+fn proxy_config(control: SocketAddr, sservers: &Sservers) -> Result<Value, String> {
     let port = |_: ()| free_port().map_err(|e| e.to_string());
-    let mut config = json!({
+    Ok(json!({
         "ServerID": 1,
         "ChainType": "bitcoin",
         "ListenAddr": format!("127.0.0.1:{}", port(())?),
@@ -1026,9 +1023,19 @@ async fn start_proxy_with(
         },
         "ControlEndpoints": [format!("http://{control}")],
         "HandshakeTimeoutSeconds": 20,
-    });
+    }))
+}
+
+/// [`start_proxy`], with a TLS miner listener on `tls`'s certificate when given.
+async fn start_proxy_with(
+    control: SocketAddr,
+    sservers: &Sservers,
+    tls: Option<&CertFiles>,
+) -> Result<ProxyProcess, String> {
+    let mut config = proxy_config(control, sservers)?;
     if let Some(tls) = tls {
-        config["TlsListenAddr"] = json!(format!("127.0.0.1:{}", port(())?));
+        let port = free_port().map_err(|e| e.to_string())?;
+        config["TlsListenAddr"] = json!(format!("127.0.0.1:{port}"));
         config["TlsCertFile"] = json!(tls.cert);
         config["TlsKeyFile"] = json!(tls.key);
     }
@@ -1044,19 +1051,7 @@ async fn start_proxy_binary(
     sservers: &Sservers,
     binary: PathBuf,
 ) -> Result<ProxyProcess, String> {
-    let port = |_: ()| free_port().map_err(|e| e.to_string());
-    let config = json!({
-        "ServerID": 1,
-        "ChainType": "bitcoin",
-        "ListenAddr": format!("127.0.0.1:{}", port(())?),
-        "MetricsListenAddr": format!("127.0.0.1:{}", port(())?),
-        "StratumServerMap": {
-            "btc": {"URL": sservers.btc.to_string(), "UserSuffix": "btc"},
-            "bch": {"URL": sservers.bch.to_string(), "UserSuffix": "bch"},
-        },
-        "ControlEndpoints": [format!("http://{control}")],
-        "HandshakeTimeoutSeconds": 20,
-    });
+    let config = proxy_config(control, sservers)?;
     ProxyProcess::start_binary(&config, binary)
         .await
         .map_err(|e| format!("starting the baseline proxy: {e}"))
