@@ -85,6 +85,7 @@ use std::{collections::VecDeque, fmt, sync::Arc};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use smallvec::SmallVec;
 
 use crate::{
     handshake::{Handshake, Login, NameRules, Request, error_line, normalize_worker, result_line},
@@ -352,17 +353,20 @@ pub struct UpstreamState {
     pub suffixed: bool,
     /// The suffix of its coin.
     pub user_suffix: String,
-    /// Miner requests it owes answers to.
-    pub owed: Vec<Owed>,
+    /// Miner requests it owes answers to (the first two in place: a miner has one or two in
+    /// flight nearly always, and their entries then share the relay's memory, no allocation of
+    /// their own to fetch on every line).
+    pub owed: SmallVec<[Owed; 2]>,
     /// The sum of the counts in `owed` (at most [`MAX_OWED`]).
     pub owed_total: u32,
     /// The proxy's requests awaiting its answer.
     pub pending: Vec<Pending>,
-    /// Digests of the jobs it announced to the miner, oldest first.
-    pub jobs: VecDeque<u64>,
-    /// Submits in flight, oldest first (with metrics attached only; see the module doc).
+    /// Digests of the jobs it announced to the miner.
+    pub jobs: JobDigests,
+    /// Submits in flight, oldest first (with metrics attached only; see the module doc), the
+    /// first two in place like `owed`.
     #[serde(default)]
-    pub submits: Vec<InFlightSubmit>,
+    pub submits: SmallVec<[InFlightSubmit; 2]>,
     /// Its coin's series.
     #[serde(skip)]
     pub meter: CoinMeter,
@@ -375,11 +379,11 @@ impl UpstreamState {
             coin,
             suffixed: opened.suffixed,
             user_suffix: opened.user_suffix.clone(),
-            owed: Vec::new(),
+            owed: SmallVec::new(),
             owed_total: 0,
             pending: Vec::new(),
-            jobs: VecDeque::new(),
-            submits: Vec::new(),
+            jobs: JobDigests::default(),
+            submits: SmallVec::new(),
             meter: CoinMeter::default(),
         }
     }
@@ -478,26 +482,70 @@ impl UpstreamState {
         true
     }
 
-    fn has_job(&self, digest: u64) -> bool {
-        // Newest first: nearly every share names the latest job.
-        self.jobs.iter().rev().any(|&j| j == digest)
-    }
-
-    fn add_job(&mut self, digest: u64, clean: bool) {
-        if clean {
-            self.jobs.clear();
-        }
-        if self.jobs.back() == Some(&digest) {
-            return;
-        }
-        if self.jobs.len() >= MAX_JOBS {
-            self.jobs.pop_front();
-        }
-        self.jobs.push_back(digest);
-    }
-
     fn owes_nothing(&self) -> bool {
         self.owed.is_empty() && self.pending.is_empty()
+    }
+}
+
+/// The digests of the jobs an upstream announced, oldest first, at most [`MAX_JOBS`]. The
+/// newest is also kept in place: nearly every share names it, and finding it then reads no
+/// memory but the relay's own. Written and read as the list of digests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "VecDeque<u64>", into = "VecDeque<u64>")]
+pub struct JobDigests {
+    newest: Option<u64>,
+    all: VecDeque<u64>,
+}
+
+impl JobDigests {
+    /// Whether `digest` is one of them.
+    pub fn contains(&self, digest: u64) -> bool {
+        // Newest first: nearly every share names the latest job.
+        self.newest == Some(digest) || self.all.iter().rev().any(|&j| j == digest)
+    }
+
+    /// Adds the job `digest`; a clean job (`clean_jobs`) forgets the others first.
+    pub fn add(&mut self, digest: u64, clean: bool) {
+        if clean {
+            self.clear();
+        }
+        if self.newest == Some(digest) {
+            return;
+        }
+        if self.all.len() >= MAX_JOBS {
+            self.all.pop_front();
+        }
+        self.all.push_back(digest);
+        self.newest = Some(digest);
+    }
+
+    /// Forgets them all.
+    pub fn clear(&mut self) {
+        self.all.clear();
+        self.newest = None;
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.newest.is_none()
+    }
+}
+
+impl From<VecDeque<u64>> for JobDigests {
+    fn from(mut all: VecDeque<u64>) -> Self {
+        while all.len() > MAX_JOBS {
+            all.pop_front();
+        }
+        Self {
+            newest: all.back().copied(),
+            all,
+        }
+    }
+}
+
+impl From<JobDigests> for VecDeque<u64> {
+    fn from(jobs: JobDigests) -> Self {
+        jobs.all
     }
 }
 
@@ -919,7 +967,7 @@ impl Relay {
     fn route(&self, job: Option<&str>) -> Route {
         if let Some(job) = job {
             let digest = job_digest(job);
-            let holds = |u: &UpstreamState| u.has_job(digest);
+            let holds = |u: &UpstreamState| u.jobs.contains(digest);
             if self.current().is_some_and(holds) {
                 return Route::Current;
             }
@@ -1100,7 +1148,7 @@ impl Relay {
                     }
                     None => {
                         if let Some(current) = self.current_mut() {
-                            current.add_job(job_digest(&job), clean);
+                            current.jobs.add(job_digest(&job), clean);
                         }
                         self.send_miner(line);
                         return self.first_job_sent();
@@ -1140,7 +1188,7 @@ impl Relay {
             && is_current
             && let Some(current) = self.current_mut()
         {
-            current.add_job(job_digest(work), false);
+            current.jobs.add(job_digest(work), false);
             new_job = true;
         }
         if owed || is_current {
@@ -1525,12 +1573,14 @@ fn note_held_job(chain: ChainType, upstream: &mut UpstreamState, line: &[u8]) {
     };
     if read.method.as_deref() == Some("mining.notify") {
         if let Some(job) = read.param_str(0) {
-            upstream.add_job(job_digest(&job), notify_is_clean(chain, &read));
+            upstream
+                .jobs
+                .add(job_digest(&job), notify_is_clean(chain, &read));
         }
     } else if chain == ChainType::Ethereum
         && let Some(work) = read.eth_work()
     {
-        upstream.add_job(job_digest(&work), false);
+        upstream.jobs.add(job_digest(&work), false);
     }
 }
 
@@ -1570,4 +1620,34 @@ fn text_line(value: &Value) -> Bytes {
     let mut text = value.to_string().into_bytes();
     text.push(b'\n');
     Bytes::from(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_digests_read_and_write_the_list_of_digests() {
+        // The form a hot upgrade's earlier image wrote (a plain list, oldest first).
+        let jobs: JobDigests = serde_json::from_str("[1,2,3]").expect("a list reads");
+        assert!(jobs.contains(1) && jobs.contains(3) && !jobs.contains(4));
+        assert_eq!(serde_json::to_string(&jobs).expect("writes"), "[1,2,3]");
+        let long: Vec<u64> = (0..MAX_JOBS as u64 + 5).collect();
+        let jobs: JobDigests =
+            serde_json::from_str(&serde_json::to_string(&long).expect("list")).expect("reads");
+        assert!(
+            !jobs.contains(4),
+            "the oldest beyond the bound are forgotten"
+        );
+        assert!(jobs.contains(5) && jobs.contains(MAX_JOBS as u64 + 4));
+        let mut jobs = JobDigests::default();
+        assert!(jobs.is_empty());
+        jobs.add(7, false);
+        jobs.add(8, false);
+        assert!(jobs.contains(7) && jobs.contains(8));
+        jobs.add(9, true);
+        assert!(!jobs.contains(7) && !jobs.contains(8) && jobs.contains(9));
+        jobs.clear();
+        assert!(jobs.is_empty() && !jobs.contains(9));
+    }
 }
