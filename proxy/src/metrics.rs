@@ -11,7 +11,8 @@
 //! thread ([`Metrics::relayed`], summed at scrape). A submit and its answer cost no label
 //! formatting and no map lookup: each upstream of a session holds its coin's
 //! [`CoinMetrics`], whose series are resolved once at start for every configured coin (one
-//! atomic add per share outcome, one histogram observation per answer). Figures that other
+//! atomic add per share outcome, one histogram observation per answer, both on the calling
+//! thread's shard: [`ShardedCounter`], [`ShardedHistogram`]). Figures that other
 //! parts already keep (sessions by state, the cache, the read-through) are read at scrape by a
 //! collector.
 //!
@@ -46,10 +47,10 @@ use std::{
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{
-        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
-        gauge::Gauge, histogram::Histogram,
+        MetricType, TypedMetric, counter::ConstCounter, counter::Counter, family::Family,
+        gauge::ConstGauge, gauge::Gauge, histogram::Histogram,
     },
     registry::Registry,
 };
@@ -320,8 +321,130 @@ fn switch_histogram() -> Histogram {
     Histogram::new(SWITCH_BUCKETS)
 }
 
-fn submit_histogram() -> Histogram {
-    Histogram::new(SUBMIT_BUCKETS)
+fn submit_histogram() -> ShardedHistogram {
+    ShardedHistogram::new(&SUBMIT_BUCKETS)
+}
+
+/// A counter counted on every share: per thread (like the relayed lines), so the worker
+/// threads do not pass one cache line back and forth; read as the sum.
+#[derive(Debug, Clone, Default)]
+pub struct ShardedCounter(Arc<[PaddedU64; SHARDS]>);
+
+/// One thread's count, alone on its cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PaddedU64(AtomicU64);
+
+impl ShardedCounter {
+    fn inc(&self) {
+        self.0[thread_shard()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for ShardedCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for ShardedCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// A histogram observed on every answered share: per thread, like [`ShardedCounter`] (the
+/// library's histogram takes a write lock per observation, shared by all threads). Encoded
+/// as one histogram, the shards summed.
+#[derive(Debug, Clone)]
+pub struct ShardedHistogram {
+    /// The buckets' upper bounds (the last, `+Inf`, implied).
+    bounds: &'static [f64],
+    shards: Arc<[HistogramShard]>,
+}
+
+/// One thread's observations: the sum (an `f64`'s bits), the count and a count per bucket
+/// (the last for `+Inf`).
+#[derive(Debug)]
+#[repr(align(128))]
+struct HistogramShard {
+    sum: AtomicU64,
+    count: AtomicU64,
+    buckets: Box<[AtomicU64]>,
+}
+
+impl ShardedHistogram {
+    /// A histogram with these upper bounds (ascending).
+    fn new(bounds: &'static [f64]) -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| HistogramShard {
+                sum: AtomicU64::new(0f64.to_bits()),
+                count: AtomicU64::new(0),
+                buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            })
+            .collect();
+        Self { bounds, shards }
+    }
+
+    /// Counts one observation of `v`.
+    pub fn observe(&self, v: f64) {
+        let shard = &self.shards[thread_shard()];
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        shard.count.fetch_add(1, Ordering::Relaxed);
+        // One thread writes its shard nearly always: the update does not loop.
+        let _ = shard
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
+    }
+
+    /// The sum, the count, and the count per bucket (upper bound, count; not cumulative).
+    fn get(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut sum = 0.0;
+        let mut count = 0;
+        let mut buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .map(|b| (b, 0))
+            .collect();
+        for shard in self.shards.iter() {
+            sum += f64::from_bits(shard.sum.load(Ordering::Relaxed));
+            count += shard.count.load(Ordering::Relaxed);
+            for (slot, n) in buckets.iter_mut().zip(shard.buckets.iter()) {
+                slot.1 += n.load(Ordering::Relaxed);
+            }
+        }
+        (sum, count, buckets)
+    }
+}
+
+impl TypedMetric for ShardedHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for ShardedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        let (sum, count, buckets) = self.get();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// One coin's series, resolved once (see the module doc): what a session's upstream of that
@@ -329,13 +452,13 @@ fn submit_histogram() -> Histogram {
 #[derive(Debug)]
 pub struct CoinMetrics {
     coin: String,
-    shares: [Counter; 5],
+    shares: [ShardedCounter; 5],
     failures: [Counter; 5],
     rejects_family: Family<CoinCodeLabels, Counter>,
     /// Per known code (then `other`), resolved at the first rejection with it: the family
     /// shows only the codes seen.
     rejects: [OnceLock<Counter>; 17],
-    submit: Histogram,
+    submit: ShardedHistogram,
     switch: Histogram,
     connect: Histogram,
 }
@@ -408,7 +531,7 @@ struct Live {
     sessions: Mutex<BTreeMap<(String, SessionState), i64>>,
     /// Lines and bytes relayed, per thread: counted on every line, so each worker thread
     /// counts on a cache line of its own instead of all of them on one.
-    relayed: [RelayedShard; RELAYED_SHARDS],
+    relayed: [RelayedShard; SHARDS],
     cache: Mutex<Option<Arc<UserCoinCache>>>,
     lookups: Mutex<Option<Arc<UserLookups>>>,
 }
@@ -419,8 +542,9 @@ impl fmt::Debug for Live {
     }
 }
 
-/// How many [`RelayedShard`]s there are; threads beyond it share them.
-const RELAYED_SHARDS: usize = 16;
+/// How many shards each per-thread series has ([`RelayedShard`], [`ShardedCounter`],
+/// [`ShardedHistogram`]); threads beyond it share them.
+const SHARDS: usize = 16;
 
 /// One thread's counts of relayed lines and bytes, alone on its cache lines.
 #[derive(Debug, Default)]
@@ -433,10 +557,10 @@ struct RelayedShard {
 }
 
 /// The shard of the calling thread.
-fn relayed_shard() -> usize {
+fn thread_shard() -> usize {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     thread_local! {
-        static SHARD: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % RELAYED_SHARDS;
+        static SHARD: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % SHARDS;
     }
     SHARD.with(|s| *s)
 }
@@ -681,7 +805,7 @@ impl Metrics {
             lease_conflicts.clone(),
         );
 
-        let shares = Family::<CoinOutcomeLabels, Counter>::default();
+        let shares = Family::<CoinOutcomeLabels, ShardedCounter>::default();
         registry.register(
             "switchyard_proxy_shares",
             "Shares by coin and outcome, each counted once when it ends: accepted, rejected, \
@@ -715,7 +839,8 @@ impl Metrics {
              job written to the miner, by new coin",
             switch.clone(),
         );
-        let submit: HistogramFamily<CoinLabels> = Family::new_with_constructor(submit_histogram);
+        let submit: Family<CoinLabels, ShardedHistogram, fn() -> ShardedHistogram> =
+            Family::new_with_constructor(submit_histogram);
         registry.register(
             "switchyard_proxy_submit_duration_seconds",
             "Answered submits' round trip through the proxy, from the miner's line read to the \
@@ -883,7 +1008,7 @@ impl Metrics {
 
     /// A line of `bytes` bytes was relayed.
     pub fn relayed(&self, direction: Direction, bytes: usize) {
-        let shard = &self.live.relayed[relayed_shard()];
+        let shard = &self.live.relayed[thread_shard()];
         let (lines, total) = match direction {
             Direction::Upstream => (&shard.lines_up, &shard.bytes_up),
             Direction::Downstream => (&shard.lines_down, &shard.bytes_down),
@@ -928,6 +1053,45 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sharded_series_read_as_the_library_ones() {
+        // Powers of two: their sums are exact in any order, whichever shards they fall in.
+        let values = [0.0009765625, 0.001953125, 0.001953125, 0.25, 8.0, 1024.0];
+        let mut ours = Registry::default();
+        let mut theirs = Registry::default();
+        let histogram = ShardedHistogram::new(&SUBMIT_BUCKETS);
+        let library = Histogram::new(SUBMIT_BUCKETS);
+        let counter = ShardedCounter::default();
+        let library_counter: Counter = Counter::default();
+        // From several threads, so that several shards hold observations.
+        std::thread::scope(|scope| {
+            for chunk in values.chunks(2) {
+                let (histogram, counter) = (histogram.clone(), counter.clone());
+                scope.spawn(move || {
+                    for v in chunk {
+                        histogram.observe(*v);
+                        counter.inc();
+                    }
+                });
+            }
+        });
+        for v in values {
+            library.observe(v);
+            library_counter.inc();
+        }
+        ours.register("h", "a histogram", histogram);
+        ours.register("c", "a counter", counter);
+        theirs.register("h", "a histogram", library);
+        theirs.register("c", "a counter", library_counter);
+        let text = |registry: &Registry| {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, registry).expect("encodes");
+            out
+        };
+        assert_eq!(text(&ours), text(&theirs));
+        assert!(text(&ours).contains("h_count 6"), "{}", text(&ours));
+    }
 
     #[test]
     fn counters_keep_their_names_and_label_values_are_escaped() {
