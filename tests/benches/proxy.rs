@@ -44,6 +44,9 @@
 //!   build, e.g. before issue 15's metrics) that part 3 runs as one more path, side by side
 //!   with the proxy under test in every repetition, to report the proxy's CPU against it.
 //! - `SWITCHYARD_BENCH_RELAY_REPS=N`: part 3's repetitions (default 3, 1 when quick).
+//! - `SWITCHYARD_BENCH_RELAY_CPU_ONLY=1`: part 3 runs only the paths its CPU comparison needs
+//!   (the proxy, the baseline proxy when given, the plain relay), not TLS or straight: a
+//!   comparison of two builds in half the time.
 //!
 //! Without `--bench` on the command line (as under `cargo test --benches`) it does nothing.
 
@@ -102,6 +105,7 @@ const RELAY_BACKLOG_ENV: &str = "SWITCHYARD_BENCH_RELAY_BACKLOG";
 const BASELINE_PROXY_ENV: &str = "SWITCHYARD_BENCH_BASELINE_PROXY";
 /// Part 3's repetitions, when set.
 const RELAY_REPS_ENV: &str = "SWITCHYARD_BENCH_RELAY_REPS";
+const RELAY_CPU_ONLY_ENV: &str = "SWITCHYARD_BENCH_RELAY_CPU_ONLY";
 
 /// How long a miner's login may take.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -2055,8 +2059,11 @@ impl Path3 {
     /// The relay part's order in repetition `rep`: the three paths and the proxy over TLS
     /// (and the baseline proxy, next to the proxy), alternating, so that noise hits every
     /// path.
-    fn order_relay(rep: usize, baseline: bool) -> Vec<Path3> {
+    fn order_relay(rep: usize, baseline: bool, cpu_only: bool) -> Vec<Path3> {
         let mut order = vec![Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay];
+        if cpu_only {
+            order.retain(|p| matches!(p, Path3::Proxy | Path3::Relay));
+        }
         if baseline {
             order.insert(1, Path3::Baseline);
         }
@@ -2297,6 +2304,7 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|r| *r > 0)
         .unwrap_or(sizes.relay_reps);
+    let cpu_only = std::env::var(RELAY_CPU_ONLY_ENV).is_ok_and(|v| v == "1");
     let mut runs: Vec<(Path3, RelayRun)> = Vec::new();
     // Per repetition, the proxy's CPU over the baseline proxy's (the two run next to each
     // other in every repetition).
@@ -2310,7 +2318,7 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     );
     for rep in 0..reps {
         let mut rep_cores: HashMap<&str, f64> = HashMap::new();
-        for path in Path3::order_relay(rep, baseline.is_some()) {
+        for path in Path3::order_relay(rep, baseline.is_some(), cpu_only) {
             // Fresh processes for every run: the simulated sserver keeps a record of every
             // submit, which must not grow from one run to the next.
             let sservers = Sservers::start(Some(Duration::from_secs(5))).await?;
@@ -2431,6 +2439,7 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     if baseline.is_some() {
         paths.insert(1, Path3::Baseline);
     }
+    paths.retain(|p| of(*p).next().is_some());
     for path in paths {
         let mut lat: Vec<u32> = of(path)
             .flat_map(|r| r.totals.latencies_us.iter().copied())
@@ -2480,10 +2489,11 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
         );
         pooled.insert(path.name(), lat);
     }
+    let p99_of = |path: Path3| p99.get(path.name()).copied().unwrap_or(f64::NAN);
     let (pp, ps, pr) = (
-        p99[Path3::Proxy.name()],
-        p99[Path3::Straight.name()],
-        p99[Path3::Relay.name()],
+        p99_of(Path3::Proxy),
+        p99_of(Path3::Straight),
+        p99_of(Path3::Relay),
     );
     let _ = writeln!(
         md,
@@ -2506,7 +2516,7 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
             cores.get(Path3::ProxyTls.name()).copied().unwrap_or(0.0),
             cores.get(Path3::Relay.name()).copied().unwrap_or(0.0)
         ),
-        ratio(p99[Path3::ProxyTls.name()], pp),
+        ratio(p99_of(Path3::ProxyTls), pp),
     );
     if let Some(binary) = &baseline {
         let ratios = baseline_ratios
