@@ -131,7 +131,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
     /// A complete line from the buffer, if there is one.
     fn take_line(&mut self, raw: bool) -> Result<Option<Bytes>, FrameError> {
-        match self.buffer[self.scanned..].iter().position(|&b| b == b'\n') {
+        match memchr::memchr(b'\n', &self.buffer[self.scanned..]) {
             Some(i) => {
                 let end = self.scanned + i;
                 if end > self.max_line {
@@ -186,6 +186,11 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     /// The reader's socket.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
+    }
+
+    /// The reader's socket, shared (a TCP socket is written through a shared reference).
+    pub fn get_ref(&self) -> &R {
+        &self.inner
     }
 }
 

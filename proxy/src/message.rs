@@ -280,10 +280,10 @@ fn value_end(text: &str) -> Option<usize> {
 fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
     let mut i = start + 1;
     while i < bytes.len() {
+        i += memchr::memchr2(b'\\', b'"', &bytes[i..])?;
         match bytes[i] {
             b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
+            _ => return Some(i + 1),
         }
     }
     None

@@ -342,34 +342,37 @@ fn error_code(error: &str) -> Option<i64> {
     }
 }
 
-/// One upstream connection as data (its socket lives in the session task).
+/// One upstream connection as data (its socket lives in the session task). The fields read on
+/// every line come first, in declaration order (`repr(C)`): they share two cache lines rather
+/// than being spread over the whole struct (the session's state is cold when a line wakes it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[repr(C)]
 pub struct UpstreamState {
     /// Its number.
     pub id: UpstreamId,
-    /// Its coin.
-    pub coin: String,
+    /// The sum of the counts in `owed` (at most [`MAX_OWED`]).
+    pub owed_total: u32,
     /// Its login needed the `sub_SUFFIX` retry: replayed workers carry the suffix.
     pub suffixed: bool,
-    /// The suffix of its coin.
-    pub user_suffix: String,
+    /// Its coin's series.
+    #[serde(skip)]
+    pub meter: CoinMeter,
     /// Miner requests it owes answers to (the first two in place: a miner has one or two in
     /// flight nearly always, and their entries then share the relay's memory, no allocation of
     /// their own to fetch on every line).
     pub owed: SmallVec<[Owed; 2]>,
-    /// The sum of the counts in `owed` (at most [`MAX_OWED`]).
-    pub owed_total: u32,
-    /// The proxy's requests awaiting its answer.
-    pub pending: Vec<Pending>,
     /// Digests of the jobs it announced to the miner.
     pub jobs: JobDigests,
     /// Submits in flight, oldest first (with metrics attached only; see the module doc), the
     /// first two in place like `owed`.
     #[serde(default)]
     pub submits: SmallVec<[InFlightSubmit; 2]>,
-    /// Its coin's series.
-    #[serde(skip)]
-    pub meter: CoinMeter,
+    /// Its coin.
+    pub coin: String,
+    /// The suffix of its coin.
+    pub user_suffix: String,
+    /// The proxy's requests awaiting its answer.
+    pub pending: Vec<Pending>,
 }
 
 impl UpstreamState {
@@ -635,15 +638,9 @@ pub enum Action {
     CancelOpen(UpstreamId),
     /// Close this upstream.
     Close(UpstreamId),
-    /// A switch or reconnect ended: for the metrics and the log.
-    Outcome {
-        /// The coin.
-        coin: String,
-        /// `switch` or `reconnect`.
-        kind: &'static str,
-        /// `ok`, `failed`, `no_sserver`, `closed_btcagent`, `cancelled`.
-        outcome: &'static str,
-    },
+    /// A switch or reconnect ended: for the metrics and the log (boxed: it is rare, and the
+    /// actions of every line are as large as their largest kind).
+    Outcome(Box<SwitchOutcome>),
     /// The first job of the upstream opened by a switch or a reconnect was just written to
     /// the miner (with the actions before this one).
     FirstJob,
@@ -651,43 +648,66 @@ pub enum Action {
     End(RelayEnd),
 }
 
+/// How a switch or reconnect ended ([`Action::Outcome`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchOutcome {
+    /// The coin.
+    pub coin: String,
+    /// `switch` or `reconnect`.
+    pub kind: &'static str,
+    /// `ok`, `failed`, `no_sserver`, `closed_btcagent`, `cancelled`.
+    pub outcome: &'static str,
+}
+
+impl Action {
+    fn outcome(coin: String, kind: &'static str, outcome: &'static str) -> Self {
+        Self::Outcome(Box::new(SwitchOutcome {
+            coin,
+            kind,
+            outcome,
+        }))
+    }
+}
+
 /// Actions taken at once: nearly always one or two (a line to relay, an answer), kept in place.
 pub type Actions = smallvec::SmallVec<[Action; 2]>;
 
 /// The relay state of one logged-in session; see the module doc. Everything here survives a
-/// hot upgrade.
+/// hot upgrade. What every line reads comes first, in declaration order (`repr(C)`), the
+/// login's data last: see [`UpstreamState`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[repr(C)]
 pub struct Relay {
+    /// Actions not yet taken by the session task.
+    #[serde(skip)]
+    out: Actions,
+    /// The metrics, when attached.
+    #[serde(skip)]
+    meters: Meters,
+    /// Settings.
+    pub settings: RelaySettings,
+    /// Old upstreams, oldest first.
+    pub draining: Vec<Drain>,
     /// The handshake: SID, dialect, agent, version mask.
     pub hs: Handshake,
+    /// What the session is doing.
+    pub phase: Phase,
+    /// The next proxy request id.
+    pub next_request: u64,
+    /// The next upstream number.
+    pub next_upstream: UpstreamId,
+    /// Authorize requests whose upstream was lost, to send to the next one.
+    pub orphans: Vec<Pending>,
     /// The login.
     pub login: Login,
     /// Further workers authorized successfully.
     pub workers: Vec<Worker>,
     /// The params of the miner's last `mining.suggest_difficulty`.
     pub suggested_difficulty: Option<Vec<Value>>,
-    /// What the session is doing.
-    pub phase: Phase,
-    /// Old upstreams, oldest first.
-    pub draining: Vec<Drain>,
-    /// Authorize requests whose upstream was lost, to send to the next one.
-    pub orphans: Vec<Pending>,
-    /// The next proxy request id.
-    pub next_request: u64,
-    /// The next upstream number.
-    pub next_upstream: UpstreamId,
-    /// Settings.
-    pub settings: RelaySettings,
     /// An upstream opened by a switch or a reconnect serves, and none of its jobs has reached
     /// the miner yet ([`Action::FirstJob`] when one does).
     #[serde(default)]
     pub awaiting_first_job: bool,
-    /// The metrics, when attached.
-    #[serde(skip)]
-    meters: Meters,
-    /// Actions not yet taken by the session task.
-    #[serde(skip)]
-    out: Actions,
 }
 
 /// Everything a session is, as data: its relay state and the bytes of any line not finished
@@ -1344,19 +1364,16 @@ impl Relay {
             return;
         }
         if !has_sserver {
-            self.out.push(Action::Outcome {
-                coin: coin.to_string(),
-                kind: "switch",
-                outcome: "no_sserver",
-            });
+            self.out
+                .push(Action::outcome(coin.to_string(), "switch", "no_sserver"));
             return;
         }
         if self.hs.is_btc_agent() {
-            self.out.push(Action::Outcome {
-                coin: coin.to_string(),
-                kind: "switch",
-                outcome: "closed_btcagent",
-            });
+            self.out.push(Action::outcome(
+                coin.to_string(),
+                "switch",
+                "closed_btcagent",
+            ));
             self.out.push(Action::End(RelayEnd::BtcAgentSwitched));
             return;
         }
@@ -1369,11 +1386,8 @@ impl Relay {
             }
             Phase::Switching { current, opening } => {
                 self.out.push(Action::CancelOpen(opening.id));
-                self.out.push(Action::Outcome {
-                    coin: opening.coin.clone(),
-                    kind: "switch",
-                    outcome: "cancelled",
-                });
+                self.out
+                    .push(Action::outcome(opening.coin.clone(), "switch", "cancelled"));
                 if current.coin == coin {
                     Phase::Relaying { current }
                 } else {
@@ -1440,11 +1454,7 @@ impl Relay {
         }
         let job_held = !current.jobs.is_empty();
         self.phase = Phase::Relaying { current };
-        self.out.push(Action::Outcome {
-            coin: opening.coin,
-            kind,
-            outcome: "ok",
-        });
+        self.out.push(Action::outcome(opening.coin, kind, "ok"));
         if let Some(old) = old {
             self.drain(old, now_ms);
         }
@@ -1548,11 +1558,8 @@ impl Relay {
             Phase::Reconnecting { .. } => "reconnect",
             _ => "switch",
         };
-        self.out.push(Action::Outcome {
-            coin: opening.coin.clone(),
-            kind,
-            outcome: "failed",
-        });
+        self.out
+            .push(Action::outcome(opening.coin.clone(), kind, "failed"));
         self.out.push(Action::End(RelayEnd::OpenFailed));
     }
 }

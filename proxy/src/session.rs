@@ -31,10 +31,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::{
     io::AsyncWriteExt,
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    net::TcpStream,
     sync::Semaphore,
     time::{Instant, sleep, sleep_until, timeout, timeout_at},
 };
@@ -51,7 +48,8 @@ use crate::{
     lookup::{Lookup, UserLookups},
     metrics::{CloseReason, Direction, Metrics, SessionState, UpstreamFailure},
     relay::{
-        Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, SessionSnapshot, UpstreamId,
+        Action, Actions, Opened, Phase, Relay, RelayEnd, RelaySettings, SessionSnapshot,
+        SwitchOutcome, UpstreamId,
     },
     session_id::{BadServerId, ChainType, SessionId, SessionIdAllocator},
     switch_log::SwitchLog,
@@ -433,12 +431,6 @@ fn ipv4_of(peer: SocketAddr) -> Ipv4Addr {
     }
 }
 
-/// A socket's halves back together.
-fn reunite(read: OwnedReadHalf, write: OwnedWriteHalf) -> std::io::Result<TcpStream> {
-    read.reunite(write)
-        .map_err(|e| std::io::Error::other(e.to_string()))
-}
-
 struct Session {
     ctx: Arc<ProxyContext>,
 
@@ -465,16 +457,17 @@ impl Drop for Session {
     }
 }
 
-/// The miner's half of the session.
+/// The miner's half of the session: its socket, read by lines and written through
+/// [`LineReader::get_ref`] (one socket, not two halves sharing it through an `Arc`: the relay
+/// reaches it on every line).
 struct Miner {
-    reader: LineReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: LineReader<TcpStream>,
     write_timeout: Duration,
 }
 
 impl Miner {
     async fn write(&mut self, line: &[u8]) -> Result<(), End> {
-        write_within(&mut self.writer, line, self.write_timeout)
+        write_within(self.reader.get_mut(), line, self.write_timeout)
             .await
             .map_err(|()| End::MinerWriteFailed)
     }
@@ -599,13 +592,12 @@ impl Session {
         let Links {
             current, draining, ..
         } = links;
-        let (read, miner_partial) = miner.reader.into_parts();
-        let miner_socket = reunite(read, miner.writer)?;
+        let (miner_socket, miner_partial) = miner.reader.into_parts();
         let mut upstreams = Vec::new();
         let mut upstream_partials = Vec::new();
         for link in current.into_iter().chain(draining) {
-            let (read, partial) = link.reader.into_parts();
-            upstreams.push((link.id, HandedSocket::Live(reunite(read, link.writer)?)));
+            let (socket, partial) = link.socket.into_parts();
+            upstreams.push((link.id, HandedSocket::Live(socket)));
             upstream_partials.push((link.id, partial));
         }
         let handed = HandedSession {
@@ -641,26 +633,27 @@ impl Session {
             upstream_partials,
         } = snapshot;
         let settings = &self.ctx.settings;
-        let (read, writer) = miner.into_tokio()?.into_split();
         let miner = Miner {
-            reader: LineReader::with_partial(read, settings.max_line, &miner_partial),
-            writer,
+            reader: LineReader::with_partial(
+                miner.into_tokio()?,
+                settings.max_line,
+                &miner_partial,
+            ),
             write_timeout: settings.write_timeout,
         };
         let mut links = Links::new(None);
         for (id, socket) in upstreams {
-            let (read, writer) = socket.into_tokio()?.into_split();
+            let socket = socket.into_tokio()?;
             let partial = upstream_partials
                 .iter()
                 .find(|(of, _)| *of == id)
                 .map(|(_, bytes)| bytes.as_ref())
                 .unwrap_or_default();
             let max_line = settings.upstream_limits.max_line;
-            links.draining.push(UpstreamLink::new(
+            links.draining.push(UpstreamLink {
                 id,
-                LineReader::with_partial(read, max_line, partial),
-                writer,
-            ));
+                socket: LineReader::with_partial(socket, max_line, partial),
+            });
         }
         links.arrange(&relay);
         relay.attach_metrics(&self.ctx.metrics);
@@ -701,10 +694,8 @@ impl Session {
             Ok(Ok(_)) => {}
         }
         let deadline = Instant::now() + settings.handshake_timeout;
-        let (reader, writer) = socket.into_split();
         let mut miner = Miner {
-            reader: LineReader::new(reader, settings.max_line),
-            writer,
+            reader: LineReader::new(socket, settings.max_line),
             write_timeout: settings.write_timeout,
         };
         let mut hs = Handshake::new(
@@ -809,7 +800,10 @@ impl Session {
         self.ctx
             .metrics
             .handshake_took(accepted.elapsed().as_secs_f64());
-        let links = Links::new(Some(UpstreamLink::new(0, upstream.reader, upstream.writer)));
+        let links = Links::new(Some(UpstreamLink {
+            id: 0,
+            socket: upstream.socket,
+        }));
         Ok(RelayParts::new(miner, relay, links, watch, &self.ctx))
     }
 
@@ -1080,11 +1074,10 @@ impl Session {
                                 allowed_mask: upstream.allowed_mask,
                                 held: upstream.held,
                             };
-                            links.draining.push(UpstreamLink::new(
+                            links.draining.push(UpstreamLink {
                                 id,
-                                upstream.reader,
-                                upstream.writer,
-                            ));
+                                socket: upstream.socket,
+                            });
                             relay.on_opened(id, opened, now_ms());
                         }
                         Err(e) => {
@@ -1165,7 +1158,7 @@ impl Session {
                         self.ctx.metrics.relayed(Direction::Downstream, line.len());
                         if single_to_miner {
                             // Relayed as it came: no copy unless lines are joined.
-                            match write_now(&miner.writer, &line) {
+                            match write_now(miner.reader.get_ref(), &line) {
                                 Ok(n) if n == line.len() => {}
                                 Ok(n) => {
                                     let blocked = BlockedWrite::new(
@@ -1185,7 +1178,7 @@ impl Session {
                         let Some(link) = links.get_mut(id) else {
                             continue;
                         };
-                        match write_now(&link.writer, &line) {
+                        match write_now(link.socket.get_ref(), &line) {
                             Ok(n) if n == line.len() => {
                                 self.ctx.metrics.relayed(Direction::Upstream, line.len());
                             }
@@ -1244,11 +1237,12 @@ impl Session {
                         }
                     }
                     Action::Close(id) => links.close(id),
-                    Action::Outcome {
-                        coin,
-                        kind,
-                        outcome,
-                    } => {
+                    Action::Outcome(done) => {
+                        let SwitchOutcome {
+                            coin,
+                            kind,
+                            outcome,
+                        } = *done;
                         match kind {
                             "reconnect" => self.ctx.metrics.reconnect(outcome),
                             _ => self.ctx.metrics.switch(&coin, outcome),
@@ -1268,14 +1262,14 @@ impl Session {
                     }
                     Action::End(end) => {
                         if !to_miner.is_empty() {
-                            let _ = write_now(&miner.writer, &to_miner);
+                            let _ = write_now(miner.reader.get_ref(), &to_miner);
                         }
                         return Err(End::Relay(end));
                     }
                 }
             }
             if !to_miner.is_empty() {
-                match write_now(&miner.writer, &to_miner) {
+                match write_now(miner.reader.get_ref(), &to_miner) {
                     Ok(n) if n == to_miner.len() => {}
                     Ok(n) => {
                         to_miner.drain(..n);
@@ -1337,9 +1331,9 @@ impl BlockedWrite {
     /// there is nothing to write).
     async fn finish(self, parts: &mut RelayParts) -> Result<(), ()> {
         let writer = match self.to {
-            None => &mut parts.miner.writer,
+            None => parts.miner.reader.get_mut(),
             Some(id) => match parts.links.get_mut(id) {
-                Some(link) => &mut link.writer,
+                Some(link) => link.socket.get_mut(),
                 None => return Ok(()),
             },
         };
@@ -1352,7 +1346,7 @@ impl BlockedWrite {
 
 /// Writes what the socket takes at once: how many bytes (all of them, nearly always); an error
 /// when the socket failed.
-fn write_now(writer: &OwnedWriteHalf, bytes: &[u8]) -> Result<usize, ()> {
+fn write_now(writer: &TcpStream, bytes: &[u8]) -> Result<usize, ()> {
     let mut written = 0;
     while written < bytes.len() {
         match writer.try_write(&bytes[written..]) {
@@ -1450,7 +1444,7 @@ impl RelayParts {
         }
         let links = &mut self.links;
         for link in links.current.iter_mut().chain(links.draining.iter_mut()) {
-            if let Poll::Ready(line) = link.reader.poll_raw_line(cx) {
+            if let Poll::Ready(line) = link.socket.poll_raw_line(cx) {
                 let line = line.unwrap_or_else(|e| {
                     debug!(error = %e, "sserver read failed");
                     None
@@ -1468,17 +1462,11 @@ impl RelayParts {
     }
 }
 
-/// One upstream connection's socket halves.
+/// One upstream connection's socket, read by lines and written through
+/// [`LineReader::get_ref`] (see [`Miner`]).
 struct UpstreamLink {
     id: UpstreamId,
-    reader: LineReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
-}
-
-impl UpstreamLink {
-    fn new(id: UpstreamId, reader: LineReader<OwnedReadHalf>, writer: OwnedWriteHalf) -> Self {
-        Self { id, reader, writer }
-    }
+    socket: LineReader<TcpStream>,
 }
 
 /// An upstream being opened (a switch or a reconnect).
@@ -1487,38 +1475,44 @@ type Opening = Pin<Box<dyn Future<Output = Result<Upstream, UpstreamError>> + Se
 /// An upstream being opened: its number and the open.
 type OpeningLink = (UpstreamId, Opening, OpeningCount);
 
-/// The sockets and futures of a session's relay, arranged as its [`Relay`] says.
+/// The sockets and futures of a session's relay, arranged as its [`Relay`] says. Every field
+/// is looked at on every turn: together, in declaration order (`repr(C)`).
+#[repr(C)]
 struct Links {
     /// The serving upstream.
     current: Option<UpstreamLink>,
     /// The drained upstreams (and, for a moment, one just opened).
     draining: Vec<UpstreamLink>,
-    /// The upstream being opened.
-    opening: Option<OpeningLink>,
     /// Drain permits held from the process's budget.
     drain_permits: usize,
+    /// The upstream being opened.
+    opening: Option<OpeningLink>,
     /// The next drain deadline (ms since the Unix epoch) and its timer, while there is one.
     deadline: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
     /// The process running short of descriptors, watched while there are drains to close.
     pressure: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
-/// A session's relay loop state, kept on the heap in one piece.
+/// A session's relay loop state, kept on the heap in one piece. In declaration order
+/// (`repr(C)`), what a turn of the loop reads first, the relay's hot fields right after the
+/// sockets' (see [`Relay`]), the rare rest last: a line wakes a session whose state is cold,
+/// and the fewer cache lines it touches, the less the turn waits for memory.
+#[repr(C)]
 struct RelayParts {
-    miner: Miner,
-    relay: Relay,
-    links: Links,
-    /// The next change of the user's coin (it owns the user's entry in the cache's index).
-    coin_change: CoinWatch,
-    /// Whether the miner is polled before the upstreams this turn (alternates).
-    miner_first: bool,
     /// The hot upgrade's call.
     handover: Arc<HandOverSignal>,
     /// This session's place in it, taken at the first turn.
     registration: Option<HandOverRegistration>,
+    /// The next change of the user's coin (it owns the user's entry in the cache's index).
+    coin_change: CoinWatch,
     /// When the miner last sent a line, on the process's coarse clock
     /// ([`HandOverSignal::now`]): a hot upgrade resumes the busy sessions first.
     active_at: u32,
+    /// Whether the miner is polled before the upstreams this turn (alternates).
+    miner_first: bool,
+    miner: Miner,
+    links: Links,
+    relay: Relay,
     /// A switch under way, until the new coin's first job reaches the miner.
     switch: Option<Box<PendingSwitch>>,
 }
@@ -1836,11 +1830,7 @@ fn out_of_descriptors(e: &UpstreamError) -> bool {
 
 /// Writes `bytes` whole within `limit`. A write the socket takes at once (nearly all of them)
 /// arms no timer: the deadline only starts when the socket is full.
-async fn write_within(
-    writer: &mut OwnedWriteHalf,
-    bytes: &[u8],
-    limit: Duration,
-) -> Result<(), ()> {
+async fn write_within(writer: &mut TcpStream, bytes: &[u8], limit: Duration) -> Result<(), ()> {
     let mut written = 0;
     while written < bytes.len() {
         match writer.try_write(&bytes[written..]) {

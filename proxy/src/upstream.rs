@@ -36,14 +36,7 @@ use std::{io, net::Ipv4Addr, time::Duration};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use thiserror::Error;
-use tokio::{
-    io::AsyncWriteExt,
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-    time::Instant,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{
@@ -167,10 +160,10 @@ impl Default for UpstreamLimits {
 /// An sserver connection after a successful handshake.
 #[derive(Debug)]
 pub struct Upstream {
-    /// The sserver's lines; lines after the last awaited answer are still in it.
-    pub reader: LineReader<OwnedReadHalf>,
-    /// To the sserver.
-    pub writer: OwnedWriteHalf,
+    /// The sserver connection, read by lines (lines after the last awaited answer are still
+    /// buffered in it) and written through [`LineReader::get_mut`]: one socket, not two
+    /// halves sharing it through an `Arc` (the relay reaches it on every line).
+    pub socket: LineReader<TcpStream>,
     /// The mask from the sserver's `mining.set_version_mask` (`None` if none came; when none
     /// came but the `mining.configure` answer granted version rolling with a mask, that mask).
     pub allowed_mask: Option<u32>,
@@ -320,12 +313,10 @@ pub async fn open(
                 .map_err(UpstreamError::Connect)?
         }
     };
-    let (read, writer) = stream.into_split();
     let handshake = Handshake {
         target,
         login,
-        reader: LineReader::new(read, limits.max_line),
-        writer,
+        socket: LineReader::new(stream, limits.max_line),
         deadline,
         configure_pending: login.version_mask.is_some(),
         subscribed: false,
@@ -392,8 +383,7 @@ impl AnswerId {
 struct Handshake<'a> {
     target: &'a UpstreamTarget,
     login: &'a UpstreamLogin,
-    reader: LineReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    socket: LineReader<TcpStream>,
     deadline: Instant,
     configure_pending: bool,
     subscribed: bool,
@@ -434,7 +424,7 @@ impl Handshake<'_> {
         let first = self.first_requests();
         self.send(&first).await?;
         while !self.done() {
-            let line = match tokio::time::timeout_at(self.deadline, self.reader.read_line()).await {
+            let line = match tokio::time::timeout_at(self.deadline, self.socket.read_line()).await {
                 Err(_) => return Err(UpstreamError::Timeout),
                 Ok(Err(e)) => return Err(self.lost(UpstreamError::Frame(e))),
                 Ok(Ok(None)) => return Err(self.lost(UpstreamError::Closed)),
@@ -451,8 +441,7 @@ impl Handshake<'_> {
             return Err(UpstreamError::BadAnswer("login not settled".into()));
         };
         Ok(Upstream {
-            reader: self.reader,
-            writer: self.writer,
+            socket: self.socket,
             allowed_mask: self.set_mask.or(self.configure_mask),
             auth_result: result,
             auth_error: error,
@@ -518,7 +507,11 @@ impl Handshake<'_> {
 
     /// Writes whole lines within the deadline.
     async fn send(&mut self, lines: &str) -> Result<(), UpstreamError> {
-        match tokio::time::timeout_at(self.deadline, self.writer.write_all(lines.as_bytes())).await
+        match tokio::time::timeout_at(
+            self.deadline,
+            self.socket.get_mut().write_all(lines.as_bytes()),
+        )
+        .await
         {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(Err(e)) => Err(self.lost(UpstreamError::Frame(FrameError::Io(e)))),
@@ -731,7 +724,10 @@ mod tests {
 
     use tokio::{
         io::{AsyncBufReadExt, BufReader, Lines},
-        net::TcpListener,
+        net::{
+            TcpListener,
+            tcp::{OwnedReadHalf, OwnedWriteHalf},
+        },
         task::JoinHandle,
     };
 
@@ -920,7 +916,7 @@ mod tests {
             [DIFFICULTY.as_bytes(), b"not json at all", NOTIFY.as_bytes()]
         );
         // What came after the last answer is still in the reader, whole.
-        let next = upstream.reader.read_line().await.expect("read");
+        let next = upstream.socket.read_line().await.expect("read");
         assert_eq!(
             next.as_deref(),
             Some(&br#"{"id":null,"method":"mining.notify","params":["btc-2"]}"#[..])

@@ -205,15 +205,11 @@ impl World {
                         conn.inbox.clear();
                     }
                 }
-                Action::Outcome {
-                    coin,
-                    outcome: "ok",
-                    ..
-                } => {
-                    self.miner_coin = coin;
+                Action::Outcome(done) if done.outcome == "ok" => {
+                    self.miner_coin = done.coin;
                     self.first_job_due = Some(self.jobs_received);
                 }
-                Action::Outcome { .. } => {}
+                Action::Outcome(_) => {}
                 Action::FirstJob => {
                     // Once per opened upstream, right after its first job reached the miner.
                     let since = self

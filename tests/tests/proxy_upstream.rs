@@ -90,7 +90,7 @@ async fn open_upstream(server: &Sserver, login: &UpstreamLogin) -> Result<Upstre
 
 /// The next line from the upstream, as JSON.
 async fn next_message(upstream: &mut Upstream) -> Value {
-    let line = tokio::time::timeout(DEADLINE, upstream.reader.read_line())
+    let line = tokio::time::timeout(DEADLINE, upstream.socket.read_line())
         .await
         .expect("a line in time")
         .expect("read from the sserver")
@@ -153,7 +153,8 @@ async fn bitcoin_with_a_version_mask() {
 
     // The connection is ready to relay: a share of the authorized worker is accepted.
     upstream
-        .writer
+        .socket
+        .get_mut()
         .write_all(
             b"{\"id\":4,\"method\":\"mining.submit\",\"params\":[\"alice.rig1\",\"btc-1\",\
               \"00000000\",\"00000000\",\"00000000\"]}\n",
@@ -417,7 +418,8 @@ async fn held_notifications_come_in_order_and_replayed_answers_stay_out() {
     assert_eq!(notify["method"], "mining.notify", "{notify}");
     assert_eq!(notify["params"][0], json!(job));
     upstream
-        .writer
+        .socket
+        .get_mut()
         .write_all(
             b"{\"id\":9,\"method\":\"mining.submit\",\"params\":[\"bob.rig\",\"btc-2\",\
               \"00000000\",\"00000000\",\"00000000\"]}\n",
