@@ -65,7 +65,11 @@
 //! Each upstream remembers the jobs it announced to the miner ([`UpstreamState::jobs`], digests,
 //! at most [`MAX_JOBS`]): `mining.notify` params\[0\], and for Ethereum the header hash of ETHProxy
 //! work. A `mining.submit` or `eth_submitWork` (job: params\[1\]) goes to the upstream that
-//! announced its job, drained or not; a job nobody holds goes to the current upstream.
+//! announced its job, drained or not. When that was an old upstream of another coin which has
+//! since closed or announced a clean job, the proxy answers the share stale itself, as that
+//! sserver would (error 21, counted as a stale share of that coin; [`RetiredJobs`], the last
+//! such upstream's jobs): sent on, it would reach another coin's sserver. Any other job nobody
+//! holds goes to the current upstream.
 //!
 //! # Shares and switches for the metrics
 //!
@@ -696,6 +700,9 @@ pub struct Relay {
     pub next_request: u64,
     /// The next upstream number.
     pub next_upstream: UpstreamId,
+    /// The jobs of the last old upstream of the session that closed or declared them stale.
+    #[serde(default)]
+    pub retired: Option<Box<RetiredJobs>>,
     /// Authorize requests whose upstream was lost, to send to the next one.
     pub orphans: Vec<Pending>,
     /// The login.
@@ -723,6 +730,18 @@ pub struct SessionSnapshot {
     pub upstream_partials: Vec<(UpstreamId, Bytes)>,
 }
 
+/// The jobs of an old upstream that closed or declared them stale (a `clean_jobs` job), with
+/// its coin: a share of one of them that reaches the proxy afterwards (the miner found it
+/// before it got the new coin's work) is answered stale by the proxy, as that upstream's
+/// sserver would, rather than sent to another coin's sserver (SPEC §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetiredJobs {
+    /// Their coin.
+    pub coin: String,
+    /// Their digests.
+    pub digests: JobDigests,
+}
+
 /// Where a miner request goes.
 enum Route {
     /// The serving upstream.
@@ -731,6 +750,9 @@ enum Route {
     Drain(usize),
     /// The queue (reconnecting: no upstream serves).
     Queue,
+    /// Nowhere: a share of a job of another coin's upstream that closed or declared its jobs
+    /// stale; the proxy answers it stale.
+    Stale,
 }
 
 impl Relay {
@@ -759,6 +781,7 @@ impl Relay {
             orphans: Vec::new(),
             next_request: 1,
             next_upstream: 1,
+            retired: None,
             settings,
             awaiting_first_job: false,
             meters: Meters::default(),
@@ -919,6 +942,36 @@ impl Relay {
     }
 
     /// The proxy's own error answer under a miner id (JSON text).
+    /// A share of a retired job ([`Route::Stale`]): answered as the sserver that announced the
+    /// job answers a stale share, and counted as a stale share of its coin.
+    fn answer_stale_share(&mut self, id: &str) {
+        if let Some(retired) = &self.retired
+            && let Some(meter) = self.meters.coin(&retired.coin).0
+        {
+            meter.share(ShareOutcome::Stale);
+        }
+        let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
+        let line = error_line(
+            &id,
+            STALE_CODE,
+            "Job not found (=stale)",
+            self.hs.server_id(),
+            self.hs.json_rpc2(),
+        );
+        self.miner_text(line);
+    }
+
+    /// Remembers the jobs of an old upstream that closed or declared them stale (the last
+    /// such upstream's only: bounded like its list).
+    fn retire_jobs(&mut self, coin: &str, jobs: JobDigests) {
+        if !jobs.is_empty() {
+            self.retired = Some(Box::new(RetiredJobs {
+                coin: coin.to_string(),
+                digests: jobs,
+            }));
+        }
+    }
+
     fn answer_error(&mut self, id: &str, message: &str) {
         let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
         let line = error_line(
@@ -964,6 +1017,9 @@ impl Relay {
                 let submit = matches!(method, "mining.submit" | "eth_submitWork");
                 let job = if submit { read.param_str(1) } else { None };
                 let route = self.route(job.as_deref());
+                if let Route::Stale = route {
+                    return self.answer_stale_share(read.id.unwrap_or("null"));
+                }
                 let drained = matches!(route, Route::Drain(_));
                 let to = match self.route_target(&route) {
                     Some(upstream) => {
@@ -983,7 +1039,8 @@ impl Relay {
     }
 
     /// Where a request naming `job` (if any) goes: the upstream that announced the job, or the
-    /// current one, or the queue.
+    /// proxy's stale answer when that was an old upstream of another coin which has closed or
+    /// declared its jobs stale ([`RetiredJobs`]), or the current one, or the queue.
     fn route(&self, job: Option<&str>) -> Route {
         if let Some(job) = job {
             let digest = job_digest(job);
@@ -994,6 +1051,12 @@ impl Relay {
             if let Some(i) = self.draining.iter().position(|d| holds(&d.upstream)) {
                 return Route::Drain(i);
             }
+            if let Some(retired) = &self.retired
+                && retired.coin != self.target_coin()
+                && retired.digests.contains(digest)
+            {
+                return Route::Stale;
+            }
         }
         match self.current() {
             Some(_) => Route::Current,
@@ -1003,7 +1066,7 @@ impl Relay {
 
     fn route_target(&mut self, route: &Route) -> Option<&mut UpstreamState> {
         match route {
-            Route::Queue => None,
+            Route::Queue | Route::Stale => None,
             Route::Current => self.current_mut(),
             Route::Drain(i) => self.draining.get_mut(*i).map(|d| &mut d.upstream),
         }
@@ -1160,8 +1223,11 @@ impl Relay {
                 match drain {
                     Some(i) => {
                         if clean {
-                            self.draining[i].stale = true;
-                            self.draining[i].upstream.jobs.clear();
+                            let drain = &mut self.draining[i];
+                            drain.stale = true;
+                            let jobs = std::mem::take(&mut drain.upstream.jobs);
+                            let coin = drain.upstream.coin.clone();
+                            self.retire_jobs(&coin, jobs);
                             self.close_settled_drains(now_ms);
                         }
                         return;
@@ -1324,6 +1390,8 @@ impl Relay {
     /// Answers what `upstream` still owes with errors, keeps its miner authorizes for the
     /// next upstream, and closes it.
     fn settle(&mut self, mut upstream: UpstreamState, message: &str) {
+        let jobs = std::mem::take(&mut upstream.jobs);
+        self.retire_jobs(&upstream.coin, jobs);
         upstream.abandon_submits();
         for owed in &upstream.owed {
             for _ in 0..owed.count {

@@ -11,7 +11,8 @@
 //! - every authorized worker is authorized on the current upstream;
 //! - one sserver never held two connections of the session (one SID) at once;
 //! - every submit reached the sserver that announced its job while that connection still held
-//!   it (a job nobody holds any more goes to the current upstream);
+//!   it (a job nobody holds any more goes to the current upstream, or is answered stale by the
+//!   proxy when it was another coin's);
 //! - with the metrics attached, every submit that reached an upstream was counted once by
 //!   outcome (`switchyard_proxy_shares_total`), and after a switch or a reconnect the first
 //!   job at the miner was announced once ([`Action::FirstJob`]).
@@ -693,4 +694,66 @@ fn the_relay_keeps_its_guarantees_under_random_interleavings() {
     for seed in 0..cases {
         run_case(seed, 400);
     }
+}
+
+/// Seen in the benchmark's stress run (29 of 4,000 session-switches, on a slow machine): the
+/// old coin's upstream announces a clean job, owes nothing and is closed; a share the miner found
+/// on one of its jobs reaches the proxy just after, and went to the new coin's sserver.
+#[test]
+fn a_share_of_a_closed_old_coins_job_is_answered_stale_not_sent_to_the_new_coin() {
+    let mut world = World::new(7);
+    world.relay.on_coin_changed("bch", true);
+    world.take_actions();
+    let conn = world.conns.get_mut(&1).expect("bch being opened");
+    conn.opened = true;
+    conn.authorized.insert("alice.w0".into());
+    let opened = Opened {
+        suffixed: false,
+        user_suffix: "bch".into(),
+        allowed_mask: None,
+        held: vec![notify_line("bch-1-0", true)],
+    };
+    world.relay.on_opened(1, opened, world.now);
+    world.take_actions();
+    assert!(
+        world.relay.draining.iter().any(|d| d.upstream.id == 0),
+        "btc kept for its jobs"
+    );
+    let mut clean = notify_line("btc-0-9", true).to_vec();
+    clean.push(b'\n');
+    world
+        .relay
+        .on_upstream_line(0, Bytes::from(clean), world.now);
+    world.take_actions();
+    assert!(
+        world.relay.draining.is_empty(),
+        "btc's jobs are stale and it owes nothing: closed"
+    );
+
+    let submit = format!(
+        "{}\n",
+        json!({"id": 77, "method": "mining.submit",
+               "params": ["alice.w0", "btc-0-0", "00", "01", "02"]})
+    );
+    world.relay.on_miner_line(Bytes::from(submit), &Names);
+    let actions = world.relay.take_actions();
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::ToUpstream(..))),
+        "a btc share went to an upstream: {actions:?}"
+    );
+    let answer = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ToMiner(line) => serde_json::from_slice::<Value>(line).ok(),
+            _ => None,
+        })
+        .expect("the share is answered");
+    assert_eq!(answer["id"], json!(77));
+    assert_eq!(answer["error"][0], json!(21), "{answer}");
+    let btc = world.metrics.coin("btc").expect("btc's series");
+    assert_eq!(
+        btc.shares(ShareOutcome::Stale),
+        1,
+        "counted as btc's stale share"
+    );
 }

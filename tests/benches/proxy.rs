@@ -3376,9 +3376,10 @@ async fn switching_under_load(sizes: &Sizes, report: &mut Report) -> Result<(), 
             "\n`wrong coin`: a submit that names a job of one coin reached another coin's \
              sserver, which a real sserver rejects as stale. The session routes each submit \
              to the upstream that announced its job (proxy/src/relay.rs) and keeps old \
-             upstreams while their jobs can be submitted; a submit still goes elsewhere when \
-             the process is short of file descriptors (drains are closed first) or the job is \
-             older than the 32 an upstream remembers.\n",
+             upstreams while their jobs can be submitted; a share of an old upstream that has \
+             closed since is answered stale by the proxy. A submit still goes elsewhere when its \
+             job was an older old upstream's (the session remembers the jobs of the last one \
+             that closed) or is older than the 32 an upstream remembers.\n",
         );
     }
     report.part(md);
