@@ -733,7 +733,7 @@ pub struct SessionSnapshot {
 /// The jobs of an old upstream that closed or declared them stale (a `clean_jobs` job), with
 /// its coin: a share of one of them that reaches the proxy afterwards (the miner found it
 /// before it got the new coin's work) is answered stale by the proxy, as that upstream's
-/// sserver would, rather than sent to another coin's sserver (SPEC §4).
+/// sserver would, rather than sent to another coin's sserver (docs/stratum.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetiredJobs {
     /// Their coin.
@@ -941,7 +941,6 @@ impl Relay {
         self.send_miner(Bytes::from(line));
     }
 
-    /// The proxy's own error answer under a miner id (JSON text).
     /// A share of a retired job ([`Route::Stale`]): answered as the sserver that announced the
     /// job answers a stale share, and counted as a stale share of its coin.
     fn answer_stale_share(&mut self, id: &str) {
@@ -972,6 +971,7 @@ impl Relay {
         }
     }
 
+    /// The proxy's own error answer under a miner id (JSON text).
     fn answer_error(&mut self, id: &str, message: &str) {
         let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
         let line = error_line(
