@@ -2060,7 +2060,10 @@ impl Path3 {
     /// (and the baseline proxy, next to the proxy), alternating, so that noise hits every
     /// path.
     fn order_relay(rep: usize, baseline: bool, cpu_only: bool) -> Vec<Path3> {
-        let mut order = vec![Path3::Proxy, Path3::ProxyTls, Path3::Straight, Path3::Relay];
+        // The TLS path (the heaviest) between the two whose CPU is compared, so that each has
+        // it for a neighbour in every repetition, and the straight path (the lightest) at an
+        // end: the order favours neither.
+        let mut order = vec![Path3::Proxy, Path3::ProxyTls, Path3::Relay, Path3::Straight];
         if cpu_only {
             order.retain(|p| matches!(p, Path3::Proxy | Path3::Relay));
         }
