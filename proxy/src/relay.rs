@@ -742,6 +742,20 @@ pub struct RetiredJobs {
     pub digests: JobDigests,
 }
 
+impl RetiredJobs {
+    /// Takes the jobs of `upstream`, an old upstream that closes or declares them stale (the
+    /// session keeps the last such upstream's only: bounded like its list); `None` when it
+    /// announced none.
+    fn take_from(upstream: &mut UpstreamState) -> Option<Box<Self>> {
+        (!upstream.jobs.is_empty()).then(|| {
+            Box::new(Self {
+                coin: upstream.coin.clone(),
+                digests: std::mem::take(&mut upstream.jobs),
+            })
+        })
+    }
+}
+
 /// Where a miner request goes.
 enum Route {
     /// The serving upstream.
@@ -949,38 +963,18 @@ impl Relay {
         {
             meter.share(ShareOutcome::Stale);
         }
-        let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
-        let line = error_line(
-            &id,
-            STALE_CODE,
-            "Job not found (=stale)",
-            self.hs.server_id(),
-            self.hs.json_rpc2(),
-        );
-        self.miner_text(line);
+        self.answer_code(id, STALE_CODE, "Job not found (=stale)");
     }
 
-    /// Remembers the jobs of an old upstream that closed or declared them stale (the last
-    /// such upstream's only: bounded like its list).
-    fn retire_jobs(&mut self, coin: &str, jobs: JobDigests) {
-        if !jobs.is_empty() {
-            self.retired = Some(Box::new(RetiredJobs {
-                coin: coin.to_string(),
-                digests: jobs,
-            }));
-        }
-    }
-
-    /// The proxy's own error answer under a miner id (JSON text).
+    /// The proxy's own error answer under a miner id (JSON text): a request nobody answers.
     fn answer_error(&mut self, id: &str, message: &str) {
+        self.answer_code(id, ERR_UNANSWERED, message);
+    }
+
+    /// The proxy's own error answer with `code` under a miner id (JSON text).
+    fn answer_code(&mut self, id: &str, code: i64, message: &str) {
         let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
-        let line = error_line(
-            &id,
-            ERR_UNANSWERED,
-            message,
-            self.hs.server_id(),
-            self.hs.json_rpc2(),
-        );
+        let line = error_line(&id, code, message, self.hs.server_id(), self.hs.json_rpc2());
         self.miner_text(line);
     }
 
@@ -1225,9 +1219,9 @@ impl Relay {
                         if clean {
                             let drain = &mut self.draining[i];
                             drain.stale = true;
-                            let jobs = std::mem::take(&mut drain.upstream.jobs);
-                            let coin = drain.upstream.coin.clone();
-                            self.retire_jobs(&coin, jobs);
+                            if let Some(retired) = RetiredJobs::take_from(&mut drain.upstream) {
+                                self.retired = Some(retired);
+                            }
                             self.close_settled_drains(now_ms);
                         }
                         return;
@@ -1390,8 +1384,9 @@ impl Relay {
     /// Answers what `upstream` still owes with errors, keeps its miner authorizes for the
     /// next upstream, and closes it.
     fn settle(&mut self, mut upstream: UpstreamState, message: &str) {
-        let jobs = std::mem::take(&mut upstream.jobs);
-        self.retire_jobs(&upstream.coin, jobs);
+        if let Some(retired) = RetiredJobs::take_from(&mut upstream) {
+            self.retired = Some(retired);
+        }
         upstream.abandon_submits();
         for owed in &upstream.owed {
             for _ in 0..owed.count {

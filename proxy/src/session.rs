@@ -461,13 +461,13 @@ impl Drop for Session {
 /// [`LineReader::get_ref`] (one socket, not two halves sharing it through an `Arc`: the relay
 /// reaches it on every line).
 struct Miner {
-    reader: LineReader<TcpStream>,
+    socket: LineReader<TcpStream>,
     write_timeout: Duration,
 }
 
 impl Miner {
     async fn write(&mut self, line: &[u8]) -> Result<(), End> {
-        write_within(self.reader.get_mut(), line, self.write_timeout)
+        write_within(self.socket.get_mut(), line, self.write_timeout)
             .await
             .map_err(|()| End::MinerWriteFailed)
     }
@@ -592,7 +592,7 @@ impl Session {
         let Links {
             current, draining, ..
         } = links;
-        let (miner_socket, miner_partial) = miner.reader.into_parts();
+        let (miner_socket, miner_partial) = miner.socket.into_parts();
         let mut upstreams = Vec::new();
         let mut upstream_partials = Vec::new();
         for link in current.into_iter().chain(draining) {
@@ -634,7 +634,7 @@ impl Session {
         } = snapshot;
         let settings = &self.ctx.settings;
         let miner = Miner {
-            reader: LineReader::with_partial(
+            socket: LineReader::with_partial(
                 miner.into_tokio()?,
                 settings.max_line,
                 &miner_partial,
@@ -695,7 +695,7 @@ impl Session {
         }
         let deadline = Instant::now() + settings.handshake_timeout;
         let mut miner = Miner {
-            reader: LineReader::new(socket, settings.max_line),
+            socket: LineReader::new(socket, settings.max_line),
             write_timeout: settings.write_timeout,
         };
         let mut hs = Handshake::new(
@@ -832,7 +832,7 @@ impl Session {
         deadline: Instant,
     ) -> Result<Login, End> {
         loop {
-            let line = match timeout_at(deadline, miner.reader.read_line()).await {
+            let line = match timeout_at(deadline, miner.socket.read_line()).await {
                 Err(_) => return Err(End::MinerTimeout("handshake")),
                 Ok(Err(e)) => return Err(End::MinerError(e)),
                 Ok(Ok(None)) => return Err(End::MinerClosed),
@@ -1158,7 +1158,7 @@ impl Session {
                         self.ctx.metrics.relayed(Direction::Downstream, line.len());
                         if single_to_miner {
                             // Relayed as it came: no copy unless lines are joined.
-                            match write_now(miner.reader.get_ref(), &line) {
+                            match write_now(miner.socket.get_ref(), &line) {
                                 Ok(n) if n == line.len() => {}
                                 Ok(n) => {
                                     let blocked = BlockedWrite::new(
@@ -1262,14 +1262,14 @@ impl Session {
                     }
                     Action::End(end) => {
                         if !to_miner.is_empty() {
-                            let _ = write_now(miner.reader.get_ref(), &to_miner);
+                            let _ = write_now(miner.socket.get_ref(), &to_miner);
                         }
                         return Err(End::Relay(end));
                     }
                 }
             }
             if !to_miner.is_empty() {
-                match write_now(miner.reader.get_ref(), &to_miner) {
+                match write_now(miner.socket.get_ref(), &to_miner) {
                     Ok(n) if n == to_miner.len() => {}
                     Ok(n) => {
                         to_miner.drain(..n);
@@ -1331,7 +1331,7 @@ impl BlockedWrite {
     /// there is nothing to write).
     async fn finish(self, parts: &mut RelayParts) -> Result<(), ()> {
         let writer = match self.to {
-            None => parts.miner.reader.get_mut(),
+            None => parts.miner.socket.get_mut(),
             Some(id) => match parts.links.get_mut(id) {
                 Some(link) => link.socket.get_mut(),
                 None => return Ok(()),
@@ -1438,7 +1438,7 @@ impl RelayParts {
         let reads_miner = self.relay.reads_miner();
         if self.miner_first
             && reads_miner
-            && let Poll::Ready(line) = self.miner.reader.poll_raw_line(cx)
+            && let Poll::Ready(line) = self.miner.socket.poll_raw_line(cx)
         {
             return Poll::Ready(Event::Miner(line));
         }
@@ -1454,7 +1454,7 @@ impl RelayParts {
         }
         if !self.miner_first
             && reads_miner
-            && let Poll::Ready(line) = self.miner.reader.poll_raw_line(cx)
+            && let Poll::Ready(line) = self.miner.socket.poll_raw_line(cx)
         {
             return Poll::Ready(Event::Miner(line));
         }
