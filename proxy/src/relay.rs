@@ -67,9 +67,9 @@
 //! work. A `mining.submit` or `eth_submitWork` (job: params\[1\]) goes to the upstream that
 //! announced its job, drained or not. When that was an old upstream of another coin which has
 //! since closed or announced a clean job, the proxy answers the share stale itself, as that
-//! sserver would (error 21, counted as a stale share of that coin; [`RetiredJobs`], the last
-//! such upstream's jobs): sent on, it would reach another coin's sserver. Any other job nobody
-//! holds goes to the current upstream.
+//! sserver would (error 21, counted as a stale share of that coin; [`RetiredCoins`]: the jobs
+//! of such upstreams, per coin, for the last [`MAX_RETIRED_COINS`] coins): sent on, it would
+//! reach another coin's sserver. Any other job nobody holds goes to the current upstream.
 //!
 //! # Shares and switches for the metrics
 //!
@@ -110,8 +110,13 @@ pub const MAX_WORKERS: usize = 256;
 /// The most old upstreams one session drains at once; a switch beyond it closes the oldest.
 pub const MAX_DRAINS: usize = 4;
 
-/// The most jobs remembered per upstream (the oldest are forgotten first).
+/// The most jobs remembered per upstream (the oldest are forgotten first), and per coin once
+/// its upstreams closed ([`RetiredCoins`]).
 pub const MAX_JOBS: usize = 32;
+
+/// The most coins whose closed upstreams' jobs a session remembers ([`RetiredCoins`]); beyond
+/// it the coin left longest ago is forgotten.
+pub const MAX_RETIRED_COINS: usize = 4;
 
 /// The most requests the proxy has in flight under its own ids per upstream; beyond it, the
 /// miner's authorize is answered with an error instead of being relayed.
@@ -700,9 +705,10 @@ pub struct Relay {
     pub next_request: u64,
     /// The next upstream number.
     pub next_upstream: UpstreamId,
-    /// The jobs of the last old upstream of the session that closed or declared them stale.
+    /// The jobs of the old upstreams of the session that closed or declared them stale, per
+    /// coin (on the heap only once one has: most sessions never switch).
     #[serde(default)]
-    pub retired: Option<Box<RetiredJobs>>,
+    pub retired: Option<Box<RetiredCoins>>,
     /// Authorize requests whose upstream was lost, to send to the next one.
     pub orphans: Vec<Pending>,
     /// The login.
@@ -742,17 +748,84 @@ pub struct RetiredJobs {
     pub digests: JobDigests,
 }
 
-impl RetiredJobs {
-    /// Takes the jobs of `upstream`, an old upstream that closes or declares them stale (the
-    /// session keeps the last such upstream's only: bounded like its list); `None` when it
-    /// announced none.
-    fn take_from(upstream: &mut UpstreamState) -> Option<Box<Self>> {
-        (!upstream.jobs.is_empty()).then(|| {
-            Box::new(Self {
-                coin: upstream.coin.clone(),
-                digests: std::mem::take(&mut upstream.jobs),
-            })
-        })
+/// The jobs of a session's old upstreams that closed or declared them stale, one entry per
+/// coin, the coin left last at the end: at most [`MAX_RETIRED_COINS`] coins of at most
+/// [`MAX_JOBS`] jobs each. After A→B→C, a share of an A job that reaches the proxy once both A
+/// and B have closed is still known as A's. Written as the list of entries; read from that or
+/// from the one entry an earlier version wrote.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "RetiredForm", into = "Vec<RetiredJobs>")]
+pub struct RetiredCoins(Vec<RetiredJobs>);
+
+/// [`RetiredCoins`] as written by this version (a list) or by the one before (one entry).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RetiredForm {
+    Many(Vec<RetiredJobs>),
+    One(RetiredJobs),
+}
+
+impl From<RetiredForm> for RetiredCoins {
+    fn from(form: RetiredForm) -> Self {
+        let mut coins = Self::default();
+        match form {
+            RetiredForm::Many(entries) => entries.into_iter().for_each(|e| coins.add(e)),
+            RetiredForm::One(entry) => coins.add(entry),
+        }
+        coins
+    }
+}
+
+impl From<RetiredCoins> for Vec<RetiredJobs> {
+    fn from(coins: RetiredCoins) -> Self {
+        coins.0
+    }
+}
+
+impl RetiredCoins {
+    /// Adds the jobs of `upstream`, an old upstream that closes or declares them stale, to
+    /// those of `retired` (made when this is the session's first).
+    fn take_from(retired: &mut Option<Box<Self>>, upstream: &mut UpstreamState) {
+        if upstream.jobs.is_empty() {
+            return;
+        }
+        retired.get_or_insert_default().add(RetiredJobs {
+            coin: upstream.coin.clone(),
+            digests: std::mem::take(&mut upstream.jobs),
+        });
+    }
+
+    /// Adds `entry`: to the jobs of its coin when it has some (the newest kept), else as a new
+    /// coin; the coin goes to the end, and the coin left longest ago goes beyond the bound.
+    fn add(&mut self, entry: RetiredJobs) {
+        let RetiredJobs { coin, digests } = entry;
+        let mut merged = match self.0.iter().position(|e| e.coin == coin) {
+            Some(i) => self.0.remove(i),
+            None => RetiredJobs {
+                coin,
+                digests: JobDigests::default(),
+            },
+        };
+        for digest in VecDeque::from(digests) {
+            merged.digests.add(digest, false);
+        }
+        self.0.push(merged);
+        if self.0.len() > MAX_RETIRED_COINS {
+            self.0.remove(0);
+        }
+    }
+
+    /// The entry of a job with `digest` of a coin other than `current_coin` (whose sserver
+    /// may still know it: btcpool's job ids are the server's, not the connection's).
+    fn find(&self, digest: u64, current_coin: &str) -> Option<usize> {
+        self.0
+            .iter()
+            .rposition(|e| e.coin != current_coin && e.digests.contains(digest))
+    }
+
+    /// The coin of entry `i`.
+    fn coin(&self, i: usize) -> Option<&str> {
+        self.0.get(i).map(|e| e.coin.as_str())
     }
 }
 
@@ -765,8 +838,8 @@ enum Route {
     /// The queue (reconnecting: no upstream serves).
     Queue,
     /// Nowhere: a share of a job of another coin's upstream that closed or declared its jobs
-    /// stale; the proxy answers it stale.
-    Stale,
+    /// stale (the entry of [`Relay::retired`] that holds it); the proxy answers it stale.
+    Stale(usize),
 }
 
 impl Relay {
@@ -957,9 +1030,9 @@ impl Relay {
 
     /// A share of a retired job ([`Route::Stale`]): answered as the sserver that announced the
     /// job answers a stale share, and counted as a stale share of its coin.
-    fn answer_stale_share(&mut self, id: &str) {
-        if let Some(retired) = &self.retired
-            && let Some(meter) = self.meters.coin(&retired.coin).0
+    fn answer_stale_share(&mut self, id: &str, entry: usize) {
+        if let Some(coin) = self.retired.as_ref().and_then(|r| r.coin(entry))
+            && let Some(meter) = self.meters.coin(coin).0
         {
             meter.share(ShareOutcome::Stale);
         }
@@ -1011,8 +1084,8 @@ impl Relay {
                 let submit = matches!(method, "mining.submit" | "eth_submitWork");
                 let job = if submit { read.param_str(1) } else { None };
                 let route = self.route(job.as_deref());
-                if let Route::Stale = route {
-                    return self.answer_stale_share(read.id.unwrap_or("null"));
+                if let Route::Stale(entry) = route {
+                    return self.answer_stale_share(read.id.unwrap_or("null"), entry);
                 }
                 let drained = matches!(route, Route::Drain(_));
                 let to = match self.route_target(&route) {
@@ -1045,11 +1118,12 @@ impl Relay {
             if let Some(i) = self.draining.iter().position(|d| holds(&d.upstream)) {
                 return Route::Drain(i);
             }
-            if let Some(retired) = &self.retired
-                && retired.coin != self.target_coin()
-                && retired.digests.contains(digest)
+            if let Some(entry) = self
+                .retired
+                .as_ref()
+                .and_then(|r| r.find(digest, self.target_coin()))
             {
-                return Route::Stale;
+                return Route::Stale(entry);
             }
         }
         match self.current() {
@@ -1060,7 +1134,7 @@ impl Relay {
 
     fn route_target(&mut self, route: &Route) -> Option<&mut UpstreamState> {
         match route {
-            Route::Queue | Route::Stale => None,
+            Route::Queue | Route::Stale(_) => None,
             Route::Current => self.current_mut(),
             Route::Drain(i) => self.draining.get_mut(*i).map(|d| &mut d.upstream),
         }
@@ -1219,9 +1293,7 @@ impl Relay {
                         if clean {
                             let drain = &mut self.draining[i];
                             drain.stale = true;
-                            if let Some(retired) = RetiredJobs::take_from(&mut drain.upstream) {
-                                self.retired = Some(retired);
-                            }
+                            RetiredCoins::take_from(&mut self.retired, &mut drain.upstream);
                             self.close_settled_drains(now_ms);
                         }
                         return;
@@ -1384,9 +1456,7 @@ impl Relay {
     /// Answers what `upstream` still owes with errors, keeps its miner authorizes for the
     /// next upstream, and closes it.
     fn settle(&mut self, mut upstream: UpstreamState, message: &str) {
-        if let Some(retired) = RetiredJobs::take_from(&mut upstream) {
-            self.retired = Some(retired);
-        }
+        RetiredCoins::take_from(&mut self.retired, &mut upstream);
         upstream.abandon_submits();
         for owed in &upstream.owed {
             for _ in 0..owed.count {
@@ -1695,6 +1765,55 @@ fn text_line(value: &Value) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retired_coins_read_both_forms_merge_per_coin_and_stay_bounded() {
+        // The one entry the previous version wrote, and this version's list.
+        let one: RetiredCoins =
+            serde_json::from_str(r#"{"coin":"btc","digests":[1,2]}"#).expect("one entry reads");
+        assert_eq!(one.find(2, "bch"), Some(0));
+        assert_eq!(
+            one.find(2, "btc"),
+            None,
+            "a job of the current coin is not stale"
+        );
+        let written = serde_json::to_string(&one).expect("writes");
+        assert_eq!(written, r#"[{"coin":"btc","digests":[1,2]}]"#);
+        let again: RetiredCoins = serde_json::from_str(&written).expect("the list reads");
+        assert_eq!(again, one);
+
+        let entry = |coin: &str, digests: &[u64]| RetiredJobs {
+            coin: coin.into(),
+            digests: VecDeque::from(digests.to_vec()).into(),
+        };
+        let mut coins = RetiredCoins::default();
+        coins.add(entry("btc", &[1]));
+        coins.add(entry("bch", &[2]));
+        coins.add(entry("btc", &[3]));
+        assert_eq!(coins.0.len(), 2, "one entry per coin");
+        assert_eq!(coins.coin(1), Some("btc"), "the coin left last at the end");
+        assert_eq!(coins.find(1, "ltc"), Some(1), "btc's earlier jobs kept");
+        assert_eq!(coins.find(3, "ltc"), Some(1));
+        for (i, coin) in ["ltc", "doge", "xmr", "zec"].iter().enumerate() {
+            coins.add(entry(coin, &[10 + i as u64]));
+        }
+        assert_eq!(coins.0.len(), MAX_RETIRED_COINS);
+        assert_eq!(
+            coins.find(2, "ltc"),
+            None,
+            "the coin left longest ago forgotten"
+        );
+        assert_eq!(coins.find(1, "ltc"), None);
+        let many: Vec<u64> = (0..MAX_JOBS as u64 * 2).collect();
+        coins.add(entry("zec", &many));
+        let zec = coins.coin(MAX_RETIRED_COINS - 1);
+        assert_eq!(zec, Some("zec"));
+        assert_eq!(
+            VecDeque::from(coins.0[MAX_RETIRED_COINS - 1].digests.clone()).len(),
+            MAX_JOBS,
+            "a coin's jobs stay bounded"
+        );
+    }
 
     #[test]
     fn job_digests_read_and_write_the_list_of_digests() {

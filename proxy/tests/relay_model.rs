@@ -757,3 +757,77 @@ fn a_share_of_a_closed_old_coins_job_is_answered_stale_not_sent_to_the_new_coin(
         "counted as btc's stale share"
     );
 }
+
+/// Switches the world's session to `coin` on upstream `id` and lets the upstream it leaves
+/// declare its jobs stale (a clean job), so that it closes owing nothing.
+fn switch_and_retire(world: &mut World, coin: &str, id: UpstreamId, left: UpstreamId) {
+    world.relay.on_coin_changed(coin, true);
+    world.take_actions();
+    let conn = world.conns.get_mut(&id).expect("the new coin being opened");
+    conn.opened = true;
+    conn.authorized.insert("alice.w0".into());
+    let opened = Opened {
+        suffixed: false,
+        user_suffix: coin.into(),
+        allowed_mask: None,
+        held: vec![notify_line(&format!("{coin}-{id}-0"), true)],
+    };
+    world.relay.on_opened(id, opened, world.now);
+    world.take_actions();
+    let mut clean = notify_line(&format!("{coin}-{left}-9"), true).to_vec();
+    clean.push(b'\n');
+    world
+        .relay
+        .on_upstream_line(left, Bytes::from(clean), world.now);
+    world.take_actions();
+    assert!(
+        world.relay.draining.is_empty(),
+        "the old upstream's jobs are stale and it owes nothing: closed"
+    );
+}
+
+#[test]
+fn after_two_switches_a_share_of_the_first_coins_job_is_still_answered_stale() {
+    let mut world = World::new(11);
+    // btc (0) → bch (1), btc declares its jobs stale; bch → ltc (2), bch does too.
+    switch_and_retire(&mut world, "bch", 1, 0);
+    switch_and_retire(&mut world, "ltc", 2, 1);
+
+    // A btc share the miner found before it had any other coin's work reaches the proxy now.
+    let submit = format!(
+        "{}\n",
+        json!({"id": 78, "method": "mining.submit",
+               "params": ["alice.w0", "btc-0-0", "00", "01", "02"]})
+    );
+    world.relay.on_miner_line(Bytes::from(submit), &Names);
+    let actions = world.relay.take_actions();
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::ToUpstream(..))),
+        "a btc share went to an upstream (ltc's): {actions:?}"
+    );
+    let answer = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ToMiner(line) => serde_json::from_slice::<Value>(line).ok(),
+            _ => None,
+        })
+        .expect("the share is answered");
+    assert_eq!(answer["error"][0], json!(21), "{answer}");
+    let btc = world.metrics.coin("btc").expect("btc's series");
+    assert_eq!(btc.shares(ShareOutcome::Stale), 1, "a stale share of btc");
+
+    // A bch share too, counted on bch.
+    let submit = format!(
+        "{}\n",
+        json!({"id": 79, "method": "mining.submit",
+               "params": ["alice.w0", "bch-1-0", "00", "01", "02"]})
+    );
+    world.relay.on_miner_line(Bytes::from(submit), &Names);
+    let actions = world.relay.take_actions();
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::ToUpstream(..))),
+        "a bch share went to an upstream: {actions:?}"
+    );
+    let bch = world.metrics.coin("bch").expect("bch's series");
+    assert_eq!(bch.shares(ShareOutcome::Stale), 1, "a stale share of bch");
+}
