@@ -27,8 +27,9 @@
 //!
 //! - 400 for an unreadable request: a multi-user body that is empty, not JSON, truncated or of
 //!   the wrong shape (the Go server's 400); a `/switch` query string or form body that does not
-//!   decode, or a non-empty `/switch` body that is not `application/x-www-form-urlencoded`
-//!   (`multipart/form-data` is not supported).
+//!   decode, or a non-empty `/switch` body that is neither `application/x-www-form-urlencoded`
+//!   nor `multipart/form-data` (what PHP's curl sends for an array of fields), or a multipart
+//!   body without a boundary or cut short.
 //! - 413 for a body over the limit: [`SWITCH_BODY_LIMIT`] for `/switch`,
 //!   [`MULTI_USER_BODY_LIMIT`] for the multi-user routes.
 //! - 500 for a body that cannot be read at all (the connection failed), or a request that could
@@ -428,8 +429,62 @@ fn is_form(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
 }
 
+/// Whether the body is `multipart/form-data` (what PHP's curl sends for an array of fields),
+/// which Go's `FormValue` read too.
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.get(..19)
+                .is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data"))
+        })
+}
+
+/// Reads a `multipart/form-data` body's fields, in order, as Go's `FormValue` sees them: a
+/// part with a file name is a file, not a form value, and is skipped. The body is bounded like
+/// a form's ([`SWITCH_BODY_LIMIT`]); an error is the answer to send.
+async fn read_multipart_body(request: Request) -> Result<Params, Response> {
+    let unreadable = |detail: String| {
+        refusal(
+            StatusCode::BAD_REQUEST,
+            format!("unreadable multipart body: {}", bounded(detail)),
+        )
+    };
+    let mut multipart = axum::extract::Multipart::from_request(request, &())
+        .await
+        .map_err(|rejection| unreadable(rejection.body_text()))?;
+    let mut params = Params::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => return Ok(params),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(too_large(SWITCH_BODY_LIMIT));
+            }
+            Err(e) => return Err(unreadable(e.body_text())),
+        };
+        let name = field.name().map(str::to_owned);
+        let is_file = field.file_name().is_some();
+        // Read whole even when skipped: the next part starts after it.
+        let value = match field.text().await {
+            Ok(value) => value,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(too_large(SWITCH_BODY_LIMIT));
+            }
+            Err(e) => return Err(unreadable(e.body_text())),
+        };
+        if let (Some(name), false) = (name, is_file) {
+            params.push((name, value));
+        }
+    }
+}
+
 /// Reads a POST /switch body's parameters; an error is the answer to send.
 async fn read_form_body(request: Request) -> Result<Params, Response> {
+    if is_multipart(request.headers()) {
+        return read_multipart_body(request).await;
+    }
     if is_form(request.headers()) {
         return match axum::Form::<Params>::from_request(request, &()).await {
             Ok(axum::Form(params)) => Ok(params),
@@ -446,7 +501,7 @@ async fn read_form_body(request: Request) -> Result<Params, Response> {
         Ok(bytes) if bytes.is_empty() => Ok(Params::new()),
         Ok(_) => Err(refusal(
             StatusCode::BAD_REQUEST,
-            "a /switch body must be application/x-www-form-urlencoded",
+            "a /switch body must be application/x-www-form-urlencoded or multipart/form-data",
         )),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(too_large(SWITCH_BODY_LIMIT))

@@ -897,3 +897,77 @@ async fn serve_stops_on_shutdown_and_refuses_connections_after() {
         .await;
     assert!(after.is_err(), "the API still answered after shutdown");
 }
+
+/// A `multipart/form-data` body as PHP's curl sends one when `CURLOPT_POSTFIELDS` is an array
+/// (the Go server read it: `FormValue` parses multipart bodies too).
+fn multipart_body(boundary: &str, fields: &[(&str, &str)]) -> String {
+    let mut body = String::new();
+    for (name, value) in fields {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    body
+}
+
+#[tokio::test]
+async fn switch_by_post_multipart_form_as_php_curl_sends_it() {
+    let api = Api::start(false, 10_000).await;
+    let boundary = "------------------------a1b2c3d4e5f60718";
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+
+    let body = multipart_body(boundary, &[("puname", "mallory"), ("coin", "ltc")]);
+    assert_reply(
+        api.post_raw("/switch", body, &content_type).await,
+        ok_reply(),
+    );
+    assert_eq!(api.coin_of("mallory").as_deref(), Some("ltc"));
+
+    // Body parameters win over the query's, missing ones come from the query, a file part is
+    // not a form value (Go keeps files apart), and names arrive as sent.
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"puname\"; filename=\"x.txt\"\r\n\
+         Content-Type: text/plain\r\n\r\nnot-a-user\r\n"
+    );
+    body.push_str(&multipart_body(boundary, &[("coin", "bch")]));
+    assert_reply(
+        api.post_raw("/switch?puname=矿工+one&coin=btc", body, &content_type)
+            .await,
+        ok_reply(),
+    );
+    assert_eq!(api.coin_of("矿工 one").as_deref(), Some("bch"));
+    assert_eq!(api.coin_of("not-a-user"), None);
+
+    // The API's own errors come from multipart bodies as from forms.
+    let body = multipart_body(boundary, &[("puname", "mallory"), ("coin", "doge")]);
+    assert_reply(
+        api.post_raw("/switch", body, &content_type).await,
+        api_error(104, "coin is inexistent"),
+    );
+
+    // Unreadable: no boundary, a body cut short; too large: over the limit.
+    let body = multipart_body(boundary, &[("puname", "mallory"), ("coin", "btc")]);
+    assert_refused(
+        api.post_raw("/switch", body.clone(), "multipart/form-data")
+            .await,
+        400,
+    );
+    let cut = body[..body.len() / 2].to_string();
+    assert_refused(api.post_raw("/switch", cut, &content_type).await, 400);
+    let huge = multipart_body(
+        boundary,
+        &[
+            ("puname", "mallory"),
+            ("coin", "btc"),
+            ("pad", &"x".repeat(SWITCH_BODY_LIMIT)),
+        ],
+    );
+    assert_refused(api.post_raw("/switch", huge, &content_type).await, 413);
+    assert_eq!(
+        api.coin_of("mallory").as_deref(),
+        Some("ltc"),
+        "refused requests wrote nothing"
+    );
+    api.stop().await;
+}
