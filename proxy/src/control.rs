@@ -559,7 +559,7 @@ async fn follow_one(
     loop {
         match stream.message().await {
             Ok(Some(message)) => {
-                cache.apply(&message);
+                cache.apply_in_turn(&message).await;
                 if message.snapshot_complete && !synced {
                     synced = true;
                     info!(

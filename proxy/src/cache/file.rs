@@ -6,7 +6,9 @@
 //! from it when no control replica answers at start.
 //!
 //! Written every [`SAVE_PERIOD`] when something changed and at shutdown, to a temporary file
-//! that is synced and renamed over the old one, so a crash mid-write leaves the old file. Read
+//! that is synced and renamed over the old one, so a crash mid-write leaves the old file. A
+//! save holds the cache's turn ([`UserCoinCache::save_turn`]): changes from the stream wait for
+//! it, lookups do not. Read
 //! once at start; a file that is damaged, truncated or of another version is ignored with a
 //! warning (the proxy then starts as without one).
 //!
@@ -347,8 +349,14 @@ pub async fn keep_saved(
         if cache.is_synced() && saved.as_ref() != Some(&now) {
             let (file, cache) = (file.clone(), Arc::clone(&cache));
             let lease = now.1.clone();
-            let result =
-                tokio::task::spawn_blocking(move || file.save(&cache, lease.as_ref())).await;
+            // Changes from the stream wait for the save's end (not on the tables' lock, where
+            // they would hold up the lookups).
+            let turn = cache.save_turn().await;
+            let result = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                file.save(&cache, lease.as_ref())
+            })
+            .await;
             match result {
                 Ok(Ok(bytes)) => {
                     debug!(revision = now.0, bytes, "cache file written");
@@ -443,6 +451,61 @@ mod tests {
             store_id: "store-1".into(),
         });
         cache
+    }
+
+    /// A change that arrives while a save reads the tables waits for the save's end without
+    /// holding up lookups. (Before: it waited on the tables' lock, and every lookup waited
+    /// behind it until the save ended.)
+    #[tokio::test]
+    // The read guard stands for the save's encoder (on a blocking thread in the proxy); the
+    // test polls the applier by hand and never yields while it holds it.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_change_during_a_save_waits_for_it_and_lookups_go_on() {
+        let cache = filled();
+        // A save, stopped while it reads the tables: its turn, then the read lock it encodes
+        // under.
+        let turn = cache.save_turn().await;
+        let encoding = read(&cache.live);
+        let change = WatchSwitchesResponse {
+            reset: false,
+            users: vec![UserCoinEntry {
+                user: "alice".into(),
+                coin: "ltc".into(),
+                revision: 10,
+                removed: false,
+            }],
+            case_index: vec![],
+            revision: 10,
+            snapshot_complete: false,
+            store_id: String::new(),
+        };
+        let mut applying = Box::pin(cache.apply_in_turn(&change));
+        assert!(
+            futures::poll!(applying.as_mut()).is_pending(),
+            "applied during the save"
+        );
+        // The change waits for the turn, not on the lock: a lookup from another thread
+        // answers now (a writer waiting on the lock would block it until the save ends).
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let cache = Arc::clone(&cache);
+            std::thread::spawn(move || {
+                let _ = tx.send(cache.coin_of("alice"));
+            });
+        }
+        let seen = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a lookup during a save answers");
+        assert_eq!(
+            seen.as_deref(),
+            Some("btc"),
+            "the change waits for the save"
+        );
+        drop(encoding);
+        drop(turn);
+        applying.await;
+        assert_eq!(cache.coin_of("alice").as_deref(), Some("ltc"));
+        assert_eq!(cache.revision(), 10);
     }
 
     #[test]
