@@ -702,52 +702,8 @@ fn the_relay_keeps_its_guarantees_under_random_interleavings() {
 #[test]
 fn a_share_of_a_closed_old_coins_job_is_answered_stale_not_sent_to_the_new_coin() {
     let mut world = World::new(7);
-    world.relay.on_coin_changed("bch", true);
-    world.take_actions();
-    let conn = world.conns.get_mut(&1).expect("bch being opened");
-    conn.opened = true;
-    conn.authorized.insert("alice.w0".into());
-    let opened = Opened {
-        suffixed: false,
-        user_suffix: "bch".into(),
-        allowed_mask: None,
-        held: vec![notify_line("bch-1-0", true)],
-    };
-    world.relay.on_opened(1, opened, world.now);
-    world.take_actions();
-    assert!(
-        world.relay.draining.iter().any(|d| d.upstream.id == 0),
-        "btc kept for its jobs"
-    );
-    let mut clean = notify_line("btc-0-9", true).to_vec();
-    clean.push(b'\n');
-    world
-        .relay
-        .on_upstream_line(0, Bytes::from(clean), world.now);
-    world.take_actions();
-    assert!(
-        world.relay.draining.is_empty(),
-        "btc's jobs are stale and it owes nothing: closed"
-    );
-
-    let submit = format!(
-        "{}\n",
-        json!({"id": 77, "method": "mining.submit",
-               "params": ["alice.w0", "btc-0-0", "00", "01", "02"]})
-    );
-    world.relay.on_miner_line(Bytes::from(submit), &Names);
-    let actions = world.relay.take_actions();
-    assert!(
-        !actions.iter().any(|a| matches!(a, Action::ToUpstream(..))),
-        "a btc share went to an upstream: {actions:?}"
-    );
-    let answer = actions
-        .iter()
-        .find_map(|a| match a {
-            Action::ToMiner(line) => serde_json::from_slice::<Value>(line).ok(),
-            _ => None,
-        })
-        .expect("the share is answered");
+    switch_and_retire(&mut world, "bch", 1, 0);
+    let answer = answered_by_the_proxy(&mut world, 77, "btc-0-0");
     assert_eq!(answer["id"], json!(77));
     assert_eq!(answer["error"][0], json!(21), "{answer}");
     let btc = world.metrics.coin("btc").expect("btc's series");
@@ -774,6 +730,10 @@ fn switch_and_retire(world: &mut World, coin: &str, id: UpstreamId, left: Upstre
     };
     world.relay.on_opened(id, opened, world.now);
     world.take_actions();
+    assert!(
+        world.relay.draining.iter().any(|d| d.upstream.id == left),
+        "the old upstream kept for its jobs"
+    );
     let mut clean = notify_line(&format!("{coin}-{left}-9"), true).to_vec();
     clean.push(b'\n');
     world
@@ -786,6 +746,28 @@ fn switch_and_retire(world: &mut World, coin: &str, id: UpstreamId, left: Upstre
     );
 }
 
+/// The proxy's own answer to a share of `job` under `id`: the share must reach no upstream.
+fn answered_by_the_proxy(world: &mut World, id: u32, job: &str) -> Value {
+    let submit = format!(
+        "{}\n",
+        json!({"id": id, "method": "mining.submit",
+               "params": ["alice.w0", job, "00", "01", "02"]})
+    );
+    world.relay.on_miner_line(Bytes::from(submit), &Names);
+    let actions = world.relay.take_actions();
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::ToUpstream(..))),
+        "a share of {job} went to an upstream: {actions:?}"
+    );
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ToMiner(line) => serde_json::from_slice::<Value>(line).ok(),
+            _ => None,
+        })
+        .expect("the share is answered")
+}
+
 #[test]
 fn after_two_switches_a_share_of_the_first_coins_job_is_still_answered_stale() {
     let mut world = World::new(11);
@@ -794,40 +776,14 @@ fn after_two_switches_a_share_of_the_first_coins_job_is_still_answered_stale() {
     switch_and_retire(&mut world, "ltc", 2, 1);
 
     // A btc share the miner found before it had any other coin's work reaches the proxy now.
-    let submit = format!(
-        "{}\n",
-        json!({"id": 78, "method": "mining.submit",
-               "params": ["alice.w0", "btc-0-0", "00", "01", "02"]})
-    );
-    world.relay.on_miner_line(Bytes::from(submit), &Names);
-    let actions = world.relay.take_actions();
-    assert!(
-        !actions.iter().any(|a| matches!(a, Action::ToUpstream(..))),
-        "a btc share went to an upstream (ltc's): {actions:?}"
-    );
-    let answer = actions
-        .iter()
-        .find_map(|a| match a {
-            Action::ToMiner(line) => serde_json::from_slice::<Value>(line).ok(),
-            _ => None,
-        })
-        .expect("the share is answered");
+    let answer = answered_by_the_proxy(&mut world, 78, "btc-0-0");
     assert_eq!(answer["error"][0], json!(21), "{answer}");
     let btc = world.metrics.coin("btc").expect("btc's series");
     assert_eq!(btc.shares(ShareOutcome::Stale), 1, "a stale share of btc");
 
     // A bch share too, counted on bch.
-    let submit = format!(
-        "{}\n",
-        json!({"id": 79, "method": "mining.submit",
-               "params": ["alice.w0", "bch-1-0", "00", "01", "02"]})
-    );
-    world.relay.on_miner_line(Bytes::from(submit), &Names);
-    let actions = world.relay.take_actions();
-    assert!(
-        !actions.iter().any(|a| matches!(a, Action::ToUpstream(..))),
-        "a bch share went to an upstream: {actions:?}"
-    );
+    let answer = answered_by_the_proxy(&mut world, 79, "bch-1-0");
+    assert_eq!(answer["error"][0], json!(21), "{answer}");
     let bch = world.metrics.coin("bch").expect("bch's series");
     assert_eq!(bch.shares(ShareOutcome::Stale), 1, "a stale share of bch");
 }
