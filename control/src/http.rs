@@ -451,33 +451,30 @@ async fn read_multipart_body(request: Request) -> Result<Params, Response> {
             format!("unreadable multipart body: {}", bounded(detail)),
         )
     };
+    let failed = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(SWITCH_BODY_LIMIT)
+        } else {
+            unreadable(e.body_text())
+        }
+    };
     let mut multipart = axum::extract::Multipart::from_request(request, &())
         .await
         .map_err(|rejection| unreadable(rejection.body_text()))?;
     let mut params = Params::new();
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => return Ok(params),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(too_large(SWITCH_BODY_LIMIT));
-            }
-            Err(e) => return Err(unreadable(e.body_text())),
-        };
+    while let Some(field) = multipart.next_field().await.map_err(failed)? {
         let name = field.name().map(str::to_owned);
-        let is_file = field.file_name().is_some();
-        // Read whole even when skipped: the next part starts after it.
-        let value = match field.text().await {
-            Ok(value) => value,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(too_large(SWITCH_BODY_LIMIT));
-            }
-            Err(e) => return Err(unreadable(e.body_text())),
-        };
-        if let (Some(name), false) = (name, is_file) {
+        if field.file_name().is_some() || name.is_none() {
+            // Read whole (any bytes) and dropped: the next part starts after it.
+            field.bytes().await.map_err(failed)?;
+            continue;
+        }
+        let value = field.text().await.map_err(failed)?;
+        if let Some(name) = name {
             params.push((name, value));
         }
     }
+    Ok(params)
 }
 
 /// Reads a POST /switch body's parameters; an error is the answer to send.

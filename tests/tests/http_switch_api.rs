@@ -924,13 +924,15 @@ async fn switch_by_post_multipart_form_as_php_curl_sends_it() {
     );
     assert_eq!(api.coin_of("mallory").as_deref(), Some("ltc"));
 
-    // Body parameters win over the query's, missing ones come from the query, a file part is
-    // not a form value (Go keeps files apart), and names arrive as sent.
+    // Body parameters win over the query's, missing ones come from the query, a file part (any
+    // bytes) is not a form value (Go keeps files apart), and names arrive as sent.
     let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"puname\"; filename=\"x.txt\"\r\n\
-         Content-Type: text/plain\r\n\r\nnot-a-user\r\n"
-    );
-    body.push_str(&multipart_body(boundary, &[("coin", "bch")]));
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"puname\"; filename=\"x.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\nnot-a-user"
+    )
+    .into_bytes();
+    body.extend_from_slice(&[0xff, 0xfe, b'\r', b'\n']);
+    body.extend_from_slice(multipart_body(boundary, &[("coin", "bch")]).as_bytes());
     assert_reply(
         api.post_raw("/switch?puname=矿工+one&coin=btc", body, &content_type)
             .await,

@@ -8,9 +8,8 @@
 //! Written every [`SAVE_PERIOD`] when something changed and at shutdown, to a temporary file
 //! that is synced and renamed over the old one, so a crash mid-write leaves the old file. A
 //! save holds the cache's turn ([`UserCoinCache::save_turn`]): changes from the stream wait for
-//! it, lookups do not. Read
-//! once at start; a file that is damaged, truncated or of another version is ignored with a
-//! warning (the proxy then starts as without one).
+//! it, lookups do not. Read once at start; a file that is damaged, truncated or of another
+//! version is ignored with a warning (the proxy then starts as without one).
 //!
 //! Format, little-endian: the magic `SWYD-PROXY-CACHE-1\n`, the revision (u64), the store ID,
 //! the lease (a flag byte, then the chain type, the server ID as u8 and the instance ID), the
