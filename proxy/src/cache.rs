@@ -12,7 +12,7 @@
 //! resume, or a live change) and is applied at once, in order. A stream that breaks in the
 //! middle of a snapshot leaves the cache as it was: the staged part is dropped.
 //!
-//! **Saving without stalling.** A save of the cache file ([`file`]) reads the tables under
+//! **Saving without stalling.** A save of the cache file ([`file`](mod@file)) reads the tables under
 //! their read lock for as long as it encodes them (about 0.15 s per million users). A change
 //! that waited on that lock for its write would hold up every lookup behind it (a waiting
 //! writer blocks new readers) and the thread it runs on. So the stream's changes are applied in

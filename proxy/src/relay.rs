@@ -751,34 +751,55 @@ pub struct RetiredJobs {
 /// The jobs of a session's old upstreams that closed or declared them stale, one entry per
 /// coin, the coin left last at the end: at most [`MAX_RETIRED_COINS`] coins of at most
 /// [`MAX_JOBS`] jobs each. After A→B→C, a share of an A job that reaches the proxy once both A
-/// and B have closed is still known as A's. Written as the list of entries; read from that or
-/// from the one entry an earlier version wrote.
+/// and B have closed is still known as A's.
+///
+/// Written as the last entry with the others under `earlier` (`RetiredForm`): the version
+/// before kept one entry, in that shape without `earlier`, so a hot upgrade from it reads, and
+/// a rollback to it reads the last entry and ignores the rest.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(from = "RetiredForm", into = "Vec<RetiredJobs>")]
+#[serde(from = "RetiredForm", into = "RetiredForm")]
 pub struct RetiredCoins(Vec<RetiredJobs>);
 
-/// [`RetiredCoins`] as written by this version (a list) or by the one before (one entry).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RetiredForm {
-    Many(Vec<RetiredJobs>),
-    One(RetiredJobs),
+/// [`RetiredCoins`] as written: its last entry, and the entries before it.
+#[derive(Serialize, Deserialize)]
+struct RetiredForm {
+    coin: String,
+    digests: JobDigests,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    earlier: Vec<RetiredJobs>,
 }
 
 impl From<RetiredForm> for RetiredCoins {
     fn from(form: RetiredForm) -> Self {
+        let RetiredForm {
+            coin,
+            digests,
+            earlier,
+        } = form;
         let mut coins = Self::default();
-        match form {
-            RetiredForm::Many(entries) => entries.into_iter().for_each(|e| coins.add(e)),
-            RetiredForm::One(entry) => coins.add(entry),
+        for entry in earlier.into_iter().chain([RetiredJobs { coin, digests }]) {
+            if !entry.digests.is_empty() {
+                coins.add(entry);
+            }
         }
         coins
     }
 }
 
-impl From<RetiredCoins> for Vec<RetiredJobs> {
+impl From<RetiredCoins> for RetiredForm {
     fn from(coins: RetiredCoins) -> Self {
-        coins.0
+        let mut earlier = coins.0;
+        // Never empty in a session (`None` until an upstream retires jobs); an empty one is
+        // written as an entry without jobs, which reads back as nothing.
+        let last = earlier.pop().unwrap_or(RetiredJobs {
+            coin: String::new(),
+            digests: JobDigests::default(),
+        });
+        Self {
+            coin: last.coin,
+            digests: last.digests,
+            earlier,
+        }
     }
 }
 
@@ -1768,7 +1789,7 @@ mod tests {
 
     #[test]
     fn retired_coins_read_both_forms_merge_per_coin_and_stay_bounded() {
-        // The one entry the previous version wrote, and this version's list.
+        // The one entry the previous version wrote.
         let one: RetiredCoins =
             serde_json::from_str(r#"{"coin":"btc","digests":[1,2]}"#).expect("one entry reads");
         assert_eq!(one.find(2, "bch"), Some(0));
@@ -1778,8 +1799,8 @@ mod tests {
             "a job of the current coin is not stale"
         );
         let written = serde_json::to_string(&one).expect("writes");
-        assert_eq!(written, r#"[{"coin":"btc","digests":[1,2]}]"#);
-        let again: RetiredCoins = serde_json::from_str(&written).expect("the list reads");
+        assert_eq!(written, r#"{"coin":"btc","digests":[1,2]}"#);
+        let again: RetiredCoins = serde_json::from_str(&written).expect("reads back");
         assert_eq!(again, one);
 
         let entry = |coin: &str, digests: &[u64]| RetiredJobs {
@@ -1804,6 +1825,16 @@ mod tests {
             "the coin left longest ago forgotten"
         );
         assert_eq!(coins.find(1, "ltc"), None);
+        // Written as the last entry with the others under `earlier`: read back whole, and by
+        // the previous version (one `RetiredJobs`) as the last entry.
+        let written = serde_json::to_string(&coins).expect("writes");
+        let again: RetiredCoins = serde_json::from_str(&written).expect("reads back");
+        assert_eq!(again, coins);
+        let previous: RetiredJobs = serde_json::from_str(&written).expect("the previous reads");
+        assert_eq!(
+            Some(previous.coin.as_str()),
+            coins.coin(MAX_RETIRED_COINS - 1)
+        );
         let many: Vec<u64> = (0..MAX_JOBS as u64 * 2).collect();
         coins.add(entry("zec", &many));
         let zec = coins.coin(MAX_RETIRED_COINS - 1);

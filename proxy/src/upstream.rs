@@ -16,7 +16,7 @@
 //!
 //! Every other line the sserver sends meanwhile (difficulty, jobs, ...) is kept, in order, in
 //! [`Upstream::held`]: the session writes those to the miner after the login answer, so none is
-//! lost. Lines that arrive after the last awaited answer stay unread in [`Upstream::reader`].
+//! lost. Lines that arrive after the last awaited answer stay unread in [`Upstream::socket`].
 //!
 //! Answers are told apart from the rest by their ids, which are the proxy's own: `configure`,
 //! `subscribe`, `auth`, `auth-retry`, `auth-2`, `auth-3`, ... A line that carries one of these

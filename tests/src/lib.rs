@@ -2,7 +2,7 @@
 //! started on free ports and private data directories, and killed on drop.
 //!
 //! - [`zookeeper`]: a real ZooKeeper server from Debian's `zookeeper` package.
-//! - [`bench`]: measurement helpers shared by the benchmarks.
+//! - [`bench`](mod@bench): measurement helpers shared by the benchmarks.
 //! - [`control`]: the control service, in-process or as its real binary.
 //! - [`wait`]: waiting for conditions with a deadline.
 //! - [`relay`]: a TCP relay a test can cut, to cut a client off a real server.
