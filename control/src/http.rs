@@ -421,24 +421,25 @@ fn param<'a>(body: &'a Params, query: &'a Params, key: &str) -> Option<&'a str> 
         .map(|(_, v)| v.as_str())
 }
 
-/// The same test as axum's `Form` extractor, which reads the body when this holds.
-fn is_form(headers: &HeaderMap) -> bool {
+/// The request's `Content-Type`, empty when it has none (or one that is not text).
+fn content_type(headers: &HeaderMap) -> &str {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
+        .unwrap_or_default()
+}
+
+/// The same test as axum's `Form` extractor, which reads the body when this holds.
+fn is_form(headers: &HeaderMap) -> bool {
+    content_type(headers).starts_with("application/x-www-form-urlencoded")
 }
 
 /// Whether the body is `multipart/form-data` (what PHP's curl sends for an array of fields),
 /// which Go's `FormValue` read too.
 fn is_multipart(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.get(..19)
-                .is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data"))
-        })
+    content_type(headers)
+        .get(..19)
+        .is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data"))
 }
 
 /// Reads a `multipart/form-data` body's fields, in order, as Go's `FormValue` sees them: a
@@ -464,14 +465,11 @@ async fn read_multipart_body(request: Request) -> Result<Params, Response> {
     let mut params = Params::new();
     while let Some(field) = multipart.next_field().await.map_err(failed)? {
         let name = field.name().map(str::to_owned);
-        if field.file_name().is_some() || name.is_none() {
-            // Read whole (any bytes) and dropped: the next part starts after it.
-            field.bytes().await.map_err(failed)?;
-            continue;
-        }
-        let value = field.text().await.map_err(failed)?;
-        if let Some(name) = name {
-            params.push((name, value));
+        match name.filter(|_| field.file_name().is_none()) {
+            Some(name) => params.push((name, field.text().await.map_err(failed)?)),
+            // A file or a nameless part: read whole (any bytes) and dropped, the next part
+            // starts after it.
+            None => drop(field.bytes().await.map_err(failed)?),
         }
     }
     Ok(params)

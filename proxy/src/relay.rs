@@ -763,21 +763,17 @@ pub struct RetiredCoins(Vec<RetiredJobs>);
 /// [`RetiredCoins`] as written: its last entry, and the entries before it.
 #[derive(Serialize, Deserialize)]
 struct RetiredForm {
-    coin: String,
-    digests: JobDigests,
+    #[serde(flatten)]
+    last: RetiredJobs,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     earlier: Vec<RetiredJobs>,
 }
 
 impl From<RetiredForm> for RetiredCoins {
     fn from(form: RetiredForm) -> Self {
-        let RetiredForm {
-            coin,
-            digests,
-            earlier,
-        } = form;
+        let RetiredForm { last, earlier } = form;
         let mut coins = Self::default();
-        for entry in earlier.into_iter().chain([RetiredJobs { coin, digests }]) {
+        for entry in earlier.into_iter().chain([last]) {
             if !entry.digests.is_empty() {
                 coins.add(entry);
             }
@@ -795,11 +791,7 @@ impl From<RetiredCoins> for RetiredForm {
             coin: String::new(),
             digests: JobDigests::default(),
         });
-        Self {
-            coin: last.coin,
-            digests: last.digests,
-            earlier,
-        }
+        Self { last, earlier }
     }
 }
 
