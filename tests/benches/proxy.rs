@@ -71,7 +71,10 @@ use switchyard_proto::v1::{
     proxy_control_client::ProxyControlClient, switcher_admin_client::SwitcherAdminClient,
 };
 use switchyard_tests::{
-    bench::{machine_busy_cpu, nproc, pid_with_arg, process_cpu, quantile, rss_kib},
+    bench::{
+        CpuTimes, machine_busy_cpu, nproc, pid_with_arg, process_cpu, process_cpu_times, quantile,
+        rss_kib,
+    },
     control::{ControlProcess, InProcessControl, channel, free_port},
     miner::Miner,
     pki::{CertFiles, TestPki},
@@ -697,6 +700,10 @@ impl ChildProc {
         process_cpu(&format!("/proc/{}/stat", self.pid))
     }
 
+    fn cpu_times(&self) -> Option<CpuTimes> {
+        process_cpu_times(&format!("/proc/{}/stat", self.pid))
+    }
+
     fn rss_kib(&self) -> Option<u64> {
         rss_kib(self.pid)
     }
@@ -1099,6 +1106,13 @@ fn proxy_cpu(proxy: &ProxyProcess) -> Option<Duration> {
     proxy
         .pid()
         .and_then(|pid| process_cpu(&format!("/proc/{pid}/stat")))
+}
+
+/// The proxy process's CPU time, user and system apart.
+fn proxy_cpu_times(proxy: &ProxyProcess) -> Option<CpuTimes> {
+    proxy
+        .pid()
+        .and_then(|pid| process_cpu_times(&format!("/proc/{pid}/stat")))
 }
 
 /// Reads a process's RSS until two readings 300 ms apart differ by less than 128 KiB (at most
@@ -2284,6 +2298,8 @@ struct RelayRun {
     /// CPU of the process in the middle (proxy or relay; none straight), of the sservers, of
     /// this process, and the machine's busy time.
     middle_cpu: Option<Duration>,
+    /// The middle process's CPU, user and system apart.
+    middle_times: Option<CpuTimes>,
     sserver_cpu: Option<Duration>,
     bench_cpu: Option<Duration>,
     machine_cpu: Option<Duration>,
@@ -2310,8 +2326,9 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
     let cpu_only = std::env::var(RELAY_CPU_ONLY_ENV).is_ok_and(|v| v == "1");
     let mut runs: Vec<(Path3, RelayRun)> = Vec::new();
     // Per repetition, the proxy's CPU over the baseline proxy's (the two run next to each
-    // other in every repetition).
+    // other in every repetition), and over the plain relay's.
     let mut baseline_ratios: Vec<f64> = Vec::new();
+    let mut relay_ratios: Vec<f64> = Vec::new();
     // The TLS run's certificate: a throwaway CA, and the miners' client trusting it.
     let pki = TestPki::new("bench").map_err(|e| e.to_string())?;
     let cert = pki.server("proxy").map_err(|e| e.to_string())?;
@@ -2351,8 +2368,8 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
                 _ => (sservers.btc, None),
             };
             let middle = || match (&proxy, &relay) {
-                (Some(proxy), _) => proxy_cpu(proxy),
-                (_, Some(relay)) => relay.proc.cpu(),
+                (Some(proxy), _) => proxy_cpu_times(proxy),
+                (_, Some(relay)) => relay.proc.cpu_times(),
                 _ => None,
             };
             let workers = (0..n)
@@ -2382,22 +2399,25 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
             );
             let window = t0.elapsed();
             fleet.wait_answered(Instant::now() + ANSWER_GRACE).await;
+            let middle_times = after.0.zip(before.0).map(|(a, b)| a.since(b));
             let run = RelayRun {
                 totals: fleet.totals(),
                 window,
-                middle_cpu: cpu_delta(after.0, before.0),
+                middle_cpu: middle_times.map(CpuTimes::total),
+                middle_times,
                 sserver_cpu: cpu_delta(after.1, before.1),
                 bench_cpu: cpu_delta(after.2, before.2),
                 machine_cpu: cpu_delta(after.3, before.3),
             };
             eprintln!(
-                "proxy: relay rep {} {:<26} {} sent, {} answered, p99 {} ms, CPU {} s",
+                "proxy: relay rep {} {:<26} {} sent, {} answered, p99 {} ms, CPU {} s (user {} s)",
                 rep + 1,
                 path.name(),
                 run.totals.sent,
                 run.totals.answered,
                 ms_of_us(quantile(&run.totals.latencies_us, 0.99)),
-                secs(run.middle_cpu)
+                secs(run.middle_cpu),
+                secs(run.middle_times.map(|t| t.user))
             );
             if let Some(cpu) = run.middle_cpu {
                 rep_cores.insert(path.name(), cpu.as_secs_f64() / run.window.as_secs_f64());
@@ -2416,6 +2436,13 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
                 p / b
             );
             baseline_ratios.push(p / b);
+        }
+        if let (Some(p), Some(r)) = (
+            rep_cores.get(Path3::Proxy.name()),
+            rep_cores.get(Path3::Relay.name()),
+        ) && *r > 0.0
+        {
+            relay_ratios.push(p / r);
         }
     }
     let of = |path: Path3| runs.iter().filter(move |(p, _)| *p == path).map(|(_, r)| r);
@@ -2521,6 +2548,34 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
         ),
         ratio(p99_of(Path3::ProxyTls), pp),
     );
+    // The middle process's CPU split into user and system time, in cores over the window.
+    let split = |path: Path3| {
+        let window: f64 = of(path).map(|r| r.window.as_secs_f64()).sum();
+        let times: Option<Vec<CpuTimes>> = of(path).map(|r| r.middle_times).collect();
+        let times = times.filter(|t| !t.is_empty() && window > 0.0)?;
+        let sum = |f: fn(&CpuTimes) -> Duration| {
+            times.iter().map(|t| f(t).as_secs_f64()).sum::<f64>() / window
+        };
+        Some((sum(|t| t.user), sum(|t| t.system)))
+    };
+    if let (Some((pu, ps)), Some((ru, rs))) = (split(Path3::Proxy), split(Path3::Relay)) {
+        let per_rep = relay_ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            md,
+            "Proxy CPU / plain relay CPU per repetition: {per_rep} (median {}). Where the \
+             middle process's CPU went, in cores: user time (its own code, tokio, the C \
+             library) proxy {pu:.3}, plain relay {ru:.3} ({} of it); system time (the kernel: \
+             one read and one write per line each way on both, and on loopback the receiving \
+             socket's TCP work that a send runs) proxy {ps:.3}, plain relay {rs:.3} ({} of it).\n",
+            median_f64(&relay_ratios).map_or("-".into(), |m| format!("{m:.3}")),
+            ratio(pu, ru),
+            ratio(ps, rs),
+        );
+    }
     if let Some(binary) = &baseline {
         let ratios = baseline_ratios
             .iter()
@@ -2607,7 +2662,7 @@ scheduling, which moves the p99 of every path by milliseconds between repetition
 TCP relay, which pays the same hop with no Stratum logic, is the floor to compare with, and \
 the proxy's p99 is within a few tenths of a millisecond of it.";
 const WHY_RELAY_CPU: &str = "the target (issue 10) is 1.1 times the plain TCP relay of the same run. perf of \
-the proxy under this load: about 78% of its CPU in the kernel (the same TCP send, receive and \
+the proxy under this load: over 80% of its CPU in the kernel (the same TCP send, receive and \
 scheduler paths the plain relay pays: one read and one write per line each way), the rest in \
 user space: tokio's readiness polls and task wake-ups, reading each line's id, method and job \
 (a scan; the JSON parser only for lines with whitespace or escapes), and the in-flight and job \
@@ -2616,9 +2671,12 @@ bookkeeping that makes answers exactly-once and routes shares to the coin of the
 when nothing is buffered, writes in place, keeps request ids in place and counts relayed \
 lines per thread; a session's state is laid out in the order a turn reads it and its sockets \
 are held whole, so that a line, which wakes a session whose memory is cold, touches few cache \
-lines. The repetitions' CPU moves by 5 to 15% from one to the next on these shared machines \
-(see the log lines of each repetition), and the ratio itself with the machine: 1.08 to 1.13 \
-on one, 1.05 to 1.25 on another for the same build.";
+lines. Part 3 gives the CPU split into user and system time: the system time is the same \
+work on both (the same system calls, counted), yet it moves by 5 to 15% from one repetition \
+to the next and independently for each path on these shared machines, which makes most of \
+the spread of the ratio (see the per-repetition ratios); the user time, where the proxy's \
+Stratum work shows, is about twice the plain relay's and adds 6 to 11% of the plain relay's \
+CPU.";
 
 // ------------------------------------------------------------------------------------------
 // Part 4: switch propagation

@@ -26,10 +26,9 @@ pub fn delta(after: Option<Duration>, before: Option<Duration>) -> Option<Durati
     after.zip(before).map(|(a, b)| a.saturating_sub(b))
 }
 
-/// CPU time of a process from its `/proc/PID/stat` (in clock ticks of 1/100 s, Linux's
-/// USER_HZ): user plus system time of every thread, and with `children` that of its children
-/// that ended and were reaped.
-pub fn stat_cpu(stat_path: &str, children: bool) -> Option<Duration> {
+/// The clock-tick fields of a process's `/proc/PID/stat` from utime on (utime, stime, cutime,
+/// cstime, ...), each in ticks of 1/100 s (Linux's USER_HZ).
+fn stat_ticks(stat_path: &str, take: usize) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(stat_path).ok()?;
     // Fields after the parenthesized command name, which may itself hold spaces.
     let fields: Vec<&str> = stat
@@ -37,17 +36,61 @@ pub fn stat_cpu(stat_path: &str, children: bool) -> Option<Duration> {
         .split_whitespace()
         .collect();
     // utime, stime, cutime and cstime are fields 14 to 17; the slice starts at field 3.
-    let take = if children { 4 } else { 2 };
-    let mut ticks = 0_u64;
-    for field in fields.get(11..11 + take)? {
-        ticks += field.parse::<u64>().ok()?;
-    }
+    fields
+        .get(11..11 + take)?
+        .iter()
+        .map(|field| field.parse::<u64>().ok())
+        .collect()
+}
+
+/// CPU time of a process from its `/proc/PID/stat` (in clock ticks of 1/100 s, Linux's
+/// USER_HZ): user plus system time of every thread, and with `children` that of its children
+/// that ended and were reaped.
+pub fn stat_cpu(stat_path: &str, children: bool) -> Option<Duration> {
+    let ticks: u64 = stat_ticks(stat_path, if children { 4 } else { 2 })?
+        .iter()
+        .sum();
     Some(Duration::from_millis(ticks * 10))
 }
 
 /// User plus system CPU time of every thread of a process.
 pub fn process_cpu(stat_path: &str) -> Option<Duration> {
     stat_cpu(stat_path, false)
+}
+
+/// A process's CPU time split by where it was spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// In the process's own code and its libraries.
+    pub user: Duration,
+    /// In the kernel on the process's behalf (system calls, and on loopback the receiving
+    /// side's TCP work that a send runs).
+    pub system: Duration,
+}
+
+impl CpuTimes {
+    /// User plus system time.
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+
+    /// `self - before`, field by field.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+}
+
+/// User and system CPU time of every thread of a process, from its `/proc/PID/stat`.
+pub fn process_cpu_times(stat_path: &str) -> Option<CpuTimes> {
+    let ticks = stat_ticks(stat_path, 2)?;
+    let (user, system) = (*ticks.first()?, *ticks.get(1)?);
+    Some(CpuTimes {
+        user: Duration::from_millis(user * 10),
+        system: Duration::from_millis(system * 10),
+    })
 }
 
 /// Median, min and max of some durations.
