@@ -1589,6 +1589,17 @@ fn median_f64(v: &[f64]) -> Option<f64> {
     quantile_f64(&sorted_f64(v.to_vec()), 0.5)
 }
 
+/// Ratios of the repetitions, in order, and their median: `1.020, 0.981 (median 1.001)`.
+fn per_repetition(ratios: &[f64]) -> String {
+    let each = ratios
+        .iter()
+        .map(|r| format!("{r:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let median = median_f64(ratios).map_or("-".into(), |m| format!("{m:.3}"));
+    format!("{each} (median {median})")
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 && a.is_finite() {
         format!("{:.2}", a / b)
@@ -2559,40 +2570,30 @@ async fn relay(sizes: &Sizes, report: &mut Report) -> Result<(), String> {
         Some((sum(|t| t.user), sum(|t| t.system)))
     };
     if let (Some((pu, ps)), Some((ru, rs))) = (split(Path3::Proxy), split(Path3::Relay)) {
-        let per_rep = relay_ratios
-            .iter()
-            .map(|r| format!("{r:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let _ = writeln!(
             md,
-            "Proxy CPU / plain relay CPU per repetition: {per_rep} (median {}). Where the \
+            "Proxy CPU / plain relay CPU per repetition: {}. Where the \
              middle process's CPU went, in cores: user time (its own code, tokio, the C \
              library) proxy {pu:.3}, plain relay {ru:.3} ({} of it); system time (the kernel: \
              one read and one write per line each way on both, and on loopback the receiving \
              socket's TCP work that a send runs) proxy {ps:.3}, plain relay {rs:.3} ({} of it).\n",
-            median_f64(&relay_ratios).map_or("-".into(), |m| format!("{m:.3}")),
+            per_repetition(&relay_ratios),
             ratio(pu, ru),
             ratio(ps, rs),
         );
     }
     if let Some(binary) = &baseline {
-        let ratios = baseline_ratios
-            .iter()
-            .map(|r| format!("{r:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let _ = writeln!(
             md,
             "Baseline proxy (`{}`, the same load in the same repetitions): proxy CPU / baseline \
-             proxy CPU, pooled {}, per repetition {ratios} (median {}); p99 through the proxy / \
-             through the baseline {}.\n",
+             proxy CPU, pooled {}, per repetition {}; p99 through the proxy / through the \
+             baseline {}.\n",
             binary.display(),
             ratio(
                 cores.get(Path3::Proxy.name()).copied().unwrap_or(0.0),
                 cores.get(Path3::Baseline.name()).copied().unwrap_or(0.0)
             ),
-            median_f64(&baseline_ratios).map_or("-".into(), |m| format!("{m:.3}")),
+            per_repetition(&baseline_ratios),
             ratio(pp, p99[Path3::Baseline.name()]),
         );
     }
