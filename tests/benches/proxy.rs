@@ -2676,7 +2676,7 @@ lines. Part 3 gives the CPU split into user and system time: the system time is 
 work on both (the same system calls, counted), yet it moves by 5 to 15% from one repetition \
 to the next and independently for each path on these shared machines, which makes most of \
 the spread of the ratio (see the per-repetition ratios); the user time, where the proxy's \
-Stratum work shows, is about twice the plain relay's and adds 6 to 11% of the plain relay's \
+Stratum work shows, is about twice the plain relay's and adds 8 to 13% of the plain relay's \
 CPU.";
 
 // ------------------------------------------------------------------------------------------
